@@ -1,0 +1,74 @@
+"""Atomic file writes: a crash or a Ctrl-C never leaves a half-written file at the destination.
+
+Every writer in the project goes through :func:`atomic_write`: the data goes to a temporary file in
+the destination's folder, is flushed and fsync'ed, and only then renamed over the destination (an
+atomic step on POSIX and Windows). On any error the temporary file is removed and the destination is
+left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+from .errors import FileFormatError
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail early, before any work, if ``path`` cannot be written (missing or read-only folder)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} is not writable")
+    if path.is_dir():
+        raise FileFormatError(f"cannot write {str(path)!r}: it is a folder")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.
+
+    Example::
+
+        with atomic_write("report.json", "w") as f:
+            json.dump(report, f)
+    """
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Like :func:`atomic_write` for writers that want a file *name* (``torch.onnx.export``, savefig).
+
+    Yields a temporary path in the destination's folder; it is renamed over ``path`` on success and
+    removed on failure.
+    """
+    path = check_writable(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
