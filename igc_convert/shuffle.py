@@ -38,8 +38,10 @@ class ChannelShuffle(nn.Module):
         self.a, self.b = a, b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        return x.reshape(n, self.a, self.b, -1).transpose(1, 2).reshape(n, c, h, w)
+        # Batch as -1 and the rest from static sizes keeps the exported graph to one
+        # Reshape -> Transpose -> Reshape with constant shapes (no Shape/Gather nodes).
+        _, c, h, w = x.shape
+        return x.reshape(-1, self.a, self.b, (c // (self.a * self.b)) * h * w).transpose(1, 2).reshape(-1, c, h, w)
 
     def extra_repr(self) -> str:
         return f"{self.a}x{self.b}"

@@ -58,10 +58,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class _ArgumentParserError(Exception):
-    pass
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``igc-convert`` console script."""
     parser = build_parser()
