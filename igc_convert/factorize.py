@@ -1,0 +1,554 @@
+"""The maths that fits IGC block factors to a dense kernel. Pure tensor functions, no modules.
+
+A dense kernel ``W`` (``C_out × C_in × kh × kw``) is read as the matrix ``C_out × (C_in·S)`` with
+columns ordered ``(c_in, ky, kx)`` — the order of ``F.unfold``'s im2col patches, so an input
+second-moment matrix ``Σ = E[p pᵀ]`` over those patches lines up with the columns.
+
+Every fit minimises the same objective, relative to the kernel's own size::
+
+    f(Ŵ) = ‖diag(w) (W − Ŵ) R‖²_F / ‖diag(w) W R‖²_F,      R Rᵀ = Σ + δ·I
+
+with ``w`` per-output-row weights (e.g. the next BatchNorm's ``|γ|/σ``) and ``R`` the (damped)
+Cholesky factor of the input statistics; with neither it is the plain weight-space error. Because
+``E‖(W − Ŵ)p‖² = ‖(W − Ŵ)R‖²``, this is the expected output error on the calibration data.
+
+* IGCV1 — closed form: its dense equivalent is an ``M × L`` grid of independent rank-``r`` tiles, so
+  the optimum is a truncated SVD per tile (Eckart–Young). With whitening the closed form is exact when
+  ``Σ`` is block-diagonal across the ``L`` input partitions (it uses each partition's diagonal block);
+  a few L-BFGS steps on the full objective then account for the cross-partition terms.
+* IGCV2 and IGCV3 — no closed form. We start from a structured SVD solution and run L-BFGS with a
+  strong-Wolfe line search on the exact objective in float64: every accepted step satisfies the
+  sufficient-decrease condition, so the objective is monotone, and we stop on a relative-change
+  tolerance or an iteration cap. (Alternating least squares would also be monotone, but for IGCV2's
+  butterfly chain and for whitened IGCV3 each ALS sub-problem couples all blocks of a factor through
+  ``Σ``; one joint quasi-Newton step costs the same two matrix products for every factor.)
+
+Factors are returned in the layouts of the grouped ``Conv2d`` weights of the blocks in
+:mod:`igc_convert.blocks`, and the ``*_weight`` functions here rebuild a dense kernel from them: the
+blocks use the same functions for ``dense_weight()``, so there is one definition of each block's maths.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ConfigError
+from .shuffle import shuffle_permutation
+
+Tensor = torch.Tensor
+
+#: Default damping of Σ, relative to its mean eigenvalue (trace / n).
+DEFAULT_DAMPING = 1e-2
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Result of a fit: factors in conv-weight layout, the final relative error and iterations used.
+
+    ``error`` is ``sqrt(f)`` of the module docstring: the relative (whitened, row-weighted when those
+    were given) Frobenius error of the fitted dense equivalent.
+    """
+
+    factors: tuple[Tensor, ...]
+    error: float
+    iterations: int = 0
+
+
+# --------------------------------------------------------------------------------------- objective
+def whitener(sigma: Tensor | None, n: int, damping: float = DEFAULT_DAMPING) -> Tensor | None:
+    """Lower Cholesky factor ``R`` of ``Σ + δ·(tr Σ / n)·I`` (float64), or None when Σ is None.
+
+    Damping relative to the mean eigenvalue keeps ``R`` invertible and well conditioned however few
+    calibration patches there were (a single image, a rank-deficient set, an all-zero input): the fit
+    degrades towards the weight-space fit instead of producing NaN or blow-ups.
+
+    >>> whitener(torch.zeros(3, 3), 3).diagonal().tolist()  # no signal: plain weight space
+    [1.0, 1.0, 1.0]
+    """
+    if sigma is None:
+        return None
+    if sigma.shape != (n, n):
+        raise ConfigError(f"input statistics have shape {tuple(sigma.shape)}, expected ({n}, {n})")
+    s = sigma.detach().to(torch.float64)
+    s = 0.5 * (s + s.T)
+    if not torch.isfinite(s).all():
+        raise ConfigError("input statistics contain NaN or Inf")
+    scale = float(s.diagonal().mean())
+    if not scale > 0:
+        return torch.eye(n, dtype=torch.float64)
+    s = s / scale  # unit mean eigenvalue: damping and tolerances become scale-free
+    eye = torch.eye(n, dtype=torch.float64)
+    d = max(damping, 1e-10)
+    for _ in range(8):
+        r, info = torch.linalg.cholesky_ex(s + d * eye)
+        if int(info) == 0 and torch.isfinite(r).all():
+            return r
+        d *= 10
+    return torch.eye(n, dtype=torch.float64)
+
+
+def _row_weights(row_weights: Tensor | None, c_out: int) -> Tensor | None:
+    if row_weights is None:
+        return None
+    w = row_weights.detach().to(torch.float64).abs().flatten()
+    if w.numel() != c_out:
+        raise ConfigError(f"row weights have {w.numel()} entries, expected {c_out}")
+    if not torch.isfinite(w).all():
+        raise ConfigError("row weights contain NaN or Inf")
+    top = float(w.max()) if w.numel() else 0.0
+    if not top > 0:
+        return None
+    # Rows weighted ~0 would make the closed form divide by zero; keep them a little in play.
+    return (w / top).clamp_min(1e-3)
+
+
+class Objective:
+    """``f(Ŵ)`` of the module docstring for one kernel; callable on a dense matrix ``C_out × C_in·S``."""
+
+    def __init__(self, weight: Tensor, sigma: Tensor | None = None, row_weights: Tensor | None = None,
+                 damping: float = DEFAULT_DAMPING) -> None:
+        w = weight.detach().to(torch.float64)
+        self.c_out = w.shape[0]
+        self.matrix = w.reshape(self.c_out, -1)
+        self.n = self.matrix.shape[1]
+        self.r = whitener(sigma, self.n, damping)
+        self.w = _row_weights(row_weights, self.c_out)
+        self._target = self._transform(self.matrix)
+        self._norm2 = float((self._target**2).sum()) or 1.0
+
+    def _transform(self, m: Tensor) -> Tensor:
+        if self.w is not None:
+            m = self.w[:, None] * m
+        if self.r is not None:
+            m = m @ self.r
+        return m
+
+    def __call__(self, approx: Tensor) -> Tensor:
+        e = self._target - self._transform(approx.reshape(self.c_out, -1))
+        return (e * e).sum() / self._norm2
+
+    def error(self, approx: Tensor) -> float:
+        """Relative error ``sqrt(f)``."""
+        return math.sqrt(max(float(self(approx)), 0.0))
+
+
+def relative_error(weight: Tensor, approx: Tensor, sigma: Tensor | None = None,
+                   row_weights: Tensor | None = None, damping: float = DEFAULT_DAMPING) -> float:
+    """``sqrt(f)``: relative (whitened, row-weighted) Frobenius error of ``approx`` against ``weight``."""
+    return Objective(weight, sigma, row_weights, damping).error(approx.to(torch.float64))
+
+
+def refine(objective: Objective, params: Sequence[Tensor], build: Callable[..., Tensor], *,
+           max_iter: int = 100, tol: float = 1e-9) -> tuple[tuple[Tensor, ...], float, int]:
+    """Minimise ``objective(build(*params))`` with L-BFGS + strong-Wolfe line search (monotone).
+
+    Returns the best parameters seen, ``f`` there, and the number of iterations run.
+    """
+    ps = [p.detach().to(torch.float64).clone().requires_grad_(True) for p in params]
+    with torch.no_grad():
+        f0 = float(objective(build(*ps)))
+    if max_iter <= 0 or f0 <= 1e-28:
+        return tuple(p.detach() for p in ps), f0, 0
+    opt = torch.optim.LBFGS(ps, lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-14,
+                            tolerance_change=tol * max(f0, 1e-30), line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = objective(build(*ps))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    iters = int(opt.state[opt._params[0]].get("n_iter", 0))
+    with torch.no_grad():
+        f1 = float(objective(build(*ps)))
+    if not f1 <= f0 or not math.isfinite(f1):  # the line search guarantees this; guard anyway
+        return tuple(p.detach().to(torch.float64) for p in params), f0, iters
+    return tuple(p.detach() for p in ps), f1, iters
+
+
+# ------------------------------------------------------------------------------------------- IGCV1
+def igcv1_weight(primary: Tensor, secondary: Tensor, primary_groups: int, secondary_groups: int) -> Tensor:
+    """Dense kernel of an IGCV1 block from its primary (``L·M·r × C_in/L × kh × kw``) and secondary
+    (``C_out × L·r × 1 × 1``) conv weights.
+
+    Primary channel ``l·M·r + m·r + j`` (partition ``l``, secondary group ``m``, rank index ``j``)
+    reaches secondary group ``m`` at input position ``l·r + j`` after the block's shuffle.
+    """
+    L, M = primary_groups, secondary_groups
+    c_mid, cin_g, kh, kw = primary.shape
+    c_out = secondary.shape[0]
+    r = c_mid // (L * M)
+    p = primary.reshape(L, M, r, cin_g * kh * kw)
+    q = secondary.reshape(M, c_out // M, L, r)
+    w = torch.einsum("molj,lmjn->moln", q, p)  # (M, n_out, L, n_in)
+    return w.reshape(c_out, L, cin_g, kh, kw).reshape(c_out, L * cin_g, kh, kw)
+
+
+def _tiles(m: Tensor, L: int, M: int) -> Tensor:
+    """``C_out × n`` matrix → ``(M, L, C_out/M, n/L)`` tiles."""
+    c_out, n = m.shape
+    return m.reshape(M, c_out // M, L, n // L).permute(0, 2, 1, 3)
+
+
+def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups: int,
+                          sigma: Tensor | None = None, row_weights: Tensor | None = None,
+                          damping: float = DEFAULT_DAMPING) -> tuple[Tensor, float]:
+    """Singular values of every (whitened, row-weighted) tile, shape ``(M, L, k)``, and ``‖W‖²``.
+
+    ``sum over tiles of sum_{k ≥ r} s_k²`` / ``‖W‖²`` is the closed-form fit's ``f`` at rank ``r``:
+    the planner reads a whole error-versus-rank curve off one call.
+    """
+    obj, x, _ = _igcv1_whitened_tiles(weight, primary_groups, secondary_groups, sigma, row_weights, damping)
+    s = torch.linalg.svdvals(x)
+    return s, float((x**2).sum())
+
+
+def _igcv1_whitened_tiles(weight, L, M, sigma, row_weights, damping):
+    c_out, c_in = weight.shape[:2]
+    S = weight[0, 0].numel()
+    n_in = c_in // L * S
+    obj = Objective(weight, None, row_weights, damping)
+    m = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
+    x = _tiles(m, L, M)  # (M, L, n_out, n_in)
+    rl = None
+    if sigma is not None:
+        n = c_in * S
+        if sigma.shape != (n, n):
+            raise ConfigError(f"input statistics have shape {tuple(sigma.shape)}, expected ({n}, {n})")
+        blocks = torch.stack([sigma[l * n_in:(l + 1) * n_in, l * n_in:(l + 1) * n_in] for l in range(L)])
+        rl = torch.stack([whitener(b, n_in, damping) for b in blocks])  # (L, n_in, n_in)
+        x = x @ rl[None]
+    return obj, x, rl
+
+
+def fit_igcv1(weight: Tensor, primary_groups: int, secondary_groups: int, rank: int, *,
+              sigma: Tensor | None = None, row_weights: Tensor | None = None,
+              damping: float = DEFAULT_DAMPING, refine_iters: int = 20) -> Fit:
+    """Frobenius-optimal IGCV1 factors (closed form), optionally data-aware.
+
+    Returns ``Fit((primary, secondary), error)`` with weights shaped for the block's convs.
+
+    >>> w = torch.randn(8, 4, 3, 3)
+    >>> fit = fit_igcv1(w, 1, 1, rank=8)  # L = M = 1 at full rank is exact
+    >>> fit.error < 1e-6
+    True
+    """
+    c_out, c_in, kh, kw = weight.shape
+    L, M, r = primary_groups, secondary_groups, rank
+    _check_divisible(c_in, L, "in_channels", "primary_groups")
+    _check_divisible(c_out, M, "out_channels", "secondary_groups")
+    rmax = min(c_out // M, c_in // L * kh * kw)
+    if not 1 <= r <= rmax:
+        raise ConfigError(f"IGCV1 rank must be in 1..{rmax} for this shape, got {r}")
+    obj, x, rl = _igcv1_whitened_tiles(weight, L, M, sigma, row_weights, damping)
+    u, s, vh = torch.linalg.svd(x, full_matrices=False)
+    root = s[..., :r].sqrt()
+    q = u[..., :r] * root[..., None, :]          # (M, L, n_out, r)
+    p = root[..., :, None] * vh[..., :r, :]      # (M, L, r, n_in)
+    if rl is not None:  # undo the whitening: P_l R_l^{-1}
+        p = torch.linalg.solve_triangular(rl[None].expand(M, -1, -1, -1), p, upper=False, left=False)
+    if obj.w is not None:
+        q = q / obj.w.reshape(M, 1, c_out // M, 1)
+    primary = p.permute(1, 0, 2, 3).reshape(L * M * r, c_in // L, kh, kw)
+    secondary = q.permute(0, 2, 1, 3).reshape(c_out, L * r, 1, 1)
+
+    def build(pw, sw):
+        return igcv1_weight(pw, sw, L, M)
+
+    iters = 0
+    if sigma is not None and L > 1 and refine_iters > 0:
+        (primary, secondary), f, iters = refine(Objective(weight, sigma, row_weights, damping),
+                                                (primary, secondary), build, max_iter=refine_iters)
+    primary, secondary = balance_igcv1(primary, secondary, L, M)
+    err = Objective(weight, sigma, row_weights, damping).error(build(primary, secondary))
+    return Fit((primary, secondary), err, iters)
+
+
+def balance_igcv1(primary: Tensor, secondary: Tensor, primary_groups: int, secondary_groups: int
+                  ) -> tuple[Tensor, Tensor]:
+    """Rescale every rank component so its primary filter and secondary column have equal norms.
+
+    The product (the dense equivalent) is unchanged; the point is the optimiser that fine-tunes the
+    block afterwards: with one side carrying ``R⁻¹`` at a scale far from the other's, the same
+    learning rate is far too large for one factor and far too small for the other.
+    """
+    L, M = primary_groups, secondary_groups
+    c_mid = primary.shape[0]
+    c_out = secondary.shape[0]
+    r = c_mid // (L * M)
+    p = primary.reshape(L, M, r, -1)
+    q = secondary.reshape(M, c_out // M, L, r)
+    pn = p.norm(dim=-1)                       # (L, M, r)
+    qn = q.norm(dim=1).permute(1, 0, 2)       # (L, M, r)
+    scale = torch.where((pn > 0) & (qn > 0), (qn / pn.clamp_min(1e-300)).sqrt(), torch.ones_like(pn))
+    p = p * scale[..., None]
+    q = q / scale.permute(1, 0, 2)[:, None]
+    return p.reshape(primary.shape), q.reshape(secondary.shape)
+
+
+# ------------------------------------------------------------------------------------------- IGCV2
+def igcv2_chain_matrix(stages: Sequence[Tensor], factors: Sequence[int]) -> Tensor:
+    """The ``C_out × C_mid`` matrix of IGCV2's chain of grouped 1×1 convs and shuffles.
+
+    Stage ``t`` has weight ``(C_out_t, K_t, 1, 1)`` and ``C_mid / K_t`` groups; before every stage
+    but the first, ``ChannelShuffle(K_t, C_mid / K_t)`` brings the digit it mixes innermost.
+    """
+    c_mid = math.prod(factors)
+    m = None
+    for t, (w, k) in enumerate(zip(stages, factors)):
+        g = c_mid // k
+        blocks = w.reshape(g, w.shape[0] // g, k)
+        b = torch.block_diag(*blocks.unbind(0))  # (C_out_t, C_mid)
+        if m is None:
+            m = b
+        else:
+            m = b @ m[shuffle_permutation(c_mid, k, g)]
+    return m
+
+
+def igcv2_weight(primary: Tensor, stages: Sequence[Tensor], primary_groups: int,
+                 factors: Sequence[int]) -> Tensor:
+    """Dense kernel of an IGCV2 block: chain matrix times the block-diagonal primary conv."""
+    L = primary_groups
+    c_mid, cin_g, kh, kw = primary.shape
+    chain = igcv2_chain_matrix(stages, factors)  # (C_out, C_mid)
+    a = primary.reshape(L, c_mid // L, cin_g * kh * kw)
+    w = torch.einsum("olc,lcn->oln", chain.reshape(-1, L, c_mid // L), a)
+    return w.reshape(-1, L * cin_g, kh, kw)
+
+
+def fit_igcv2(weight: Tensor, primary_groups: int, factors: Sequence[int], *,
+              sigma: Tensor | None = None, row_weights: Tensor | None = None,
+              damping: float = DEFAULT_DAMPING, max_iter: int = 200, tol: float = 1e-9,
+              restarts: int = 0, seed: int = 0) -> Fit:
+    """Fit IGCV2 factors ``(primary, stage_1, …, stage_n)`` by monotone L-BFGS from an SVD start.
+
+    Start: the closed-form IGCV1 fit with one secondary group and rank ``C_mid/L`` gives the primary
+    conv and a dense secondary ``B``; the chain is fitted to ``B`` (a small problem), the primary is
+    re-solved by least squares against that chain, then all factors are refined jointly.
+    ``restarts`` adds tries from other random chain starts; the best is kept.
+    """
+    c_out, c_in, kh, kw = weight.shape
+    L, ks = primary_groups, tuple(int(k) for k in factors)
+    _validate_igcv2(c_in, c_out, L, ks, kh * kw)
+    c_mid = math.prod(ks)
+    obj = Objective(weight, sigma, row_weights, damping)
+
+    def build(primary, *stages):
+        return igcv2_weight(primary, stages, L, ks)
+
+    # Closed-form start: primary rows = top right singular vectors of each partition.
+    r = c_mid // L
+    n_in = c_in // L * kh * kw
+    base = fit_igcv1(weight, L, 1, min(r, c_out, n_in), sigma=sigma, row_weights=row_weights,
+                     damping=damping, refine_iters=0)
+    p0, b0 = base.factors
+    if p0.shape[0] < c_mid:  # rank capped by the tile: pad with zero filters
+        pad = c_mid // L - p0.shape[0] // L
+        p0 = torch.cat([p0.reshape(L, -1, n_in), torch.zeros(L, pad, n_in, dtype=p0.dtype)], 1)
+        b0 = torch.cat([b0.reshape(c_out, L, -1), torch.zeros(c_out, L, pad, dtype=b0.dtype)], 2)
+    b0 = b0.reshape(c_out, c_mid)
+    p0 = p0.reshape(c_mid, n_in)
+
+    gen = torch.Generator().manual_seed(seed)
+    best: Fit | None = None
+    for attempt in range(restarts + 1):
+        stages = _random_chain(ks, c_out, gen)
+        chain_obj = Objective(b0)
+        stages, _, _ = refine(chain_obj, stages, lambda *s: igcv2_chain_matrix(s, ks), max_iter=max_iter // 2)
+        chain = igcv2_chain_matrix(stages, ks)
+        primary = _solve_primary(obj, chain, L, c_mid, n_in)
+        primary = primary.reshape(c_mid, c_in // L, kh, kw)
+        params, f, iters = refine(obj, (primary, *stages), build, max_iter=max_iter, tol=tol)
+        params = balance_chain(params, L, ks)
+        fit = Fit(params, obj.error(build(*params)), iters)
+        if best is None or fit.error < best.error:
+            best = fit
+    return best
+
+
+def _random_chain(ks: Sequence[int], c_out: int, gen: torch.Generator) -> list[Tensor]:
+    c_mid = math.prod(ks)
+    stages = []
+    for t, k in enumerate(ks):
+        outs = c_mid if t < len(ks) - 1 else c_out
+        stages.append(torch.randn(outs, k, 1, 1, generator=gen, dtype=torch.float64) / math.sqrt(k))
+    return stages
+
+
+def _solve_primary(obj: Objective, chain: Tensor, L: int, c_mid: int, n_in: int) -> Tensor:
+    """Least-squares primary conv for a fixed chain, partition by partition (row weights included)."""
+    x = chain if obj.w is None else obj.w[:, None] * chain
+    y = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
+    out = []
+    for l in range(L):
+        xl = x[:, l * (c_mid // L):(l + 1) * (c_mid // L)]
+        yl = y[:, l * n_in:(l + 1) * n_in]
+        out.append(torch.linalg.lstsq(xl, yl, driver="gelsd").solution)
+    return torch.cat(out, 0)
+
+
+def balance_chain(params: Sequence[Tensor], primary_groups: int, factors: Sequence[int],
+                  sweeps: int = 3) -> tuple[Tensor, ...]:
+    """Balance an IGCV2 block: every internal channel gets equal incoming and outgoing norms.
+
+    Scaling channel ``c`` by ``α`` on the way in and ``1/α`` on the way out leaves the product
+    unchanged; a few sweeps over the chain's boundaries bring all factors to comparable scales.
+    """
+    ks = tuple(factors)
+    c_mid = math.prod(ks)
+    mats = [p.clone() for p in params]
+    for _ in range(sweeps):
+        for t in range(len(ks)):
+            # incoming norms of the channels entering stage t, in stage t's input order
+            if t == 0:
+                inc = mats[0].reshape(c_mid, -1).norm(dim=1)
+                inc_order = torch.arange(c_mid)
+            else:
+                prev = mats[t]
+                g = c_mid // ks[t - 1]
+                inc_prev = prev.reshape(c_mid, -1).norm(dim=1)  # per output channel of stage t-1
+                inc_order = shuffle_permutation(c_mid, ks[t], c_mid // ks[t])
+                inc = inc_prev[inc_order]
+            w = mats[t + 1]
+            g = c_mid // ks[t]
+            blocks = w.reshape(g, w.shape[0] // g, ks[t])
+            out = blocks.norm(dim=1).reshape(-1)  # per input channel of stage t (its input order)
+            alpha = torch.where((inc > 0) & (out > 0), (out / inc.clamp_min(1e-300)).sqrt(),
+                                torch.ones_like(inc))
+            # scale producer rows (in producer order) by alpha, consumer columns by 1/alpha
+            src = mats[t].reshape(c_mid, -1).clone()
+            src[inc_order] = src[inc_order] * alpha[:, None]
+            mats[t] = src.reshape(mats[t].shape)
+            mats[t + 1] = (blocks / alpha.reshape(g, 1, ks[t])).reshape(w.shape)
+    return tuple(mats)
+
+
+def _validate_igcv2(c_in: int, c_out: int, L: int, ks: Sequence[int], taps: int) -> None:
+    if len(ks) < 2 or any(k < 1 for k in ks):
+        raise ConfigError(f"IGCV2 needs a chain of at least 2 grouped 1x1 convs with group sizes >= 1, got {list(ks)}")
+    c_mid = math.prod(ks)
+    _check_divisible(c_in, L, "in_channels", "primary_groups")
+    if c_mid % L:
+        raise ConfigError(f"IGCV2 mid channels {c_mid} (= product of {list(ks)}) not divisible by primary_groups={L}")
+    g_last = c_mid // ks[-1]
+    if c_out % g_last:
+        raise ConfigError(f"IGCV2 out_channels={c_out} not divisible by the last stage's {g_last} groups "
+                          f"(mid channels {c_mid} / last group size {ks[-1]})")
+
+
+# ------------------------------------------------------------------------------------------- IGCV3
+def igcv3_weight(expand: Tensor, depthwise: Tensor, reduce: Tensor, expand_groups: int,
+                 reduce_groups: int) -> Tensor:
+    """Dense kernel of an IGCV3 block from its expand (``C_int × C_in/G1``), depthwise
+    (``C_int × 1 × kh × kw``) and reduce (``C_out × C_int/G2``) conv weights.
+
+    ``W[o, i, s] = Σ_c R[o, π(c)] D[c, s] E[c, i]`` with ``π`` the block's one channel shuffle.
+    """
+    G1, G2 = expand_groups, reduce_groups
+    c_int = expand.shape[0]
+    c_out = reduce.shape[0]
+    kh, kw = depthwise.shape[-2:]
+    e = torch.block_diag(*expand.reshape(G1, c_int // G1, -1).unbind(0))      # (C_int, C_in)
+    r = torch.block_diag(*reduce.reshape(G2, c_out // G2, -1).unbind(0))      # (C_out, C_int)
+    perm = shuffle_permutation(c_int, G1, G2) if G1 > 1 and G2 > 1 else torch.arange(c_int)
+    r = r[:, torch.argsort(perm)]
+    d = depthwise.reshape(c_int, kh * kw)
+    w = torch.einsum("oc,cs,ci->ois", r, d, e)
+    return w.reshape(c_out, e.shape[1], kh, kw)
+
+
+def fit_igcv3(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channels: int, *,
+              sigma: Tensor | None = None, row_weights: Tensor | None = None,
+              damping: float = DEFAULT_DAMPING, max_iter: int = 300, tol: float = 1e-10,
+              restarts: int = 0, seed: int = 0) -> Fit:
+    """Fit IGCV3 factors ``(expand, depthwise, reduce)`` — a grouped CP decomposition of the kernel.
+
+    Start: in each (reduce group, expand partition) tile, the ``C_int/(G1·G2)`` strongest singular
+    triplets over all kernel taps (each a rank-1 term living on one tap), then monotone L-BFGS on the
+    exact objective. ``restarts`` adds random starts; the best is kept.
+    """
+    c_out, c_in, kh, kw = weight.shape
+    G1, G2, c_int = expand_groups, reduce_groups, mid_channels
+    _validate_igcv3(c_in, c_out, G1, G2, c_int)
+    S = kh * kw
+    k = c_int // (G1 * G2)
+    obj = Objective(weight, sigma, row_weights, damping)
+
+    def build(e, d, r):
+        return igcv3_weight(e, d, r, G1, G2)
+
+    m = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
+    w = m.reshape(c_out, c_in, S)
+    expand = torch.zeros(G1, G2, k, c_in // G1, dtype=torch.float64)
+    dw = torch.zeros(G1, G2, k, S, dtype=torch.float64)
+    red = torch.zeros(G2, c_out // G2, G1, k, dtype=torch.float64)
+    for g1 in range(G1):
+        for g2 in range(G2):
+            tile = w[g2 * (c_out // G2):(g2 + 1) * (c_out // G2), g1 * (c_in // G1):(g1 + 1) * (c_in // G1)]
+            u, s, vh = torch.linalg.svd(tile.permute(2, 0, 1), full_matrices=False)  # per tap
+            top = torch.argsort(s.flatten(), descending=True)[:k]
+            tap, idx = top // s.shape[1], top % s.shape[1]
+            root = s[tap, idx].sqrt()
+            n = len(top)
+            red[g2, :, g1, :n] = (u[tap, :, idx] * root[:, None]).T
+            expand[g1, g2, :n] = vh[tap, idx, :] * root[:, None]
+            dw[g1, g2, torch.arange(n), tap] = 1.0
+    if obj.w is not None:
+        red = red / obj.w.reshape(G2, c_out // G2, 1, 1)
+    starts = [(expand.reshape(c_int, c_in // G1, 1, 1), dw.reshape(c_int, 1, kh, kw),
+               red.reshape(c_out, c_int // G2, 1, 1))]
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(restarts):
+        starts.append(tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64) * t.std().clamp_min(1e-3)
+                            for t in starts[0]))
+    best: Fit | None = None
+    for start in starts:
+        params, f, iters = refine(obj, start, build, max_iter=max_iter, tol=tol)
+        params = balance_igcv3(*params, G1, G2)
+        fit = Fit(params, obj.error(build(*params)), iters)
+        if best is None or fit.error < best.error:
+            best = fit
+    return best
+
+
+def balance_igcv3(expand: Tensor, depthwise: Tensor, reduce: Tensor, expand_groups: int,
+                  reduce_groups: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Give each mid channel's three factors (expand row, depthwise filter, reduce column) equal norms."""
+    G1, G2 = expand_groups, reduce_groups
+    c_int = expand.shape[0]
+    c_out = reduce.shape[0]
+    en = expand.reshape(c_int, -1).norm(dim=1)
+    dn = depthwise.reshape(c_int, -1).norm(dim=1)
+    perm = shuffle_permutation(c_int, G1, G2) if G1 > 1 and G2 > 1 else torch.arange(c_int)
+    rb = reduce.reshape(G2, c_out // G2, c_int // G2)
+    rn_q = rb.norm(dim=1).reshape(-1)            # per mid channel in reduce order
+    rn = torch.empty_like(rn_q)
+    rn[perm] = rn_q                               # back to expand order
+    ok = (en > 0) & (dn > 0) & (rn > 0)
+    g = (en * dn * rn).clamp_min(1e-300) ** (1 / 3)
+    se = torch.where(ok, g / en.clamp_min(1e-300), torch.ones_like(en))
+    sd = torch.where(ok, g / dn.clamp_min(1e-300), torch.ones_like(dn))
+    sr = torch.where(ok, g / rn.clamp_min(1e-300), torch.ones_like(rn))
+    expand = expand * se.reshape(-1, *([1] * (expand.dim() - 1)))
+    depthwise = depthwise * sd.reshape(-1, *([1] * (depthwise.dim() - 1)))
+    reduce = (rb * sr[perm].reshape(G2, 1, -1)).reshape(reduce.shape)
+    return expand, depthwise, reduce
+
+
+def _validate_igcv3(c_in: int, c_out: int, G1: int, G2: int, c_int: int) -> None:
+    _check_divisible(c_in, G1, "in_channels", "expand_groups")
+    _check_divisible(c_out, G2, "out_channels", "reduce_groups")
+    if c_int < 1 or c_int % (G1 * G2):
+        raise ConfigError(f"IGCV3 mid_channels={c_int} must be a positive multiple of "
+                          f"expand_groups*reduce_groups={G1 * G2}")
+
+
+def _check_divisible(n: int, g: int, what: str, by: str) -> None:
+    if g < 1 or n % g:
+        raise ConfigError(f"{what}={n} is not divisible by {by}={g}")
