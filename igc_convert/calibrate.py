@@ -1,0 +1,592 @@
+"""Calibration statistics: second moments of each conv's im2col input patches.
+
+A ``Conv2d`` is the matrix ``W`` (``C_out × C_in·kh·kw``) applied to every im2col patch ``p`` of its
+input, the patch ordered ``(c_in, ky, kx)`` exactly as ``F.unfold`` orders it (and as
+:mod:`igc_convert.factorize` reads the kernel's columns). Without its bias the conv is linear, so the
+expected output error of an approximation ``Ŵ`` needs only ``Σ = E[p pᵀ]`` (not centred)::
+
+    E‖(W − Ŵ) p‖² = ‖(W − Ŵ) R‖²_F,      R Rᵀ = Σ
+
+* :func:`collect_input_stats` — ``Σ`` for many layers in one pass over the calibration batches
+  (forward pre-hooks; per image a seeded random subset of output positions; float32 matmuls into
+  float64 accumulators; no activation is kept). Layers whose ``Σ`` do not fit ``memory_budget``
+  together are split into groups, one pass per group.
+* :func:`collect_paired_stats` and :func:`sequential_target` — the sequential (error-feedback) fit:
+  the layer must map the inputs ``p̃`` it receives in the partly converted model onto the original
+  layer's outputs ``W p`` on the original inputs. With ``Σ̃ = E[p̃ p̃ᵀ]`` and ``C = E[p p̃ᵀ]``
+  (same images, same positions), ``W' = W C Σ̃⁻¹`` turns that into the ordinary whitened fit of
+  ``W'`` under ``Σ̃``.
+* :func:`bn_row_weights` and :func:`find_following_batchnorm` — the following BatchNorm's scale
+  ``|γ|/σ`` per output channel, the row weights of the fit.
+
+Positions are drawn from one ``torch.Generator`` per layer, seeded from ``seed`` and the layer's name:
+the statistics of a layer do not depend on which other layers are collected with it, nor on how
+the layers are grouped into passes.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import logging
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .errors import ConfigError, DataError, IGCError, ModelError
+from .factorize import DEFAULT_DAMPING, whitener
+
+Tensor = torch.Tensor
+logger = logging.getLogger(__name__)
+
+#: Where calibration batches come from. A list/tuple or any re-iterable (e.g. a ``DataLoader``) is
+#: iterated once per pass; a callable is called once per pass and must return a fresh iterable; a
+#: one-shot iterator (a generator) is accepted only when one pass suffices. Items are tensors
+#: ``N × C × H × W`` (floating point), or ``(images, labels, ...)`` tuples whose first item is one.
+BatchSource = Union[Sequence[Tensor], Iterable[Tensor], Callable[[], Iterable[Tensor]]]
+
+#: Patches gathered per matmul in :func:`collect_input_stats` are bounded to this many elements
+#: (64 MiB of float32), whatever the batch size.
+_CHUNK_ELEMENTS = 1 << 24
+
+_BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+# ------------------------------------------------------------------------------------ patch geometry
+@dataclass(frozen=True)
+class _Geometry:
+    """How a conv cuts its input into im2col patches (padding already resolved to numbers)."""
+
+    in_channels: int
+    kernel_size: tuple[int, int]
+    stride: tuple[int, int]
+    dilation: tuple[int, int]
+    pad: tuple[int, int, int, int]  # F.pad order: left, right, top, bottom
+    pad_mode: str                    # F.pad mode
+
+    @classmethod
+    def of(cls, conv: nn.Conv2d) -> "_Geometry":
+        kh, kw = conv.kernel_size
+        dh, dw = conv.dilation
+        if isinstance(conv.padding, str):
+            if conv.padding == "valid":
+                pad = (0, 0, 0, 0)
+            else:  # 'same': as nn.Conv2d does it, the odd pixel of an even total padding goes last
+                th, tw = dh * (kh - 1), dw * (kw - 1)
+                pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        else:
+            ph, pw = conv.padding
+            pad = (pw, pw, ph, ph)
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        return cls(conv.in_channels, (kh, kw), tuple(conv.stride), (dh, dw), pad, mode)
+
+    @property
+    def size(self) -> int:
+        """Length of one patch, ``C_in·kh·kw``."""
+        return self.in_channels * self.kernel_size[0] * self.kernel_size[1]
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        hp, wp = h + self.pad[2] + self.pad[3], w + self.pad[0] + self.pad[1]
+        return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+    def pad_input(self, x: Tensor) -> Tensor:
+        if not any(self.pad):
+            return x
+        return F.pad(x, self.pad, mode=self.pad_mode)
+
+    def gather(self, xp: Tensor, img: Tensor, oy: Tensor, ox: Tensor) -> Tensor:
+        """Patches of the padded input ``xp`` at output positions ``(img, oy, ox)``: ``S × n``, ordered
+        ``(ky, kx, c)`` (a channels-last gather; :meth:`to_unfold_order` maps moments to unfold's order)."""
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        dev = xp.device
+        rows = oy.to(dev)[:, None] * sh + torch.arange(kh, device=dev) * dh  # (S, kh)
+        cols = ox.to(dev)[:, None] * sw + torch.arange(kw, device=dev) * dw  # (S, kw)
+        p = xp.permute(0, 2, 3, 1)[img.to(dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        return p.reshape(p.shape[0], -1)
+
+    def to_unfold_order(self, m: Tensor) -> Tensor:
+        """``n × n`` moment of gathered ``(ky, kx, c)`` patches → the same in unfold's ``(c, ky, kx)`` order."""
+        (kh, kw), c = self.kernel_size, self.in_channels
+        # An axis permutation of both sides: one contiguous copy, much faster than m[π][:, π].
+        return m.reshape(kh, kw, c, kh, kw, c).permute(2, 0, 1, 5, 3, 4).reshape(self.size, self.size)
+
+
+def _layer_generator(seed: int, name: str) -> torch.Generator:
+    # crc32, not hash(): Python's string hash changes from one process to the next.
+    return torch.Generator().manual_seed((int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
+
+
+def _sample_positions(n_img: int, hw: tuple[int, int], k: int, gen: torch.Generator
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(img, oy, ox)`` of at most ``k`` distinct output positions per image (all when fewer)."""
+    h, w = hw
+    total = h * w
+    if total <= k:
+        img = torch.arange(n_img).repeat_interleave(total)
+        pos = torch.arange(total).repeat(n_img)
+    else:
+        pos = torch.rand(n_img, total, generator=gen).topk(k, dim=1).indices.reshape(-1)
+        img = torch.arange(n_img).repeat_interleave(k)
+    return img, pos // w, pos % w
+
+
+def _hook_input(layer: str, geom: _Geometry, args: tuple, kwargs: dict) -> Tensor:
+    x = args[0] if args else kwargs.get("input")
+    if not torch.is_tensor(x) or x.dim() not in (3, 4):
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise DataError(f"expected a 4-d input N×C×H×W, got {shape}", layer=layer)
+    if x.dim() == 3:  # Conv2d accepts unbatched C×H×W input
+        x = x[None]
+    if x.shape[1] != geom.in_channels:
+        raise DataError(f"expects {geom.in_channels} input channels, got an input of shape {tuple(x.shape)}",
+                        layer=layer)
+    oh, ow = geom.output_hw(x.shape[2], x.shape[3])
+    if oh < 1 or ow < 1:
+        raise DataError(f"input of shape {tuple(x.shape)} is smaller than the kernel {geom.kernel_size} "
+                        f"(dilation {geom.dilation}, padding {geom.pad})", layer=layer)
+    return x
+
+
+def _finish(geom: _Geometry, acc: Tensor, count: int, symmetric: bool) -> Tensor:
+    """Accumulated sum → mean, in unfold order, on the CPU; moments made exactly symmetric (the float32
+    products are only nearly so)."""
+    m = geom.to_unfold_order(acc.cpu()) / count
+    return (m + m.T).mul_(0.5) if symmetric else m
+
+
+def _finite(t: Tensor) -> bool:
+    # NaN/Inf anywhere makes the float64 sum non-finite; no (n, n) boolean temporary.
+    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+
+
+def _matmul_dtype(x: Tensor) -> torch.dtype:
+    # float32 matmuls are the speed we want; a float64 model keeps its precision.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ------------------------------------------------------------------------------------ model plumbing
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, so the rest of the forward is not computed."""
+
+
+def _conv(model: nn.Module, name: str, what: str = "layer") -> nn.Conv2d:
+    module = _module(model, name, what)
+    if not isinstance(module, nn.Conv2d):
+        raise ConfigError(f"{what} {name!r} is a {type(module).__name__}, not an nn.Conv2d", layer=name or None)
+    return module
+
+
+def _module(model: nn.Module, name: str, what: str = "layer") -> nn.Module:
+    if not isinstance(name, str):
+        raise ConfigError(f"{what} names must be strings (qualified module names), got {name!r}")
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ConfigError(f"no {what} named {name!r} in the model (expected a qualified module name such as "
+                          f"'layer1.0.conv1')") from None
+
+
+def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
+    """Device batches are sent to and the floating dtype they are cast to (the model's own)."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    if device is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.device(device), dtype
+
+
+class _Modes:
+    """Put modules in eval mode; restore every module's own ``training`` flag afterwards."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self.saved = [(m, m.training) for model in models for m in model.modules()]
+
+    def __enter__(self) -> None:
+        for m, _ in self.saved:
+            m.training = False
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, mode in self.saved:
+            m.training = mode
+
+
+def _forward(model: nn.Module, x: Tensor) -> bool:
+    """Run ``model(x)``; True when a hook stopped it early. Foreign errors become :class:`DataError`."""
+    try:
+        model(x)
+    except _StopForward:
+        return True
+    except IGCError:
+        raise
+    except Exception as exc:  # the model rejected the batch: say which shape it was given
+        raise DataError(f"the model failed on a calibration batch of shape {tuple(x.shape)} ({x.dtype}): "
+                        f"{type(exc).__name__}: {exc}") from exc
+    return False
+
+
+# ------------------------------------------------------------------------------------ batches
+def _passes_possible(batches: BatchSource, passes: int) -> None:
+    if torch.is_tensor(batches):
+        raise DataError(f"batches is a single tensor of shape {tuple(batches.shape)}; pass a list of batches, "
+                        "e.g. [x]")
+    if passes > 1 and isinstance(batches, collections.abc.Iterator):
+        raise DataError(f"batches is a one-shot iterator ({type(batches).__name__}) but {passes} passes are "
+                        "needed (see memory_budget); pass a list, a DataLoader, or a callable returning a "
+                        "fresh iterator")
+
+
+def _iterate(batches: BatchSource, dtype: torch.dtype, device: torch.device, progress: bool,
+             desc: str) -> Iterator[Tensor]:
+    """Validated batches on ``device`` in ``dtype``, with a progress bar; DataError on an empty source."""
+    source = batches() if callable(batches) and not isinstance(batches, collections.abc.Iterable) else batches
+    if torch.is_tensor(source) or not isinstance(source, collections.abc.Iterable):
+        raise DataError(f"batches must be an iterable of tensors (or a callable returning one), "
+                        f"got {type(source).__name__}")
+    try:
+        total = len(source)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    count = 0
+    for index, item in enumerate(tqdm(source, total=total, desc=desc, unit="batch", disable=not progress,
+                                      leave=False)):
+        yield _check_batch(item, index, dtype, device)
+        count += 1
+    if count == 0:
+        raise DataError("no calibration batches: the batch source is empty")
+
+
+def _check_batch(item: Any, index: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    x = item
+    if isinstance(x, (tuple, list)) and x and torch.is_tensor(x[0]):
+        x = x[0]  # (images, labels) as a DataLoader yields them
+    if not torch.is_tensor(x):
+        raise DataError(f"calibration batch {index} is a {type(x).__name__}, expected a tensor N×C×H×W")
+    if x.dim() != 4:
+        hint = " (add a batch dimension: x[None])" if x.dim() == 3 else ""
+        raise DataError(f"calibration batch {index} has shape {tuple(x.shape)}, expected 4 dims N×C×H×W{hint}")
+    if not x.is_floating_point():
+        raise DataError(f"calibration batch {index} has dtype {x.dtype}, expected floating point "
+                        "(e.g. images.float() / 255)")
+    if x.shape[0] == 0:
+        raise DataError(f"calibration batch {index} has shape {tuple(x.shape)}: no images")
+    if not _finite(x):
+        raise DataError(f"calibration batch {index} (shape {tuple(x.shape)}) contains NaN or Inf")
+    return x.to(device=device, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ one-model stats
+class _LayerStats:
+    """Hook state of one layer: its accumulator of ``Σ`` (gathered order), patch count, generator."""
+
+    def __init__(self, name: str, conv: nn.Conv2d, max_positions: int, seed: int) -> None:
+        self.name = name
+        self.geom = _Geometry.of(conv)
+        self.k = max_positions
+        self.gen = _layer_generator(seed, name)
+        self.acc: Tensor | None = None
+        self.count = 0
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = _hook_input(self.name, self.geom, args, kwargs)
+        img, oy, ox = _sample_positions(x.shape[0], self.geom.output_hw(x.shape[2], x.shape[3]), self.k, self.gen)
+        xp = self.geom.pad_input(x)
+        n = self.geom.size
+        if self.acc is None:
+            self.acc = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        dtype = _matmul_dtype(x)
+        step = max(1, _CHUNK_ELEMENTS // n)
+        for start in range(0, len(img), step):
+            sl = slice(start, start + step)
+            p = self.geom.gather(xp, img[sl], oy[sl], ox[sl]).to(dtype)
+            self.acc += (p.T @ p).to(torch.float64)
+        self.count += len(img)
+
+    def result(self) -> Tensor:
+        if self.count == 0 or self.acc is None:
+            raise ConfigError("never ran during the model's forward pass (is it used by forward()?)",
+                              layer=self.name)
+        sigma = _finish(self.geom, self.acc, self.count, symmetric=True)
+        if not _finite(sigma):
+            raise DataError("input statistics are not finite (activations overflowed; check the input scale)",
+                            layer=self.name)
+        return sigma
+
+
+def _groups(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
+    """First-fit decreasing: few passes, each holding accumulators of at most ``budget`` bytes."""
+    bins: list[tuple[int, list[str]]] = []
+    for name in sorted(names, key=lambda n: -sizes[n]):
+        for i, (used, members) in enumerate(bins):
+            if used + sizes[name] <= budget:
+                bins[i] = (used + sizes[name], members + [name])
+                break
+        else:
+            if sizes[name] > budget:
+                logger.warning("layer %s needs %.1f MiB of statistics, more than memory_budget (%.1f MiB); "
+                               "it gets a pass of its own", name, sizes[name] / 2**20, budget / 2**20)
+            bins.append((sizes[name], [name]))
+    order = {n: i for i, n in enumerate(names)}
+    return sorted((sorted(m, key=order.__getitem__) for _, m in bins), key=lambda g: order[g[0]])
+
+
+def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchSource, *,
+                        max_positions: int = 64, memory_budget: int = 1 << 31, seed: int = 0,
+                        progress: bool = True, device: torch.device | str | None = None) -> dict[str, Tensor]:
+    """``Σ = E[p pᵀ]`` over the im2col input patches of every named ``Conv2d``, float64 on the CPU.
+
+    ``batches`` (see :data:`BatchSource`) is iterated once per pass; one pass suffices unless the
+    ``n² · 8`` bytes of all accumulators exceed ``memory_budget``, in which case layers are grouped
+    and a list, ``DataLoader`` or callable is needed. Per image and per call at most
+    ``max_positions`` output positions are sampled (all when fewer); a conv called several times per
+    forward accumulates over every call. Batches are cast to the model's dtype and sent to ``device``
+    (default: the model's); the model is not moved. The model runs in eval mode under
+    ``torch.no_grad()``; every module's mode is restored and every hook removed afterwards.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> stats = collect_input_stats(net, ["0", "2"], [torch.randn(2, 3, 8, 8)], progress=False)
+    >>> {name: tuple(s.shape) for name, s in stats.items()}
+    {'0': (27, 27), '2': (72, 72)}
+    """
+    if int(max_positions) < 1:
+        raise ConfigError(f"max_positions must be >= 1, got {max_positions}")
+    if not int(memory_budget) > 0:
+        raise ConfigError(f"memory_budget must be a positive number of bytes, got {memory_budget}")
+    if isinstance(layers, str):
+        layers = [layers]
+    names = list(dict.fromkeys(layers))  # de-duplicated, in the caller's order
+    convs = {name: _conv(model, name) for name in names}
+    if not names:
+        return {}
+    sizes = {name: _Geometry.of(conv).size ** 2 * 8 for name, conv in convs.items()}
+    groups = _groups(names, sizes, int(memory_budget))
+    _passes_possible(batches, len(groups))
+    if len(groups) > 1:
+        logger.info("statistics of %d layers need %.1f MiB, over memory_budget (%.1f MiB): %d passes over the "
+                    "calibration data", len(names), sum(sizes.values()) / 2**20, memory_budget / 2**20, len(groups))
+    dev, dtype = _placement(model, device)
+    out: dict[str, Tensor] = {}
+    with torch.no_grad(), _Modes(model):
+        for g, group in enumerate(groups):
+            stats = [_LayerStats(name, convs[name], int(max_positions), seed) for name in group]
+            handles = []
+            try:
+                for s in stats:
+                    handles.append(convs[s.name].register_forward_pre_hook(s.hook, with_kwargs=True))
+                desc = "calibration" if len(groups) == 1 else f"calibration pass {g + 1}/{len(groups)}"
+                for x in _iterate(batches, dtype, dev, progress, desc):
+                    _forward(model, x)
+            finally:
+                for h in handles:
+                    h.remove()
+            for s in stats:
+                out[s.name] = s.result()
+    return {name: out[name] for name in names}
+
+
+# ------------------------------------------------------------------------------------ paired stats
+@dataclass(frozen=True)
+class PairedStats:
+    """Statistics of one layer's inputs in two models at the same images and positions (float64).
+
+    ``sigma_actual = E[p̃ p̃ᵀ]`` (the partly converted model's patches), ``cross = E[p p̃ᵀ]``
+    (original × converted), ``sigma_original = E[p pᵀ]``; ``count`` patches were averaged.
+    """
+
+    sigma_actual: Tensor
+    cross: Tensor
+    sigma_original: Tensor
+    count: int
+
+
+class _Capture:
+    """Pre-hook that gathers one layer's sampled patches, then stops the forward."""
+
+    def __init__(self, layer: str, geom: _Geometry, positions: tuple | None, gen: torch.Generator, k: int,
+                 expect_shape: torch.Size | None) -> None:
+        self.layer, self.geom, self.positions, self.gen, self.k = layer, geom, positions, gen, k
+        self.expect_shape = expect_shape
+        self.patches: Tensor | None = None
+        self.shape: torch.Size | None = None
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.patches is not None:  # a forward that swallowed the stop: keep the first call's patches
+            raise _StopForward
+        x = _hook_input(self.layer, self.geom, args, kwargs)
+        if self.expect_shape is not None and x.shape != self.expect_shape:
+            raise ModelError(f"the converted model feeds this layer an input of shape {tuple(x.shape)}, the "
+                             f"original one of shape {tuple(self.expect_shape)}", layer=self.layer)
+        if self.positions is None:
+            hw = self.geom.output_hw(x.shape[2], x.shape[3])
+            self.positions = _sample_positions(x.shape[0], hw, self.k, self.gen)
+        self.shape = x.shape
+        self.patches = self.geom.gather(self.geom.pad_input(x), *self.positions).to(_matmul_dtype(x))
+        raise _StopForward
+
+
+def _capture(model: nn.Module, module: nn.Module, x: Tensor, capture: _Capture) -> Tensor:
+    handle = module.register_forward_pre_hook(capture.hook, with_kwargs=True)
+    try:
+        _forward(model, x)
+    finally:
+        handle.remove()
+    if capture.patches is None:
+        raise ConfigError("never ran during the model's forward pass (is it used by forward()?)",
+                          layer=capture.layer)
+    return capture.patches
+
+
+def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, batches: BatchSource, *,
+                         max_positions: int = 64, seed: int = 0, progress: bool = True,
+                         device: torch.device | str | None = None) -> PairedStats:
+    """Joint input statistics of ``layer`` in ``original`` and in the partly ``converted`` model.
+
+    ``layer`` names a ``Conv2d`` of ``original``; in ``converted`` the module of the same name (still
+    that dense conv, or anything taking the same input) is hooked for its input. Both models see the
+    same batches and the patches are taken at the same sampled positions, so ``cross`` pairs each
+    original patch with its converted counterpart. Each forward stops as soon as the layer's input
+    has been captured (a shared conv contributes its first call only). ``batches`` is iterated once.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> st = collect_paired_stats(net, net, "2", [torch.randn(2, 3, 10, 10)], progress=False)
+    >>> bool(torch.equal(st.cross, st.sigma_actual)), st.count
+    (True, 72)
+    """
+    if int(max_positions) < 1:
+        raise ConfigError(f"max_positions must be >= 1, got {max_positions}")
+    conv = _conv(original, layer)
+    target = _module(converted, layer, "layer of the converted model")
+    geom = _Geometry.of(conv)
+    _passes_possible(batches, 1)
+    gen = _layer_generator(seed, layer)
+    dev, dtype = _placement(original, device)
+    n = geom.size
+    acc = {key: torch.zeros(n, n, dtype=torch.float64, device=dev) for key in ("actual", "cross", "original")}
+    count = 0
+    converted_dtype = _placement(converted, dev)[1]
+    with torch.no_grad(), _Modes(original, converted):
+        for x in _iterate(batches, dtype, dev, progress, f"paired statistics {layer}"):
+            orig = _Capture(layer, geom, None, gen, int(max_positions), None)
+            p = _capture(original, conv, x, orig)
+            same = _Capture(layer, geom, orig.positions, gen, int(max_positions), orig.shape)
+            pt = _capture(converted, target, x.to(converted_dtype), same).to(device=p.device, dtype=p.dtype)
+            acc["actual"] += (pt.T @ pt).to(torch.float64).to(dev)
+            acc["cross"] += (p.T @ pt).to(torch.float64).to(dev)
+            acc["original"] += (p.T @ p).to(torch.float64).to(dev)
+            count += p.shape[0]
+    result = {}
+    for key, a in acc.items():
+        m = _finish(geom, a, count, symmetric=key != "cross")
+        if not _finite(m):
+            raise DataError("paired input statistics are not finite (activations overflowed)", layer=layer)
+        result[key] = m
+    return PairedStats(result["actual"], result["cross"], result["original"], count)
+
+
+def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAULT_DAMPING
+                      ) -> tuple[Tensor, Tensor]:
+    """Dense kernel ``W'`` to fit, under ``Σ̃``, so the layer maps its actual inputs onto the original outputs.
+
+    ``W' = W C (Σ̃ + δ·m·I)⁻¹`` with ``m = tr Σ̃ / n`` and ``δ = damping``, so that::
+
+        E‖W p − Ŵ p̃‖² + δ·m·‖Ŵ‖² = const + ‖(W' − Ŵ) R̃‖²_F,    R̃ R̃ᵀ = Σ̃ + δ·m·I
+
+    i.e. ``factorize.fit_*(W', sigma=Σ̃, damping=damping)`` minimises the ridge-regularised output
+    error against the original layer. The damping (and its escalation when the Cholesky factorisation
+    fails) is :func:`igc_convert.factorize.whitener`'s, so it must be the same value passed to the fit.
+    Returns ``(W', Σ̃)``, float64, ``W'`` shaped like ``weight``. Without any signal (``Σ̃ = 0``) the
+    original kernel is returned: the fit then falls back to the weight-space fit.
+
+    >>> w = torch.randn(4, 2, 3, 3)
+    >>> s = torch.eye(18, dtype=torch.float64)
+    >>> target, _ = sequential_target(w, PairedStats(s, s, s, 100), damping=1e-9)
+    >>> torch.allclose(target, w.double())
+    True
+    """
+    w = weight.detach().to(torch.float64)
+    if w.dim() < 2:
+        raise ConfigError(f"weight must be a conv kernel C_out × C_in × kh × kw, got shape {tuple(w.shape)}")
+    wm = w.reshape(w.shape[0], -1)
+    n = wm.shape[1]
+    for field in ("sigma_actual", "cross"):
+        t = getattr(stats, field)
+        if tuple(t.shape) != (n, n):
+            raise ConfigError(f"stats.{field} has shape {tuple(t.shape)}, expected ({n}, {n}) for a kernel of "
+                              f"shape {tuple(w.shape)}")
+    sa = stats.sigma_actual.detach().to(torch.float64).cpu()
+    sa = 0.5 * (sa + sa.T)
+    cross = stats.cross.detach().to(torch.float64).cpu()
+    if not (torch.isfinite(sa).all() and torch.isfinite(cross).all()):
+        raise ConfigError("paired statistics contain NaN or Inf")
+    scale = float(sa.diagonal().mean())
+    if not scale > 0:
+        return w, sa
+    # whitener(Σ̃) is chol(Σ̃/m + δ'I) (δ' = δ, escalated if needed): (Σ̃ + δ'mI)⁻¹ = (R Rᵀ)⁻¹ / m.
+    r = whitener(sa, n, damping)
+    target = torch.cholesky_solve((wm @ cross / scale).T.contiguous(), r).T
+    if not torch.isfinite(target).all():  # cannot happen with a valid factor; never hand NaN to a fit
+        return w, sa
+    return target.reshape(w.shape).contiguous(), sa
+
+
+# ------------------------------------------------------------------------------------ BatchNorm weights
+def bn_row_weights(model: nn.Module, conv_to_bn: Mapping[str, str]) -> dict[str, Tensor]:
+    """Per-output-channel scale ``|γ| / sqrt(running_var + eps)`` (float64) of the BatchNorm after each conv.
+
+    A BatchNorm without running statistics has no fixed scale and is skipped (logged).
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    >>> bn_row_weights(net, {"0": "1"})["0"].round(decimals=3).tolist()  # fresh BN: γ = 1, var = 1
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    out: dict[str, Tensor] = {}
+    for conv_name, bn_name in conv_to_bn.items():
+        conv = _conv(model, conv_name)
+        bn = _module(model, bn_name, "BatchNorm")
+        if not isinstance(bn, _BATCHNORMS):
+            raise ConfigError(f"{bn_name!r} is a {type(bn).__name__}, not a BatchNorm2d", layer=conv_name)
+        if bn.num_features != conv.out_channels:
+            raise ConfigError(f"BatchNorm {bn_name!r} has {bn.num_features} features but the conv has "
+                              f"{conv.out_channels} output channels", layer=conv_name)
+        if bn.running_var is None:
+            logger.warning("%s: BatchNorm %s keeps no running statistics; no row weights", conv_name, bn_name)
+            continue
+        var = bn.running_var.detach().to(torch.float64).cpu()
+        gamma = (bn.weight.detach().to(torch.float64).cpu().abs() if bn.weight is not None
+                 else torch.ones_like(var))
+        scale = gamma / torch.sqrt(var + bn.eps)
+        if not torch.isfinite(scale).all():
+            raise ConfigError(f"BatchNorm {bn_name!r} has NaN/Inf or negative running variances", layer=conv_name)
+        out[conv_name] = scale
+    return out
+
+
+def find_following_batchnorm(graph_module: torch.fx.GraphModule) -> dict[str, str]:
+    """``{conv name: BatchNorm name}`` for every ``Conv2d`` whose only user is a ``BatchNorm2d`` module.
+
+    A conv called at several places qualifies only when every call feeds the same BatchNorm.
+
+    >>> gm = torch.fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()))
+    >>> find_following_batchnorm(gm)
+    {'0': '1'}
+    """
+    if not isinstance(graph_module, torch.fx.GraphModule):
+        raise ConfigError(f"expected a torch.fx.GraphModule, got {type(graph_module).__name__}")
+    modules = dict(graph_module.named_modules())
+    following: dict[str, set[str | None]] = {}
+    for node in graph_module.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), nn.Conv2d):
+            continue
+        users = list(node.users)
+        bn = None
+        if len(users) == 1:
+            user = users[0]
+            if (user.op == "call_module" and isinstance(modules.get(user.target), _BATCHNORMS)
+                    and user.args and user.args[0] is node):
+                bn = str(user.target)
+        following.setdefault(str(node.target), set()).add(bn)
+    return {conv: next(iter(bns)) for conv, bns in following.items() if len(bns) == 1 and None not in bns}

@@ -1,0 +1,353 @@
+"""Calibration statistics: hooks reproduce brute-force im2col moments; paired stats and the sequential target."""
+
+import copy
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igc_convert import calibrate as cal
+from igc_convert import factorize as fz
+from igc_convert.errors import ConfigError, DataError
+
+CONVS = {
+    "k3-p1": dict(kernel_size=3, padding=1),
+    "k3x1-s2-p(1,0)": dict(kernel_size=(3, 1), stride=2, padding=(1, 0)),
+    "k1x5-dil(1,2)-p(0,3)": dict(kernel_size=(1, 5), dilation=(1, 2), padding=(0, 3)),
+    "k3-s(2,1)-dil(2,1)-p2": dict(kernel_size=3, stride=(2, 1), dilation=(2, 1), padding=2),
+    "same-k3-dil2": dict(kernel_size=3, dilation=2, padding="same"),
+    "same-even-k(2,4)-dil(1,2)": dict(kernel_size=(2, 4), dilation=(1, 2), padding="same"),
+    "valid-k2": dict(kernel_size=2, padding="valid"),
+    "reflect-k3-p1": dict(kernel_size=3, padding=1, padding_mode="reflect"),
+    "circular-k(3,2)-p1": dict(kernel_size=(3, 2), padding=1, padding_mode="circular"),
+}
+
+
+def _brute_patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """All im2col patches (rows), by F.unfold after the padding nn.Conv2d itself applies."""
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    xp = F.pad(x.double(), conv._reversed_padding_repeated_twice, mode=mode)
+    cols = F.unfold(xp, conv.kernel_size, dilation=conv.dilation, stride=conv.stride)  # (N, n, P)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _brute_sigma(conv, inputs):
+    p = torch.cat([_brute_patches(conv, x) for x in inputs])
+    return p.T @ p / p.shape[0]
+
+
+def _net(conv_kwargs, c_in=2, c_mid=20):
+    # c_mid >= C_in·kh·kw: the first conv's W has full column rank, so W Σ Wᵀ determines Σ.
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(c_in, c_mid, **conv_kwargs), nn.ReLU(), nn.Conv2d(c_mid, 3, 3, padding=1))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kwargs", CONVS.values(), ids=CONVS.keys())
+def test_hook_sigma_equals_brute_force_unfold(kwargs):
+    net = _net(kwargs)
+    batches = [torch.randn(2, 2, 11, 9) + 0.5, torch.randn(3, 2, 11, 9)]
+    stats = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=10_000, progress=False)
+    with torch.no_grad():
+        mids = [net[1](net[0](x)) for x in batches]
+    for name, inputs in (("0", batches), ("2", mids)):
+        expected = _brute_sigma(net.get_submodule(name), inputs)
+        assert stats[name].dtype == torch.float64
+        torch.testing.assert_close(stats[name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
+@pytest.mark.parametrize("kwargs", CONVS.values(), ids=CONVS.keys())
+def test_sigma_predicts_conv_output_moments(kwargs):
+    """Independent of any padding rule: E[(y−b)(y−b)ᵀ] over all output positions equals W Σ Wᵀ."""
+    net = _net(kwargs).double()
+    conv = net[0]
+    batches = [torch.randn(4, 2, 10, 12, dtype=torch.float64)]
+    sigma = cal.collect_input_stats(net, ["0"], batches, max_positions=10_000, progress=False)["0"]
+    with torch.no_grad():
+        y = (conv(batches[0]) - conv.bias[:, None, None]).permute(0, 2, 3, 1).reshape(-1, conv.out_channels)
+    w = conv.weight.detach().reshape(conv.out_channels, -1)
+    torch.testing.assert_close(w @ sigma @ w.T, y.T @ y / y.shape[0], rtol=1e-9, atol=1e-10)
+
+
+def test_subsampled_sigma_is_close_and_seeded():
+    net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
+    torch.manual_seed(1)
+    batches = [torch.randn(64, 3, 16, 16) + 1.0 for _ in range(3)]
+    full = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=10_000, progress=False)
+    sub = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=24, seed=3, progress=False)
+    again = cal.collect_input_stats(net, ["2", "0"], batches, max_positions=24, seed=3, progress=False)
+    other = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=24, seed=4, progress=False)
+    for name in ("0", "2"):
+        rel = float((sub[name] - full[name]).norm() / full[name].norm())
+        assert 0 < rel < 0.05, (name, rel)
+        assert torch.equal(sub[name], again[name])  # seeded per layer: order of layers does not matter
+        assert not torch.equal(sub[name], other[name])
+
+
+def test_memory_budget_groups_give_the_same_result(caplog):
+    net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
+    batches = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    one = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=20, progress=False)
+    budget = 72 * 72 * 8  # layer "2" (72×72) alone fills it: two passes
+    with caplog.at_level(logging.INFO, logger="igc_convert.calibrate"):
+        two = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=20, memory_budget=budget,
+                                      progress=False)
+    assert "2 passes" in caplog.text
+    calls = []
+
+    def fresh():
+        calls.append(1)
+        return iter(batches)
+
+    three = cal.collect_input_stats(net, ["0", "2"], fresh, max_positions=20, memory_budget=budget, progress=False)
+    assert len(calls) == 2
+    for name in ("0", "2"):
+        assert torch.equal(one[name], two[name]) and torch.equal(one[name], three[name])
+    with pytest.raises(DataError, match="one-shot iterator"):
+        cal.collect_input_stats(net, ["0", "2"], iter(batches), memory_budget=budget, progress=False)
+    # A one-shot iterator is fine when one pass suffices.
+    gen = cal.collect_input_stats(net, ["0", "2"], (x for x in batches), max_positions=20, progress=False)
+    assert torch.equal(gen["2"], one["2"])
+
+
+class _Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_shared_conv_accumulates_every_call():
+    torch.manual_seed(0)
+    net = _Shared()
+    x = torch.randn(2, 3, 7, 7)
+    sigma = cal.collect_input_stats(net, ["conv"], [x], max_positions=1000, progress=False)["conv"]
+    with torch.no_grad():
+        second = torch.relu(net.conv(x))
+    expected = _brute_sigma(net.conv, [x, second])
+    torch.testing.assert_close(sigma, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(sigma, _brute_sigma(net.conv, [x]), rtol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------ paired
+def test_paired_identical_models_give_equal_moments_and_target_is_w():
+    net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
+    batches = [torch.randn(5, 3, 9, 9) for _ in range(2)]
+    st = cal.collect_paired_stats(net, copy.deepcopy(net), "2", batches, max_positions=30, progress=False)
+    assert st.count == 2 * 5 * 30
+    torch.testing.assert_close(st.cross, st.sigma_actual, rtol=1e-12, atol=0)
+    torch.testing.assert_close(st.sigma_original, st.sigma_actual, rtol=1e-12, atol=0)
+    # Same seed, same positions as the one-model collector.
+    ref = cal.collect_input_stats(net, ["2"], batches, max_positions=30, progress=False)["2"]
+    torch.testing.assert_close(st.sigma_original, ref, rtol=1e-12, atol=1e-14)
+    w = net[2].weight
+    target, sigma = cal.sequential_target(w, st, damping=1e-10)
+    assert target.shape == w.shape and sigma is not None
+    torch.testing.assert_close(target, w.double(), rtol=0, atol=1e-6)
+    same = cal.collect_paired_stats(net, net, "2", batches, max_positions=30, progress=False)  # one object
+    torch.testing.assert_close(same.cross, st.cross, rtol=1e-12, atol=0)
+
+
+def test_sequential_target_inverts_an_exact_linear_relation():
+    """Converted input = B·x (1×1 channel mix) ⇒ p̃ = (B ⊗ I) p, and W' p̃ must reproduce W p."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+    mix = nn.Conv2d(3, 3, 1, bias=False)
+    with torch.no_grad():
+        mix.weight.copy_((torch.eye(3) + 0.4 * torch.randn(3, 3))[:, :, None, None])
+    original = nn.Sequential(nn.Identity(), conv)
+    converted = nn.Sequential(mix, copy.deepcopy(conv))
+    batches = [torch.randn(4, 3, 8, 8)]
+    st = cal.collect_paired_stats(original, converted, "1", batches, max_positions=64, progress=False)
+    a = torch.kron(mix.weight[:, :, 0, 0].double(), torch.eye(9, dtype=torch.float64))
+    torch.testing.assert_close(st.cross, st.sigma_original @ a.T, rtol=1e-5, atol=1e-6)
+    target, _ = cal.sequential_target(conv.weight, st, damping=1e-10)
+    x = batches[0].double()
+    with torch.no_grad():
+        want = F.conv2d(x, conv.weight.double(), padding=1)
+        got = F.conv2d(F.conv2d(x, mix.weight.double()), target, padding=1)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # The fits then take (W', Σ̃): a full-rank IGCV1 fit reproduces W' and hence the original output.
+    fit = fz.fit_igcv1(target, 1, 1, 6, sigma=st.sigma_actual)
+    assert fit.error < 1e-6
+
+
+class _Boom(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("the forward should have stopped at the captured layer")
+
+
+def test_paired_stops_forward_and_accepts_any_module_at_the_name():
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), _Boom())
+    converted = copy.deepcopy(original)
+    with torch.no_grad():
+        converted[0].weight.mul_(1.5)
+    converted[2] = nn.Sequential(nn.Conv2d(4, 2, 1), nn.Conv2d(2, 4, 3))  # e.g. a block: input is what counts
+    st = cal.collect_paired_stats(original, converted, "2", [torch.randn(2, 3, 8, 8)], progress=False)
+    assert st.sigma_actual.shape == (36, 36)
+    assert not torch.allclose(st.sigma_actual, st.sigma_original)
+    assert torch.isfinite(st.cross).all()
+
+
+@pytest.mark.parametrize("case", ["constant-image", "one-position", "zero-input"])
+def test_rank_deficient_stats_are_finite(case):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1))
+    x = {"constant-image": torch.ones(1, 3, 6, 6), "one-position": torch.randn(1, 3, 6, 6),
+         "zero-input": torch.zeros(1, 3, 6, 6)}[case]
+    k = 1 if case == "one-position" else 64
+    st = cal.collect_paired_stats(net, net, "0", [x], max_positions=k, progress=False)
+    assert torch.linalg.matrix_rank(st.sigma_actual) < 27
+    target, sigma = cal.sequential_target(net[0].weight, st)
+    assert torch.isfinite(target).all() and torch.isfinite(sigma).all()
+    if case == "zero-input":  # no signal at all: keep the original kernel
+        torch.testing.assert_close(target, net[0].weight.double())
+    fit = fz.fit_igcv1(target, 1, 1, 2, sigma=sigma)
+    assert all(torch.isfinite(f).all() for f in fit.factors) and fit.error == fit.error
+    sigma1 = cal.collect_input_stats(net, ["0"], [x], max_positions=k, progress=False)["0"]
+    assert torch.isfinite(sigma1).all()
+
+
+def test_sequential_target_rejects_mismatched_stats():
+    s = torch.eye(4, dtype=torch.float64)
+    with pytest.raises(ConfigError, match=r"expected \(18, 18\)"):
+        cal.sequential_target(torch.randn(2, 2, 3, 3), cal.PairedStats(s, s, s, 10))
+
+
+# ------------------------------------------------------------------------------------------ errors
+BAD_BATCHES = {
+    "empty": ([], "empty"),
+    "non-tensor": (["image.png"], "str"),
+    "rank-3": ([torch.randn(3, 8, 8)], r"\(3, 8, 8\).*batch dimension"),
+    "int-dtype": ([torch.ones(1, 3, 8, 8, dtype=torch.int64)], "int64"),
+    "wrong-channels": ([torch.randn(2, 5, 8, 8)], r"\(2, 5, 8, 8\)"),
+    "nan": ([torch.full((1, 3, 8, 8), float("nan"))], "NaN"),
+    "too-small": ([torch.randn(1, 3, 2, 2)], r"\(1, 3, 2, 2\)"),
+    "single-tensor": (torch.randn(2, 3, 8, 8), "single tensor"),
+}
+
+
+def _three_layer():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+
+def _state(net):
+    return [m.training for m in net.modules()], sum(len(m._forward_pre_hooks) + len(m._forward_hooks)
+                                                    for m in net.modules())
+
+
+@pytest.mark.parametrize("batches,match", BAD_BATCHES.values(), ids=BAD_BATCHES.keys())
+def test_bad_batches_raise_data_error_and_leave_the_model_as_it_was(batches, match):
+    net = _three_layer()
+    net.train()
+    net[1].eval()  # mixed modes must come back exactly
+    before = _state(net)
+    with pytest.raises(DataError, match=match):
+        cal.collect_input_stats(net, ["0", "3"], batches, progress=False)
+    assert _state(net) == before
+    with pytest.raises(DataError, match=match):
+        cal.collect_paired_stats(net, copy.deepcopy(net), "3", batches, progress=False)
+    assert _state(net) == before
+
+
+def test_forward_error_outside_hooked_layers_is_data_error_with_shape():
+    net = _three_layer()
+    before = _state(net)
+    with pytest.raises(DataError, match=r"shape \(2, 5, 8, 8\)") as info:
+        cal.collect_input_stats(net, ["3"], [torch.randn(2, 5, 8, 8)], progress=False)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert _state(net) == before
+
+
+@pytest.mark.parametrize("layer,match", [("nope", "nope"), ("1", "BatchNorm2d"), ("0.weight", "0.weight")],
+                         ids=["missing", "not-a-conv", "a-parameter"])
+def test_bad_layer_names_raise_config_error(layer, match):
+    net = _three_layer()
+    with pytest.raises(ConfigError, match=match):
+        cal.collect_input_stats(net, ["0", layer], [torch.randn(1, 3, 8, 8)], progress=False)
+    with pytest.raises(ConfigError, match=match):
+        cal.collect_paired_stats(net, net, layer, [torch.randn(1, 3, 8, 8)], progress=False)
+
+
+class _Unused(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.used, self.spare = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.used(x)
+
+
+def test_unused_conv_and_bad_options_raise_config_error():
+    net = _Unused()
+    with pytest.raises(ConfigError, match="spare.*never ran"):
+        cal.collect_input_stats(net, ["spare"], [torch.randn(1, 3, 8, 8)], progress=False)
+    with pytest.raises(ConfigError, match="max_positions"):
+        cal.collect_input_stats(net, ["used"], [torch.randn(1, 3, 8, 8)], max_positions=0, progress=False)
+    assert _state(net)[1] == 0
+
+
+def test_success_restores_modes_and_removes_hooks_and_accepts_label_pairs():
+    net = _three_layer().train()
+    before = _state(net)
+    x = torch.randn(2, 3, 8, 8)
+    stats = cal.collect_input_stats(net, ["0", "3"], [(x, torch.tensor([0, 1]))], progress=False)
+    assert _state(net) == before
+    assert set(stats) == {"0", "3"}
+    # eval mode was used: BatchNorm running statistics did not move
+    assert torch.equal(net[1].running_mean, torch.zeros(4))
+    # A DataLoader is re-iterable: fine for several passes, and its (images, labels) pairs are accepted.
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.tensor([0, 1])), batch_size=1)
+    two_pass = cal.collect_input_stats(net, ["0", "3"], loader, memory_budget=27 * 27 * 8, progress=False)
+    torch.testing.assert_close(two_pass["0"], stats["0"], rtol=1e-5, atol=1e-7)  # batch size 1 vs 2: rounding
+
+
+# ------------------------------------------------------------------------------------------ BatchNorm
+class _BNNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)                 # followed by relu: no BN
+        self.conv3, self.bn3 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)  # output also used by the residual
+        self.conv4, self.bn4 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)  # shared, same BN at both calls
+        self.conv5, self.bn5a, self.bn5b = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.conv2(x))
+        y = self.conv3(x)
+        x = self.bn3(y) + y
+        x = self.bn4(self.conv4(self.bn4(self.conv4(x))))
+        return self.bn5b(self.conv5(self.bn5a(self.conv5(x))))
+
+
+def test_find_following_batchnorm():
+    gm = torch.fx.symbolic_trace(_BNNet())
+    assert cal.find_following_batchnorm(gm) == {"conv1": "bn1", "conv4": "bn4"}
+    with pytest.raises(ConfigError, match="GraphModule"):
+        cal.find_following_batchnorm(_BNNet())
+
+
+def test_bn_row_weights():
+    net = _BNNet()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        net.bn1.weight.copy_(torch.randn(4))
+        net.bn1.running_var.copy_(torch.rand(4) + 0.1)
+    got = cal.bn_row_weights(net, {"conv1": "bn1"})
+    want = net.bn1.weight.double().abs() / torch.sqrt(net.bn1.running_var.double() + net.bn1.eps)
+    assert got["conv1"].dtype == torch.float64
+    torch.testing.assert_close(got["conv1"], want.detach())
+    with pytest.raises(ConfigError, match="ReLU|not a BatchNorm2d"):
+        cal.bn_row_weights(nn.Sequential(nn.Conv2d(1, 2, 1), nn.ReLU()), {"0": "1"})
+    with pytest.raises(ConfigError, match="3 features"):
+        cal.bn_row_weights(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(3)), {"0": "1"})
+    no_stats = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
+    assert cal.bn_row_weights(no_stats, {"0": "1"}) == {}
