@@ -10,7 +10,6 @@ import safetensors.torch
 import torch
 import torch.hub
 import torchvision
-from torch import nn
 
 from igc_convert import models
 from igc_convert.errors import ConfigError, FileFormatError, ModelError
