@@ -1,0 +1,82 @@
+"""``igc-convert export``: a converted model file → ONNX, checked against onnxruntime."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+HELP = "export a converted model (and optionally its original) to ONNX, with onnxruntime parity"
+EXAMPLE = "igc-convert export resnet18-igc.safetensors -o resnet18-igc.onnx --original resnet18.onnx --input-size 224"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("converted", metavar="CONVERTED", help="converted model file (from igc-convert convert)")
+    parser.add_argument("-o", "--output", required=True, help="ONNX file to write")
+    parser.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="N",
+                        help="input height and width (one value for square inputs; default 224)")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size of the example input (default 1)")
+    batch = parser.add_mutually_exclusive_group()
+    batch.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=True,
+                       help="symbolic batch dimension (default)")
+    batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false",
+                       help="fix the batch dimension to --batch-size")
+    parser.add_argument("--original", metavar="PATH",
+                        help="also export the original (unconverted) model here, the same way, for comparison")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--rtol", type=float, default=1e-4,
+                        help="largest accepted onnxruntime-vs-PyTorch error relative to the output scale")
+    parser.add_argument("--channels", type=int, default=None,
+                        help="input channels (default: those of the model's first conv)")
+    parser.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                        help="torch.onnx exporter (auto: dynamo, falling back to TorchScript)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random example input")
+
+
+def input_channels(model: nn.Module) -> int:
+    """Input channels of ``model``: those of its first module that declares ``in_channels`` (the stem conv)."""
+    for module in model.modules():
+        channels = getattr(module, "in_channels", None)
+        if isinstance(channels, int) and channels > 0:
+            return channels
+    raise ConfigError("cannot tell the model's input channels (no conv found); pass --channels")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import export_onnx
+    from ..files import check_writable
+    from ..serialize import load
+
+    size = args.input_size
+    if len(size) not in (1, 2) or min(size) < 1:
+        raise ConfigError(f"--input-size takes one or two positive integers, got {size}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    h, w = (size[0], size[0]) if len(size) == 1 else size
+    # Fail on an unwritable destination before minutes of export.
+    check_writable(args.output)
+    if args.original:
+        check_writable(args.original)
+    converted = load(args.converted)
+    channels = args.channels or input_channels(converted.model)
+    x = torch.randn(args.batch_size, channels, h, w, generator=torch.Generator().manual_seed(args.seed))
+    options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter)
+    results = [("converted", export_onnx(converted.model, args.output, x, **options))]
+    if args.original:
+        from ..models import build_model_from_origin
+
+        original = build_model_from_origin(converted.origin)
+        results.append(("original", export_onnx(original, args.original, x, **options)))
+    for name, result in results:
+        print(f"{name}: {result.summary()}\n")
+    if len(results) == 2:
+        (_, conv), (_, orig) = results
+        print(f"nodes: original {sum(orig.op_counts.values())}, converted {sum(conv.op_counts.values())}; "
+              f"compare latency with: igc-convert bench {orig.path} {conv.path}")
+    return 0

@@ -1,0 +1,369 @@
+"""ONNX export: onnxruntime parity, lean graphs (shuffle = one Reshape→Transpose→Reshape or folded
+away), dynamic batch, atomic writes, clear errors. Exports are slow (seconds each with the dynamo
+exporter), so each model is exported once per module and several tests read the result."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import textwrap
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+from igc_convert.errors import ConfigError, ExportError, FileFormatError
+from igc_convert.export import (ExportResult, export_onnx, export_pair, fold_channel_permutations, op_counts,
+                                simplify)
+from igc_convert.shuffle import ChannelShuffle, shuffle_permutation
+
+LEAN_FORBIDDEN = {"Identity", "Shape", "Gather", "Concat", "Unsqueeze", "Squeeze", "Constant", "Expand",
+                  "CastLike", "BatchNormalization"}
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    """A BatchNorm with non-trivial statistics, so that folding it wrongly would show."""
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    return bn
+
+
+def _ort(path_or_proto, x: torch.Tensor) -> np.ndarray:
+    data = path_or_proto.SerializeToString() if isinstance(path_or_proto, onnx.ModelProto) else str(path_or_proto)
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+
+
+def _assert_parity(path, model: nn.Module, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        ref = model.eval()(x).numpy()
+    got = _ort(path, x)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def _shuffle_chains(model: onnx.ModelProto) -> list[list[str]]:
+    """Op types of every Reshape→Transpose→Reshape run in the graph (consumer order)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    chains = []
+    for n in model.graph.node:
+        if n.op_type == "Transpose":
+            before = producer.get(n.input[0])
+            after = [m for m in model.graph.node if n.output[0] in m.input]
+            chains.append([before.op_type if before else None, "Transpose", *(m.op_type for m in after)])
+    return chains
+
+
+# --------------------------------------------------------------------------- a grouped, shuffled model
+@pytest.fixture(scope="module")
+def grouped(tmp_path_factory):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=4), ChannelShuffle(4, 8),
+                          nn.Conv2d(32, 16, 1, groups=2), _bn(16), nn.ReLU())
+    model.train()  # export must use eval mode and put this back
+    state = copy.deepcopy(model.state_dict())
+    path = tmp_path_factory.mktemp("grouped") / "grouped.onnx"
+    result = export_onnx(model, path, torch.randn(2, 16, 8, 8))
+    return model, state, result
+
+
+def test_grouped_parity_and_result(grouped):
+    model, _, result = grouped
+    assert isinstance(result, ExportResult) and result.path.is_file()
+    assert result.exporter == "dynamo"
+    assert result.rel_diff <= 1e-4 and result.max_abs_diff >= 0
+    assert result.batch_sizes_checked == (2, 3)  # the example batch and another one
+    assert result.opset == onnx.load(str(result.path)).opset_import[0].version
+    _assert_parity(result.path, copy.deepcopy(model), torch.randn(4, 16, 8, 8))
+
+
+def test_grouped_graph_is_lean(grouped):
+    _, _, result = grouped
+    assert result.op_counts == {"Conv": 2, "Reshape": 2, "Transpose": 1, "Relu": 1}
+    assert not LEAN_FORBIDDEN & set(result.op_counts)
+    assert sum(result.op_counts_before.values()) > sum(result.op_counts.values())
+    proto = onnx.load(str(result.path))
+    assert _shuffle_chains(proto) == [["Reshape", "Transpose", "Reshape"]]
+    inits = {t.name for t in proto.graph.initializer}
+    assert all(n.input[1] in inits for n in proto.graph.node if n.op_type == "Reshape")  # constant shapes
+
+
+def test_grouped_shuffle_is_the_index_permutation(grouped):
+    """The exported Reshape→Transpose→Reshape, run alone, is ``x[:, shuffle_permutation(...)]``."""
+    _, _, result = grouped
+    proto = onnx.load(str(result.path))
+    nodes = [n for n in proto.graph.node if n.op_type in ("Reshape", "Transpose")]
+    shapes = [numpy_helper.to_array(t) for t in proto.graph.initializer
+              if t.name in {n.input[1] for n in nodes if n.op_type == "Reshape"}]
+    graph = helper.make_graph(
+        nodes, "shuffle", [helper.make_tensor_value_info(nodes[0].input[0], TensorProto.FLOAT, ["n", 32, 8, 8])],
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(s, name) for s, name in zip(shapes, [n.input[1] for n in nodes if n.op_type == "Reshape"])])
+    alone = helper.make_model(graph, opset_imports=proto.opset_import)
+    x = torch.randn(3, 32, 8, 8)
+    np.testing.assert_array_equal(_ort(alone, x), x[:, shuffle_permutation(32, 4, 8)].numpy())
+
+
+def test_model_left_as_it_was(grouped):
+    model, state, _ = grouped
+    assert model.training and all(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- folding shuffles away
+@pytest.fixture(scope="module")
+def folding(tmp_path_factory):
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        # A: shuffle → BN → ReLU → dense conv: moves through BN/ReLU, folds into the dense conv's inputs.
+        nn.Conv2d(8, 16, 3, padding=1, groups=2), ChannelShuffle(2, 8), _bn(16), nn.ReLU(), nn.Conv2d(16, 16, 1),
+        # B: dense conv → ReLU → shuffle → grouped conv: folds back into the dense conv's outputs.
+        nn.ReLU(), ChannelShuffle(4, 4), nn.Conv2d(16, 16, 1, groups=4),
+        # C: grouped → shuffle → BN → grouped: cannot fold; moves past the BN, which then fuses.
+        ChannelShuffle(4, 4), _bn(16), nn.ReLU(), nn.Conv2d(16, 16, 1, groups=2),
+        # D: shuffle → depthwise → max-pool → dense conv: folds through per-channel ops.
+        ChannelShuffle(2, 8), nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.MaxPool2d(2), nn.Conv2d(16, 4, 1),
+    )
+    path = tmp_path_factory.mktemp("folding") / "folding.onnx"
+    return model, export_onnx(model, path, torch.randn(2, 8, 8, 8))
+
+
+def test_folded_shuffles_keep_parity(folding):
+    model, result = folding
+    assert result.rel_diff <= 1e-4
+    _assert_parity(result.path, model, torch.randn(5, 8, 8, 8))
+
+
+def test_shuffles_folded_where_a_neighbour_allows(folding):
+    _, result = folding
+    assert (result.folded_permutations, result.moved_permutations) == (3, 1)
+    assert result.op_counts_before["Transpose"] == 4
+    # Only C's shuffle is left, still one Reshape→Transpose→Reshape; every BatchNorm fused.
+    assert result.op_counts.get("Transpose") == 1 and result.op_counts.get("Reshape") == 2
+    assert _shuffle_chains(onnx.load(str(result.path))) == [["Reshape", "Transpose", "Reshape"]]
+    assert result.op_counts["Conv"] == 6
+    assert not LEAN_FORBIDDEN & set(result.op_counts)
+
+
+# --------------------------------------------------------------------------- the pass on hand-made graphs
+def _graph(nodes, inits, channels=8, out_channels=None):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", channels, 4, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", out_channels or channels, 4, 4])
+    graph = helper.make_graph(nodes, "g", [x], [y], [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return onnx.shape_inference.infer_shapes(model, strict_mode=True)
+
+
+def _shuffle_nodes(src, dst, a=2, b=4, channels=8):
+    return [helper.make_node("Reshape", [src, "s1"], [f"{dst}_r"]),
+            helper.make_node("Transpose", [f"{dst}_r"], [f"{dst}_t"], perm=[0, 2, 1, 3]),
+            helper.make_node("Reshape", [f"{dst}_t", "s2"], [dst])], {
+        "s1": np.array([-1, a, b, channels // (a * b) * 16], np.int64), "s2": np.array([-1, channels, 4, 4], np.int64)}
+
+
+def _case(name):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
+    shuffle, consts = _shuffle_nodes("x", "p")
+    if name == "shuffle-then-dense-conv":
+        return _graph([*shuffle, helper.make_node("Conv", ["p", "w"], ["y"])], {**consts, "w": w}), 1
+    if name == "spatial-transpose-untouched":  # shape-preserving, but not a channel permutation
+        return _graph([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
+                       helper.make_node("Reshape", ["t", "s2"], ["r"]), helper.make_node("Conv", ["r", "w"], ["y"])],
+                      {"s2": consts["s2"], "w": w}), 0
+    if name == "two-consumers-untouched":
+        return _graph([*shuffle, helper.make_node("Conv", ["p", "w"], ["c"]), helper.make_node("Add", ["c", "p"], ["y"])],
+                      {**consts, "w": w}), 0
+    if name == "residual-add-untouched":  # Add of two tensors is not per-channel-constant
+        return _graph([*shuffle, helper.make_node("Add", ["p", "x"], ["a"]), helper.make_node("Conv", ["a", "w"], ["y"])],
+                      {**consts, "w": w}), 0
+    if name == "mul-by-channel-constant-then-conv":
+        scale = rng.standard_normal((8, 1, 1)).astype(np.float32)
+        return _graph([*shuffle, helper.make_node("Mul", ["p", "k"], ["m"]), helper.make_node("Conv", ["m", "w"], ["y"])],
+                      {**consts, "k": scale, "w": w}), 1
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["shuffle-then-dense-conv", "spatial-transpose-untouched", "two-consumers-untouched",
+                                  "residual-add-untouched", "mul-by-channel-constant-then-conv"])
+def test_fold_pass_on_hand_made_graphs(name):
+    proto, expected = _case(name)
+    x = torch.randn(3, 8, 4, 4)
+    before = _ort(proto, x)
+    model = ir.from_proto(proto)
+    folded_count, _ = fold_channel_permutations(model)
+    assert folded_count == expected
+    after_proto = ir.to_proto(model)
+    onnx.checker.check_model(after_proto)
+    np.testing.assert_allclose(_ort(after_proto, x), before, rtol=1e-5, atol=1e-5)
+    if expected:
+        assert "Transpose" not in op_counts(after_proto)
+
+
+def test_simplify_removes_identity_and_counts():
+    proto, _ = _case("shuffle-then-dense-conv")
+    proto.graph.node.insert(0, helper.make_node("Identity", ["x"], ["xi"]))
+    proto.graph.node[1].input[0] = "xi"
+    stats = simplify(ir.from_proto(proto))
+    assert stats.before["Identity"] == 1 and stats.before["Transpose"] == 1
+    assert stats.after == {"Conv": 1} and stats.folded_permutations == 1
+
+
+# --------------------------------------------------------------------------- resnet18
+@pytest.fixture(scope="module")
+def resnet(tmp_path_factory):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    path = tmp_path_factory.mktemp("resnet") / "resnet18.onnx"
+    return model, export_onnx(model, path, torch.randn(1, 3, 64, 64))
+
+
+def test_resnet18_parity_and_lean_graph(resnet):
+    model, result = resnet
+    assert result.rel_diff <= 1e-4
+    assert result.batch_sizes_checked == (1, 2)
+    assert result.op_counts["Conv"] == 20 and result.op_counts["Add"] == 8
+    assert not LEAN_FORBIDDEN & set(result.op_counts)
+    _assert_parity(result.path, model, torch.randn(3, 3, 64, 64))
+
+
+# --------------------------------------------------------------------------- failures
+class Drifting(nn.Module):
+    """Returns ``x * calls``: a Python counter the tracer bakes in, so ONNX disagrees with PyTorch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.conv(x) * self.calls
+
+
+class Histc(nn.Module):
+    def forward(self, x):
+        return x + torch.histc(x, bins=4).sum()
+
+
+def _existing(tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes(b"previous export")
+    return target
+
+
+def test_parity_failure_leaves_existing_file(tmp_path):
+    target = _existing(tmp_path)
+    with pytest.raises(ExportError, match="differ from PyTorch"):
+        export_onnx(Drifting(), target, torch.randn(2, 3, 8, 8))
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_unsupported_op_is_named(tmp_path):
+    target = _existing(tmp_path)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), Histc())
+    with pytest.raises(ExportError, match=r"histc.*module 1 \(Histc\)"):
+        export_onnx(model, target, torch.randn(2, 3, 8, 8))
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"]
+
+
+def test_input_too_small(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.ReLU(), nn.Conv2d(4, 4, 5))
+    with pytest.raises(ConfigError, match="too small"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 6, 6))
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(rtol=0.0), ConfigError),
+    (dict(exporter="tflite"), ConfigError),
+], ids=["zero-rtol", "unknown-exporter"])
+def test_bad_options(tmp_path, kwargs, error):
+    with pytest.raises(error):
+        export_onnx(nn.Conv2d(3, 4, 1), tmp_path / "m.onnx", torch.randn(1, 3, 4, 4), **kwargs)
+
+
+def test_unwritable_destination(tmp_path):
+    with pytest.raises(FileFormatError, match="does not exist"):
+        export_onnx(nn.Conv2d(3, 4, 1), tmp_path / "missing" / "m.onnx", torch.randn(1, 3, 4, 4))
+
+
+# --------------------------------------------------------------------------- TorchScript path, pairs, CLI
+def test_torchscript_static_export_is_lean_too(tmp_path):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1, groups=4), ChannelShuffle(4, 8),
+                          nn.Conv2d(32, 16, 1, groups=2), _bn(16), nn.ReLU())
+    result = export_onnx(model, tmp_path / "ts.onnx", torch.randn(2, 16, 8, 8), exporter="torchscript",
+                         dynamic_batch=False)
+    assert result.exporter == "torchscript" and result.batch_sizes_checked == (2,)
+    assert result.op_counts == {"Conv": 2, "Reshape": 2, "Transpose": 1, "Relu": 1}
+    assert result.rel_diff <= 1e-4
+
+
+def test_export_pair(tmp_path):
+    torch.manual_seed(3)
+    original = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    converted = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=2), ChannelShuffle(2, 8),
+                              nn.Conv2d(16, 8, 1, groups=2), nn.ReLU())
+    a, b = export_pair(original, converted, tmp_path, torch.randn(1, 8, 6, 6), exporter="torchscript")
+    assert (a.path.name, b.path.name) == ("original.onnx", "converted.onnx")
+    assert a.op_counts["Conv"] == 1 and b.op_counts["Conv"] == 2
+    assert a.rel_diff <= 1e-4 and b.rel_diff <= 1e-4
+
+
+FACTORY = textwrap.dedent("""
+    import torch
+    from torch import nn
+    from igc_convert.shuffle import ChannelShuffle
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, groups=1), nn.ReLU(),
+                             nn.Conv2d(8, 16, 3, padding=1, groups=2), ChannelShuffle(2, 8),
+                             nn.Conv2d(16, 8, 1, groups=2))
+""")
+
+
+def test_cli_export_with_original(tmp_path, monkeypatch, capsys):
+    from igc_convert import serialize
+    from igc_convert.cli import export as cli
+
+    (tmp_path / "igc_test_export_factory.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    origin = {"kind": "factory", "name": "igc_test_export_factory:make", "weights": None, "kwargs": {}}
+    from igc_convert.models import build_model_from_origin
+
+    serialize.save(tmp_path / "conv.safetensors", build_model_from_origin(origin), origin=origin, plan=[])
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args([str(tmp_path / "conv.safetensors"), "-o", str(tmp_path / "conv.onnx"),
+                              "--original", str(tmp_path / "orig.onnx"), "--input-size", "12", "10",
+                              "--static-batch", "--batch-size", "2", "--exporter", "torchscript"])
+    assert cli.run(args) == 0
+    out = capsys.readouterr().out
+    assert "converted:" in out and "original:" in out and "parity vs PyTorch" in out
+    assert "Transpose" in out and "simplified" in out
+    for name in ("conv.onnx", "orig.onnx"):
+        dims = [d.dim_value for d in onnx.load(str(tmp_path / name)).graph.input[0].type.tensor_type.shape.dim]
+        assert dims == [2, 3, 12, 10]
+
+
+def test_cli_input_channels():
+    from igc_convert.cli.export import input_channels
+
+    assert input_channels(nn.Sequential(nn.ReLU(), nn.Conv2d(5, 2, 1))) == 5
+    with pytest.raises(ConfigError, match="--channels"):
+        input_channels(nn.Sequential(nn.ReLU()))
