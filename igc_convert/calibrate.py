@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 #: ``N × C × H × W`` (floating point), or ``(images, labels, ...)`` tuples whose first item is one.
 BatchSource = Union[Sequence[Tensor], Iterable[Tensor], Callable[[], Iterable[Tensor]]]
 
+#: Gram matrices of patches longer than twice this are summed block by block, upper blocks only.
+_GRAM_BLOCK = 512
+
 #: Patches gathered per matmul in :func:`collect_input_stats` are bounded to this many elements
 #: (64 MiB of float32), whatever the batch size.
 _CHUNK_ELEMENTS = 1 << 24
@@ -112,8 +115,10 @@ class _Geometry:
     def to_unfold_order(self, m: Tensor) -> Tensor:
         """``n × n`` moment of gathered ``(ky, kx, c)`` patches → the same in unfold's ``(c, ky, kx)`` order."""
         (kh, kw), c = self.kernel_size, self.in_channels
-        # An axis permutation of both sides: one contiguous copy, much faster than m[π][:, π].
-        return m.reshape(kh, kw, c, kh, kw, c).permute(2, 0, 1, 5, 3, 4).reshape(self.size, self.size)
+        # An axis permutation of both sides: one contiguous copy (always a copy: callers modify it in
+        # place), much faster than m[π][:, π].
+        m = m.reshape(kh, kw, c, kh, kw, c).permute(2, 0, 1, 5, 3, 4)
+        return m.clone(memory_format=torch.contiguous_format).reshape(self.size, self.size)
 
 
 def _layer_generator(seed: int, name: str) -> torch.Generator:
@@ -152,11 +157,40 @@ def _hook_input(layer: str, geom: _Geometry, args: tuple, kwargs: dict) -> Tenso
     return x
 
 
-def _finish(geom: _Geometry, acc: Tensor, count: int, symmetric: bool) -> Tensor:
-    """Accumulated sum → mean, in unfold order, on the CPU; moments made exactly symmetric (the float32
-    products are only nearly so)."""
-    m = geom.to_unfold_order(acc.cpu()) / count
-    return (m + m.T).mul_(0.5) if symmetric else m
+class _Gram:
+    """Running sum of ``pᵀ p`` (float64) over row blocks of patches ``p``.
+
+    For long patches only the upper block triangle is computed (``Σ`` is symmetric): ~55% of the
+    flops of the full product for 4608-long patches, where this matmul is most of the cost.
+    """
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.n = n
+        self.block = n if n <= 2 * _GRAM_BLOCK else _GRAM_BLOCK
+        self.acc = torch.zeros(n, n, dtype=torch.float64, device=device)
+
+    def add(self, p: Tensor) -> None:
+        if self.block >= self.n:
+            self.acc += (p.T @ p).to(torch.float64)
+            return
+        for i in range(0, self.n, self.block):
+            j = i + self.block
+            self.acc[i:j, i:] += (p[:, i:j].T @ p[:, i:]).to(torch.float64)
+
+    def total(self) -> Tensor:
+        """The full sum, exactly symmetric (finished in place, block by block to stay in cache)."""
+        a, b = self.acc, self.block
+        for i in range(0, self.n, b):
+            d = a[i:i + b, i:i + b]
+            d.copy_((d + d.T).mul_(0.5))  # float32 products are only nearly symmetric
+            for j in range(i + b, self.n, b):
+                a[j:j + b, i:i + b] = a[i:i + b, j:j + b].T
+        return a
+
+
+def _finish(geom: _Geometry, acc: Tensor, count: int) -> Tensor:
+    """Accumulated sum → mean, in unfold order, on the CPU."""
+    return geom.to_unfold_order(acc.cpu()).div_(count)
 
 
 def _finite(t: Tensor) -> bool:
@@ -204,14 +238,15 @@ class _Modes:
     """Put modules in eval mode; restore every module's own ``training`` flag afterwards."""
 
     def __init__(self, *models: nn.Module) -> None:
+        self.models = models
         self.saved = [(m, m.training) for model in models for m in model.modules()]
 
     def __enter__(self) -> None:
-        for m, _ in self.saved:
-            m.training = False
+        for model in self.models:
+            model.eval()  # through train(False): modules that override train() get their say
 
     def __exit__(self, *exc: Any) -> None:
-        for m, mode in self.saved:
+        for m, mode in self.saved:  # the flags themselves: model.train(mode) would flatten mixed modes
             m.training = mode
 
 
@@ -288,7 +323,7 @@ class _LayerStats:
         self.geom = _Geometry.of(conv)
         self.k = max_positions
         self.gen = _layer_generator(seed, name)
-        self.acc: Tensor | None = None
+        self.gram: _Gram | None = None
         self.count = 0
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -296,21 +331,20 @@ class _LayerStats:
         img, oy, ox = _sample_positions(x.shape[0], self.geom.output_hw(x.shape[2], x.shape[3]), self.k, self.gen)
         xp = self.geom.pad_input(x)
         n = self.geom.size
-        if self.acc is None:
-            self.acc = torch.zeros(n, n, dtype=torch.float64, device=x.device)
+        if self.gram is None:
+            self.gram = _Gram(n, x.device)
         dtype = _matmul_dtype(x)
         step = max(1, _CHUNK_ELEMENTS // n)
         for start in range(0, len(img), step):
             sl = slice(start, start + step)
-            p = self.geom.gather(xp, img[sl], oy[sl], ox[sl]).to(dtype)
-            self.acc += (p.T @ p).to(torch.float64)
+            self.gram.add(self.geom.gather(xp, img[sl], oy[sl], ox[sl]).to(dtype))
         self.count += len(img)
 
     def result(self) -> Tensor:
-        if self.count == 0 or self.acc is None:
+        if self.count == 0 or self.gram is None:
             raise ConfigError("never ran during the model's forward pass (is it used by forward()?)",
                               layer=self.name)
-        sigma = _finish(self.geom, self.acc, self.count, symmetric=True)
+        sigma = _finish(self.geom, self.gram.total(), self.count)
         if not _finite(sigma):
             raise DataError("input statistics are not finite (activations overflowed; check the input scale)",
                             layer=self.name)
@@ -465,7 +499,8 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
     gen = _layer_generator(seed, layer)
     dev, dtype = _placement(original, device)
     n = geom.size
-    acc = {key: torch.zeros(n, n, dtype=torch.float64, device=dev) for key in ("actual", "cross", "original")}
+    actual, original_gram = _Gram(n, dev), _Gram(n, dev)
+    cross = torch.zeros(n, n, dtype=torch.float64, device=dev)
     count = 0
     converted_dtype = _placement(converted, dev)[1]
     with torch.no_grad(), _Modes(original, converted):
@@ -474,13 +509,13 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
             p = _capture(original, conv, x, orig)
             same = _Capture(layer, geom, orig.positions, gen, int(max_positions), orig.shape)
             pt = _capture(converted, target, x.to(converted_dtype), same).to(device=p.device, dtype=p.dtype)
-            acc["actual"] += (pt.T @ pt).to(torch.float64).to(dev)
-            acc["cross"] += (p.T @ pt).to(torch.float64).to(dev)
-            acc["original"] += (p.T @ p).to(torch.float64).to(dev)
+            actual.add(pt)
+            original_gram.add(p)
+            cross += (p.T @ pt).to(torch.float64)
             count += p.shape[0]
     result = {}
-    for key, a in acc.items():
-        m = _finish(geom, a, count, symmetric=key != "cross")
+    for key, a in (("actual", actual.total()), ("cross", cross), ("original", original_gram.total())):
+        m = _finish(geom, a, count)
         if not _finite(m):
             raise DataError("paired input statistics are not finite (activations overflowed)", layer=layer)
         result[key] = m

@@ -72,6 +72,23 @@ def test_sigma_predicts_conv_output_moments(kwargs):
     torch.testing.assert_close(w @ sigma @ w.T, y.T @ y / y.shape[0], rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("block", [7, None], ids=["blocks-of-7", "real-1080-long-patches"])
+def test_blocked_gram_for_long_patches(block, monkeypatch):
+    """Long patches sum only the upper block triangle of pᵀp; the mirrored result must be the full one."""
+    if block is not None:
+        monkeypatch.setattr(cal, "_GRAM_BLOCK", block)  # 2·7 < 18 = patch length: blocks of 7, 7, 4
+        conv, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(3, 2, 6, 5)
+    else:
+        conv, x = nn.Conv2d(120, 2, 3), torch.randn(2, 120, 5, 5)  # n = 1080 > 2·512
+    net = nn.Sequential(conv)
+    sigma = cal.collect_input_stats(net, ["0"], [x], max_positions=1000, progress=False)["0"]
+    expected = _brute_sigma(conv, [x])
+    torch.testing.assert_close(sigma, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    st = cal.collect_paired_stats(net, net, "0", [x], max_positions=1000, progress=False)
+    for m in (st.sigma_actual, st.sigma_original, st.cross):
+        torch.testing.assert_close(m, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
 def test_subsampled_sigma_is_close_and_seeded():
     net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
     torch.manual_seed(1)
@@ -351,3 +368,30 @@ def test_bn_row_weights():
         cal.bn_row_weights(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(3)), {"0": "1"})
     no_stats = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2, track_running_stats=False))
     assert cal.bn_row_weights(no_stats, {"0": "1"}) == {}
+
+
+def test_sequential_target_identity_holds_for_any_approximation():
+    """E‖W p − Ŵ p̃‖² − ‖(W' − Ŵ) R̃‖² is the same constant for every Ŵ (the fit's objective is exact)."""
+    torch.manual_seed(0)
+    original = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, padding=1))
+    converted = copy.deepcopy(original)
+    with torch.no_grad():
+        converted[0].weight.add_(0.3 * torch.randn_like(converted[0].weight))
+    x = torch.randn(6, 2, 8, 8)
+    st = cal.collect_paired_stats(original, converted, "2", [x], max_positions=10_000, progress=False)
+    with torch.no_grad():
+        p = _brute_patches(original[2], original[1](original[0](x)))
+        pt = _brute_patches(original[2], converted[1](converted[0](x)))
+    w = original[2].weight.detach().double().reshape(3, -1)
+    target, sigma = cal.sequential_target(original[2].weight, st, damping=1e-10)
+    r = torch.linalg.cholesky(sigma + 1e-10 * sigma.diagonal().mean() * torch.eye(36, dtype=torch.float64))
+    consts, scale = [], 0.0
+    for _ in range(3):
+        approx = torch.randn(3, 36, dtype=torch.float64)
+        direct = float(((p @ w.T - pt @ approx.T) ** 2).sum(1).mean())
+        whitened = float((((target.reshape(3, -1) - approx) @ r) ** 2).sum())
+        consts.append(direct - whitened)
+        scale = max(scale, direct)
+    # float32 products in the statistics: agreement to ~1e-6 of the terms' size
+    assert max(consts) - min(consts) < 1e-5 * scale, (consts, scale)
+    assert consts[0] >= -1e-9  # the constant is the irreducible error: never negative
