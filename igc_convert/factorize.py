@@ -204,8 +204,40 @@ def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups:
     the planner reads a whole error-versus-rank curve off one call.
     """
     obj, x, _ = _igcv1_whitened_tiles(weight, primary_groups, secondary_groups, sigma, row_weights, damping)
-    s = torch.linalg.svdvals(x)
-    return s, float((x**2).sum())
+    # Planning only needs the error curve: float32 Gram eigenvalues are ~4x faster and the tail
+    # energies they give are accurate far below the errors that matter (~1e-3).
+    x32 = x.to(torch.float32)
+    g = x32 @ x32.mT if x.shape[-2] <= x.shape[-1] else x32.mT @ x32
+    s2 = torch.linalg.eigvalsh(g).flip(-1).to(torch.float64)
+    return s2.clamp_min(0).sqrt(), float((x**2).sum())
+
+
+def _gram(x: Tensor) -> tuple[Tensor, Tensor, bool]:
+    """Eigen-decomposition of the smaller Gram matrix of (batched) ``x``: ``(s², vectors, left)``.
+
+    Descending order. LAPACK's SVD of a wide float64 matrix (512 × 4608 is common) is ~50x slower
+    than forming the 512 × 512 Gram matrix and calling ``eigh``; in float64 the squared singular
+    values lose nothing that matters for a truncation.
+    """
+    left = x.shape[-2] <= x.shape[-1]
+    g = x @ x.mT if left else x.mT @ x
+    evals, evecs = torch.linalg.eigh(g)
+    return evals.flip(-1), evecs.flip(-1), left
+
+
+def truncated_svd(x: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-``rank`` singular triplets ``(U, s, Vh)`` of (batched) ``x`` via the Gram matrix."""
+    s2, vecs, left = _gram(x)
+    s2, vecs = s2[..., :rank].clamp_min(0), vecs[..., :rank]
+    s = s2.sqrt()
+    inv = torch.where(s > s[..., :1] * 1e-12, 1 / s.clamp_min(1e-300), torch.zeros_like(s))
+    if left:
+        u = vecs
+        vh = (x.mT @ u * inv[..., None, :]).mT
+    else:
+        vh = vecs.mT
+        u = x @ vecs * inv[..., None, :]
+    return u, s, vh
 
 
 def _igcv1_whitened_tiles(weight, L, M, sigma, row_weights, damping):
@@ -246,10 +278,10 @@ def fit_igcv1(weight: Tensor, primary_groups: int, secondary_groups: int, rank: 
     if not 1 <= r <= rmax:
         raise ConfigError(f"IGCV1 rank must be in 1..{rmax} for this shape, got {r}")
     obj, x, rl = _igcv1_whitened_tiles(weight, L, M, sigma, row_weights, damping)
-    u, s, vh = torch.linalg.svd(x, full_matrices=False)
-    root = s[..., :r].sqrt()
-    q = u[..., :r] * root[..., None, :]          # (M, L, n_out, r)
-    p = root[..., :, None] * vh[..., :r, :]      # (M, L, r, n_in)
+    u, s, vh = truncated_svd(x, r)
+    root = s.sqrt()
+    q = u * root[..., None, :]                   # (M, L, n_out, r)
+    p = root[..., :, None] * vh                  # (M, L, r, n_in)
     if rl is not None:  # undo the whitening: P_l R_l^{-1}
         p = torch.linalg.solve_triangular(rl[None].expand(M, -1, -1, -1), p, upper=False, left=False)
     if obj.w is not None:

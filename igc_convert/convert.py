@@ -1,0 +1,378 @@
+"""The conversion pass: find the dense convs a model really calls, plan, fit, swap, and report.
+
+``convert`` works on a deep copy unless ``inplace=True``:
+
+1. **analyse** — ``torch.fx.symbolic_trace`` gives the convs actually called, in execution order, how
+   often each is called (a shared conv is converted once and stays shared) and the BatchNorm that
+   directly follows each one. Models FX cannot trace fall back to every ``Conv2d`` by qualified name
+   (module order); the result says which path was used and why.
+2. **calibrate** (optional) — second moments of every conv's input patches on calibration images.
+3. **plan** — candidate shapes per layer and a global budget allocated across layers (:mod:`.plan`).
+4. **fit and swap** — in execution order; in sequential mode each layer is fitted to reproduce the
+   original layer's outputs from the inputs it really receives in the partly converted model.
+
+The converted model keeps its class, attribute names and forward: only the conv submodules are
+replaced by blocks with the same in/out channels, stride, padding, dilation and bias, so nothing
+else in the network changes and the model saves and loads as ``origin + plan + state dict``.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import factorize as fz
+from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
+from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
+from .plan import Candidate, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target, allocate, candidates
+from .report import LayerRecord, Report
+
+log = logging.getLogger(__name__)
+
+BLOCK_CHOICES = ("igcv1", "igcv2", "igcv3", "auto")
+
+
+@dataclass
+class ConvSite:
+    """A conv found in the model."""
+
+    name: str
+    module: nn.Conv2d
+    calls: int = 1
+    batchnorm: str | None = None
+    input_hw: tuple[int, int] | None = None
+
+
+@dataclass
+class ConversionResult:
+    """The converted model, the plan that rebuilds its structure, and the per-layer report."""
+
+    model: nn.Module
+    plan: list[dict[str, Any]]
+    report: Report
+
+    @property
+    def records(self) -> list[LayerRecord]:
+        return self.report.records
+
+
+# ------------------------------------------------------------------------------------------ analyse
+def find_convs(model: nn.Module) -> tuple[list[ConvSite], str, str]:
+    """Convs of ``model`` in execution order, with the path used (``"fx"`` or ``"by-name"``) and why."""
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as err:  # FX raises many types (TraceError, TypeError, AssertionError, ...)
+        reason = f"torch.fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        sites = [ConvSite(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        return sites, "by-name", reason
+    sites: dict[str, ConvSite] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        mod = gm.get_submodule(node.target)
+        if not isinstance(mod, nn.Conv2d):
+            continue
+        site = sites.get(node.target)
+        if site is None:
+            site = sites[node.target] = ConvSite(node.target, model.get_submodule(node.target), calls=0)
+        site.calls += 1
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_module" and isinstance(
+                gm.get_submodule(users[0].target), nn.BatchNorm2d):
+            site.batchnorm = users[0].target if site.calls == 1 else None
+    return list(sites.values()), "fx", ""
+
+
+def _record_input_sizes(model: nn.Module, sites: Sequence[ConvSite], example: torch.Tensor) -> None:
+    """Run one forward to learn every conv's input size (and call count on the by-name path)."""
+    seen: dict[str, list[tuple[int, int]]] = {s.name: [] for s in sites}
+    handles = []
+    for s in sites:
+        handles.append(s.module.register_forward_pre_hook(
+            lambda m, args, name=s.name: seen[name].append(tuple(args[0].shape[-2:]))))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except IGCError:
+        raise
+    except Exception as err:
+        raise ModelError(f"the model failed on an input of shape {tuple(example.shape)}: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    for s in sites:
+        if seen[s.name]:
+            s.input_hw = seen[s.name][0]
+            s.calls = max(s.calls, len(seen[s.name])) if s.calls else len(seen[s.name])
+
+
+# ------------------------------------------------------------------------------------- calibration
+def calibration_batches(calibration: Any, *, batch_size: int = 32, limit: int | None = None) -> list[torch.Tensor]:
+    """Normalise calibration data to a list of float image batches ``N×C×H×W``.
+
+    Accepts a tensor, a sequence/iterable of tensors or ``(images, labels)`` pairs, a DataLoader, or a
+    map-style Dataset of images / ``(image, label)`` pairs. ``limit`` caps the number of images.
+    """
+    if isinstance(calibration, torch.Tensor):
+        items: Iterable[Any] = calibration.split(batch_size)
+    elif isinstance(calibration, torch.utils.data.Dataset) and hasattr(calibration, "__len__"):
+        items = torch.utils.data.DataLoader(calibration, batch_size=batch_size, shuffle=False)
+    else:
+        items = calibration
+    try:
+        iterator = iter(items)
+    except TypeError as err:
+        raise DataError(f"calibration data of type {type(calibration).__name__} is not iterable") from err
+    out: list[torch.Tensor] = []
+    count = 0
+    for item in iterator:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, torch.Tensor):
+            raise DataError(f"calibration items must be tensors, got {type(x).__name__}")
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or not x.is_floating_point():
+            raise DataError(f"calibration batches must be float N×C×H×W tensors, got shape {tuple(x.shape)} "
+                            f"and dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise DataError("calibration images contain NaN or Inf")
+        if limit is not None and count + len(x) > limit:
+            x = x[: limit - count]
+        out.append(x)
+        count += len(x)
+        if limit is not None and count >= limit:
+            break
+    if not out or count == 0:
+        raise DataError("calibration data is empty")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, module)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]]) -> nn.Module:
+    """Swap the convs named in ``plan`` for blocks of the recorded shapes (structure only, in place).
+
+    Used to rebuild a saved converted model before loading its weights.
+    """
+    for entry in plan:
+        try:
+            name, kind, shape = entry["name"], entry["block"], entry["shape"]
+        except (KeyError, TypeError) as err:
+            raise ConfigError(f"malformed plan entry {entry!r}") from err
+        try:
+            conv = model.get_submodule(name)
+        except AttributeError as err:
+            raise ConfigError(f"plan names layer {name!r}, which the model does not have") from err
+        if not isinstance(conv, nn.Conv2d):
+            raise ConfigError(f"plan names layer {name!r}, which is a {type(conv).__name__}, not a Conv2d")
+        _set_submodule(model, name, make_block(kind, conv, shape, fit=False, name=name))
+    return model
+
+
+def _describe(target: Target) -> str:
+    if isinstance(target, ParamsRatio):
+        return f"params <= {target.ratio:g}x"
+    if isinstance(target, MacsRatio):
+        return f"MACs <= {target.ratio:g}x"
+    return f"layer error <= {target.error:g}"
+
+
+def _quadratic(weight: torch.Tensor, sigma: torch.Tensor) -> float:
+    m = weight.reshape(weight.shape[0], -1).to(torch.float64)
+    return float(((m @ sigma) * m).sum())
+
+
+# ------------------------------------------------------------------------------------------ convert
+def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_inputs: torch.Tensor | None = None,
+            calibration: Any = None, calibration_samples: int | None = 256, exclude: Sequence[str] = (),
+            include: Sequence[str] | None = None, inplace: bool = False, sequential: bool = True,
+            damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
+            plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
+            model_name: str = "") -> ConversionResult:
+    """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
+
+    ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
+    ``sequential`` then fits each layer against the inputs it really gets after upstream layers were
+    converted. ``exclude``/``include`` are glob patterns over qualified layer names.
+
+    Example::
+
+        >>> net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        >>> result = convert(net, ParamsRatio(0.5), progress=False)
+        >>> result.report.totals()["params_ratio"] <= 0.5
+        True
+    """
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
+    if not isinstance(target, (ParamsRatio, MacsRatio, MaxError)):
+        raise ConfigError(f"target must be ParamsRatio, MacsRatio or MaxError, got {target!r}")
+    if block not in BLOCK_CHOICES:
+        raise ConfigError(f"unknown block kind {block!r}; choose from {', '.join(BLOCK_CHOICES)}")
+    kinds = list(BLOCKS) if block == "auto" else [block]
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    if isinstance(include, str):
+        include = (include,)
+
+    original = model
+    for name, p in original.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise ModelError(f"parameter {name!r} contains NaN or Inf")
+    sites, path, path_reason = find_convs(original)
+    if not sites:
+        raise ModelError("the model has no Conv2d layers to convert")
+    batches = None
+    if calibration is not None:
+        batches = calibration_batches(calibration, limit=calibration_samples)
+    example = example_inputs if example_inputs is not None else (batches[0][:1] if batches else None)
+    if example is not None:
+        if not isinstance(example, torch.Tensor) or example.dim() != 4:
+            raise DataError(f"example inputs must be an N×C×H×W tensor, got "
+                            f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+        _record_input_sizes(original, sites, example)
+    if isinstance(target, MacsRatio) and example is None:
+        raise ConfigError("a MACs target needs example inputs (or calibration images) to know the input size")
+
+    # eligibility
+    eligible: list[ConvSite] = []
+    reasons: dict[str, str] = {}
+    for s in sites:
+        try:
+            check_convertible(s.module, s.name)
+        except UnsupportedLayerError as err:
+            reasons[s.name] = str(err).split(": ", 1)[-1]
+            continue
+        if include is not None and not _matches(s.name, include):
+            reasons[s.name] = "not in --include"
+        elif exclude and _matches(s.name, exclude):
+            reasons[s.name] = "excluded"
+        elif example is not None and s.input_hw is None:
+            reasons[s.name] = "not called in forward"
+        else:
+            eligible.append(s)
+
+    # statistics
+    sigmas: dict[str, torch.Tensor] = {}
+    row_weights: dict[str, torch.Tensor] = {}
+    if batches is not None and eligible:
+        from . import calibrate
+
+        sigmas = calibrate.collect_input_stats(original, [s.name for s in eligible], batches,
+                                               max_positions=max_positions, seed=seed, progress=progress)
+        bn_map = {s.name: s.batchnorm for s in eligible if s.batchnorm}
+        row_weights = calibrate.bn_row_weights(original, bn_map) if bn_map else {}
+
+    # plan
+    specs = [LayerSpec(s.name, s.module.weight.detach().to(torch.float64), s.module.bias is not None,
+                       s.module.stride, s.module.padding, s.module.dilation, s.input_hw,
+                       sigmas.get(s.name), row_weights.get(s.name)) for s in eligible]
+    per_layer = []
+    for spec in tqdm(specs, desc="planning", unit="layer", disable=not progress or len(specs) < 2, leave=False):
+        try:
+            per_layer.append(candidates(spec, kinds, max_groups=max_groups, fit_iters=plan_iters, damping=damping))
+        except IGCError as err:
+            raise err.in_layer(spec.name)
+    metric = "macs" if isinstance(target, MacsRatio) else "params"
+    fixed = 0.0
+    dense_total = 0.0
+    for s in sites:
+        p = s.module.weight.numel() + (s.module.bias.numel() if s.module.bias is not None else 0)
+        cost = p if metric == "params" else _site_macs(s)
+        dense_total += cost
+        if s.name in reasons:
+            fixed += cost
+    chosen = allocate(per_layer, target, fixed_cost=fixed, dense_total=dense_total) if per_layer else []
+
+    # fit and swap, in execution order
+    converted = original if inplace else copy.deepcopy(original)
+    reference = copy.deepcopy(original) if inplace and sequential and batches is not None else original
+    plan: list[dict[str, Any]] = []
+    records: dict[str, LayerRecord] = {}
+    todo = [(s, spec, c) for s, spec, c in zip(eligible, specs, chosen) if c.kind != "dense"]
+    for s, spec, c in zip(eligible, specs, chosen):
+        if c.kind == "dense":
+            reasons[s.name] = ("no block is cheaper than the dense conv" if len(per_layer[specs.index(spec)]) == 1
+                               else "kept dense by the planner")
+    bar = tqdm(todo, desc="fitting", unit="layer", disable=not progress)
+    for s, spec, c in bar:
+        bar.set_postfix_str(s.name)
+        w = spec.weight
+        sigma_fit, target_w, paired = spec.sigma, w, None
+        if batches is not None and sequential and s.calls == 1:
+            from . import calibrate
+
+            paired = calibrate.collect_paired_stats(reference, converted, s.name, batches,
+                                                    max_positions=max_positions, seed=seed)
+            target_w, sigma_fit = calibrate.sequential_target(w, paired, damping=damping)
+        kwargs = {} if c.kind == "igcv1" else dict(max_iter=fit_iters)
+        try:
+            fit = BLOCKS[c.kind].fit(target_w, sigma=sigma_fit, row_weights=spec.row_weights, damping=damping,
+                                     **c.shape, **kwargs)
+        except IGCError as err:
+            raise err.in_layer(s.name)
+        conv = converted.get_submodule(s.name)
+        new = make_block(c.kind, conv, c.shape, fit=False, name=s.name)
+        new.load_factors(fit.factors, None if conv.bias is None else conv.bias.detach())
+        _set_submodule(converted, s.name, new)
+        approx = new.dense_weight().detach().to(torch.float64)
+        rec = _record(s, new, c.kind, c.shape)
+        rec.weight_error = fz.relative_error(w, approx)
+        if paired is not None:
+            ref = _quadratic(w, paired.sigma_original)
+            cross = float(((w.reshape(w.shape[0], -1) @ paired.cross) * approx.reshape(w.shape[0], -1)).sum())
+            err2 = ref - 2 * cross + _quadratic(approx, paired.sigma_actual)
+            rec.output_error = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
+        elif spec.sigma is not None:
+            ref = _quadratic(w, spec.sigma)
+            rec.output_error = math.sqrt(max(_quadratic(w - approx, spec.sigma), 0.0) / ref) if ref > 0 else 0.0
+        records[s.name] = rec
+        plan.append(dict(name=s.name, block=c.kind, shape=c.shape))
+    for s in sites:
+        if s.name not in records:
+            records[s.name] = _record(s, None, "dense", {}, reasons.get(s.name, "kept dense"))
+    mode = "weight" if batches is None else ("data-aware, sequential" if sequential else "data-aware")
+    report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)
+    log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
+    return ConversionResult(converted, plan, report)
+
+
+def _site_macs(site: ConvSite) -> float:
+    if site.input_hw is None:
+        raise ConfigError(f"cannot count MACs of {site.name!r}: it was not called on the example input")
+    m = site.module
+    out_hw = conv_output_hw(site.input_hw, m.kernel_size, m.stride, m.padding, m.dilation)
+    return conv_macs(m.in_channels, m.out_channels, m.kernel_size, m.groups, out_hw) * site.calls
+
+
+def _record(site: ConvSite, block: IGCBlock | None, kind: str, shape: dict, reason: str = "") -> LayerRecord:
+    m = site.module
+    params = m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
+    macs = None
+    if site.input_hw is not None:
+        macs = _site_macs(site)
+    rec = LayerRecord(site.name, tuple(m.kernel_size), m.in_channels, m.out_channels, tuple(m.stride), kind,
+                      dict(shape), reason, params, params, macs, macs, calls=site.calls)
+    if block is not None:
+        rec.params_after = block.num_params()
+        rec.macs_after = block.macs(site.input_hw) * site.calls if site.input_hw is not None else None
+    return rec

@@ -1,0 +1,318 @@
+"""Choosing block shapes: candidates per layer, and a global budget allocated across layers.
+
+Each convertible conv gets a list of :class:`Candidate` shapes — always including staying dense —
+with their parameter count, MACs and (estimated) relative error. A global target is met by a greedy
+walk down the lower convex hulls of every layer's (cost, error²) curve, steepest error reduction per
+unit of cost first: the classic Lagrangian allocation, which gives cheap-to-approximate layers less
+budget and sensitive ones more, instead of one ratio for every layer.
+
+The IGCV1 error curve over all ranks comes from one SVD per (L, M) (Eckart–Young), so IGCV1 plans
+cost seconds. IGCV2/IGCV3 have no closed form: their candidates are scored by short fits.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from . import factorize as fz
+from .blocks import conv_output_hw
+from .errors import ConfigError
+
+Tensor = torch.Tensor
+
+
+# ------------------------------------------------------------------------------------------ targets
+@dataclass(frozen=True)
+class ParamsRatio:
+    """Total conv parameters at most ``ratio`` × the original's."""
+
+    ratio: float
+
+    def __post_init__(self):
+        _check_ratio(self.ratio, "params ratio")
+
+
+@dataclass(frozen=True)
+class MacsRatio:
+    """Total conv MACs at most ``ratio`` × the original's (needs an input size)."""
+
+    ratio: float
+
+    def __post_init__(self):
+        _check_ratio(self.ratio, "MACs ratio")
+
+
+@dataclass(frozen=True)
+class MaxError:
+    """Every converted layer's relative error at most ``error``; each layer takes its cheapest such shape."""
+
+    error: float
+
+    def __post_init__(self):
+        if not (isinstance(self.error, (int, float)) and math.isfinite(self.error) and 0 < self.error < 1):
+            raise ConfigError(f"max error must be in (0, 1), got {self.error!r}")
+
+
+Target = ParamsRatio | MacsRatio | MaxError
+
+
+def _check_ratio(ratio: float, what: str) -> None:
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
+        raise ConfigError(f"{what} must be in (0, 1], got {ratio!r}")
+
+
+# --------------------------------------------------------------------------------------- candidates
+@dataclass(frozen=True)
+class Candidate:
+    """One way to realise a layer: ``kind`` is ``"dense"`` or a block kind; ``error`` is relative."""
+
+    kind: str
+    shape: dict[str, Any] = field(default_factory=dict)
+    params: int = 0
+    macs: int | None = None
+    error: float = 0.0
+
+    def cost(self, metric: str) -> float:
+        value = self.params if metric == "params" else self.macs
+        if value is None:
+            raise ConfigError("a MACs target needs an input size (example inputs)")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What the planner needs to know about one conv."""
+
+    name: str
+    weight: Tensor
+    has_bias: bool
+    stride: tuple[int, int]
+    padding: Any
+    dilation: tuple[int, int]
+    input_hw: tuple[int, int] | None = None
+    sigma: Tensor | None = None
+    row_weights: Tensor | None = None
+
+    @property
+    def c_out(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def c_in(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def taps(self) -> int:
+        return self.weight.shape[2] * self.weight.shape[3]
+
+    @property
+    def output_hw(self) -> tuple[int, int] | None:
+        if self.input_hw is None:
+            return None
+        return conv_output_hw(self.input_hw, tuple(self.weight.shape[2:]), self.stride, self.padding, self.dilation)
+
+    def dense(self) -> Candidate:
+        return Candidate("dense", {}, self.weight.numel() + self.c_out * self.has_bias, self._macs(self.weight.numel()), 0.0)
+
+    def _macs(self, per_position: int) -> int | None:
+        hw = self.output_hw
+        return None if hw is None else per_position * hw[0] * hw[1]
+
+
+def _fast_groups(channels: int, max_groups: int) -> list[int]:
+    """Group counts dividing ``channels``, preferring ≥8 channels per group in multiples of 8."""
+    out = [1]
+    g = 2
+    while g <= max_groups:
+        per = channels // g
+        if channels % g == 0 and per >= 8 and per % 8 == 0:
+            out.append(g)
+        g *= 2
+    return out
+
+
+def igcv1_candidates(layer: LayerSpec, *, max_groups: int = 4, damping: float = fz.DEFAULT_DAMPING) -> list[Candidate]:
+    """All IGCV1 shapes cheaper than the dense conv, each scored by its closed-form error."""
+    dense = layer.dense()
+    out = []
+    for L in _fast_groups(layer.c_in, max_groups):
+        for M in _fast_groups(layer.c_out, max_groups):
+            per_rank = M * layer.c_in * layer.taps + L * layer.c_out
+            rmax = min(layer.c_out // M, layer.c_in // L * layer.taps)
+            if rmax < 1:
+                continue
+            s, _ = fz.igcv1_singular_values(layer.weight, L, M, layer.sigma, layer.row_weights, damping)
+            energy = s.pow(2)
+            total = float(energy.sum()) or 1.0
+            # tail[r] = discarded energy at rank r (sum over all tiles of s_k², k >= r)
+            tail = energy.sum(dim=(0, 1)).flip(0).cumsum(0).flip(0)
+            step = 1 if rmax <= 32 else max(8 // math.gcd(8, L), 8 // math.gcd(8, M))
+            for r in range(step, rmax + 1, step):
+                params = r * per_rank + layer.c_out * layer.has_bias
+                if params >= dense.params:
+                    break
+                err2 = float(tail[r]) / total if r < len(tail) else 0.0
+                out.append(Candidate("igcv1", dict(primary_groups=L, secondary_groups=M, rank=r), params,
+                                     layer._macs(r * per_rank), math.sqrt(max(err2, 0.0))))
+    return out
+
+
+def igcv2_shapes(layer: LayerSpec, *, max_groups: int = 4) -> list[dict[str, Any]]:
+    shapes = []
+    for c_mid in {layer.c_in // 4, layer.c_in // 2, layer.c_in, 2 * layer.c_in}:
+        if c_mid < 4:
+            continue
+        k1 = 2 ** round(math.log2(math.sqrt(c_mid)))
+        while k1 > 1 and (c_mid % k1 or layer.c_out % k1):
+            k1 //= 2
+        if k1 < 2 or c_mid // k1 < 2:
+            continue
+        for L in _fast_groups(layer.c_in, max_groups):
+            if c_mid % L == 0:
+                shapes.append(dict(primary_groups=L, factors=[k1, c_mid // k1]))
+    return shapes
+
+
+def igcv3_shapes(layer: LayerSpec, ratios: Sequence[float] = (0.05, 0.1, 0.2, 0.35, 0.5, 0.7)) -> list[dict[str, Any]]:
+    shapes = []
+    dense = layer.weight.numel()
+    for g in (1, 2):
+        if layer.c_in % g or layer.c_out % g:
+            continue
+        per_mid = layer.c_in // g + layer.taps + layer.c_out // g
+        seen = set()
+        for ratio in ratios:
+            unit = g * g * (8 if ratio * dense / per_mid >= 16 * g * g else 1)
+            c_int = max(unit, int(round(ratio * dense / per_mid / unit)) * unit)
+            if c_int not in seen:
+                seen.add(c_int)
+                shapes.append(dict(expand_groups=g, reduce_groups=g, mid_channels=c_int))
+    return shapes
+
+
+def fitted_candidates(layer: LayerSpec, kind: str, shapes: Sequence[dict[str, Any]], *, max_iter: int = 15,
+                      damping: float = fz.DEFAULT_DAMPING) -> list[Candidate]:
+    """Score IGCV2/IGCV3 shapes by a short fit (these blocks have no closed-form error)."""
+    from .blocks import BLOCKS
+
+    cls = BLOCKS[kind]
+    dense = layer.dense()
+    out = []
+    for shape in shapes:
+        block = cls(layer.c_in, layer.c_out, tuple(layer.weight.shape[2:]), layer.stride, layer.padding,
+                    layer.dilation, layer.has_bias, device="meta", **shape)
+        params = block.num_params()
+        if params >= dense.params:
+            continue
+        macs = block.macs(layer.input_hw) if layer.input_hw is not None else None
+        fit = cls.fit(layer.weight, sigma=layer.sigma, row_weights=layer.row_weights, damping=damping,
+                      max_iter=max_iter, **shape)
+        out.append(Candidate(kind, dict(shape), params, macs, fit.error))
+    return out
+
+
+def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, fit_iters: int = 15,
+               damping: float = fz.DEFAULT_DAMPING) -> list[Candidate]:
+    """Every candidate of the given block kinds for ``layer``, plus staying dense."""
+    out = [layer.dense()]
+    for kind in kinds:
+        if kind == "igcv1":
+            out += igcv1_candidates(layer, max_groups=max_groups, damping=damping)
+        elif kind == "igcv2":
+            out += fitted_candidates(layer, kind, igcv2_shapes(layer, max_groups=max_groups), max_iter=fit_iters,
+                                     damping=damping)
+        elif kind == "igcv3":
+            out += fitted_candidates(layer, kind, igcv3_shapes(layer), max_iter=fit_iters, damping=damping)
+        else:
+            raise ConfigError(f"unknown block kind {kind!r}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ allocate
+def lower_hull(cands: Sequence[Candidate], metric: str) -> list[Candidate]:
+    """Pareto front of (cost, error²), then its lower convex hull, ordered by increasing cost."""
+    pts = sorted(cands, key=lambda c: (c.cost(metric), c.error))
+    front: list[Candidate] = []
+    for c in pts:
+        if not front or c.error < front[-1].error - 1e-15:
+            front.append(c)
+    hull: list[Candidate] = []
+    for c in front:
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # drop b if it lies above the segment a -> c (not convex)
+            cross = ((b.cost(metric) - a.cost(metric)) * (c.error**2 - a.error**2)
+                     - (b.error**2 - a.error**2) * (c.cost(metric) - a.cost(metric)))
+            if cross <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(c)
+    return hull
+
+
+def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_cost: float = 0.0,
+             dense_total: float | None = None) -> list[Candidate]:
+    """Pick one candidate per layer to meet ``target`` with the least total squared relative error.
+
+    ``fixed_cost`` is the cost of convs that stay dense whatever happens (not convertible);
+    ``dense_total`` the original model's total (defaults to fixed + every layer's dense cost).
+    """
+    if isinstance(target, MaxError):
+        chosen = []
+        for cands in per_layer:
+            ok = [c for c in cands if c.error <= target.error]
+            chosen.append(min(ok, key=lambda c: (c.params, c.error)))
+        return chosen
+    metric = "params" if isinstance(target, ParamsRatio) else "macs"
+    dense = [next(c for c in cands if c.kind == "dense") for cands in per_layer]
+    if dense_total is None:
+        dense_total = fixed_cost + sum(d.cost(metric) for d in dense)
+    budget = target.ratio * dense_total
+    hulls = [lower_hull(c, metric) for c in per_layer]
+    pos = [0] * len(hulls)
+    spent = fixed_cost + sum(h[0].cost(metric) for h in hulls)
+    if spent > budget * (1 + 1e-12):
+        raise ConfigError(f"{metric} ratio {target.ratio:g} is not reachable: the smallest shapes give "
+                          f"{spent / dense_total:.3f} (convs that cannot be converted keep their size)")
+    if target.ratio >= 1:
+        return [d for d in dense]
+
+    def step(i: int):
+        h, p = hulls[i], pos[i]
+        if p + 1 >= len(h):
+            return None
+        dc = h[p + 1].cost(metric) - h[p].cost(metric)
+        de = h[p].error**2 - h[p + 1].error**2
+        return (-de / max(dc, 1e-12), i)
+
+    heap = [s for s in (step(i) for i in range(len(hulls))) if s is not None]
+    heapq.heapify(heap)
+    while heap:
+        _, i = heapq.heappop(heap)
+        h, p = hulls[i], pos[i]
+        dc = h[p + 1].cost(metric) - h[p].cost(metric)
+        if spent + dc > budget * (1 + 1e-12):
+            # this upgrade does not fit; a smaller later one of another layer still may
+            continue
+        spent += dc
+        pos[i] += 1
+        nxt = step(i)
+        if nxt is not None:
+            heapq.heappush(heap, nxt)
+    return [h[p] for h, p in zip(hulls, pos)]
+
+
+def uniform(per_layer: Sequence[Sequence[Candidate]], ratio: float, metric: str = "params") -> list[Candidate]:
+    """Baseline: every layer at (at most) the same ratio of its own cost, best error under it."""
+    out = []
+    for cands in per_layer:
+        dense = next(c for c in cands if c.kind == "dense")
+        ok = [c for c in cands if c.cost(metric) <= ratio * dense.cost(metric)]
+        out.append(min(ok, key=lambda c: c.error) if ok else min(cands, key=lambda c: c.cost(metric)))
+    return out
