@@ -214,7 +214,8 @@ def _input_spec(model: onnx.ModelProto, path: Any) -> tuple[str, list[int | None
         raise ConfigError(f"{path}: expected one input, found {len(inputs)} ({[i.name for i in inputs]})")
     tt = inputs[0].type.tensor_type
     if tt.elem_type not in _NP_DTYPES:
-        raise ConfigError(f"{path}: input element type {onnx.TensorProto.DataType.Name(tt.elem_type)} is not a float type")
+        kind = onnx.TensorProto.DataType.Name(tt.elem_type)
+        raise ConfigError(f"{path}: input element type {kind} is not a float type")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
     if len(dims) < 2:
         raise ConfigError(f"{path}: input rank {len(dims)}; expected (batch, channels, ...)")

@@ -34,7 +34,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -42,7 +42,7 @@ import onnx_ir as ir
 import torch
 from torch import nn
 
-from .errors import ConfigError, ExportError, ModelError
+from .errors import ConfigError, ExportError, IGCError, ModelError
 from .files import atomic_write, check_writable
 
 logger = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
     proto = ir.to_proto(raw)
     try:
         onnx.checker.check_model(proto)
-    except onnx.checker.ValidationError as err:
+    except (onnx.checker.ValidationError, ValueError) as err:  # ValueError: over protobuf's 2 GiB
         raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
     logger.info("ONNX nodes (%s exporter): %s", used, format_op_counts(stats.before, stats.after, one_line=True))
     info = ExportInfo(exporter=used, stats=stats, batch_sizes=tuple(int(t.shape[0]) for t in inputs),
@@ -233,7 +233,9 @@ def parity(proto: onnx.ModelProto, inputs: Sequence[np.ndarray], references: Seq
         try:
             outs = sess.run(None, {name: x})
         except Exception as err:
-            raise ExportError(f"onnxruntime fails on an input of shape {list(x.shape)}: {err}") from err
+            hint = ("; the model may not allow a dynamic batch: export with dynamic_batch=False (--static-batch)"
+                    if x is not inputs[0] else "")
+            raise ExportError(f"onnxruntime fails on an input of shape {list(x.shape)}: {err}{hint}") from err
         if len(outs) != len(ref):
             raise ExportError(f"the ONNX graph has {len(outs)} outputs, PyTorch returned {len(ref)}")
         for a, b in zip(ref, outs):
@@ -315,12 +317,15 @@ def _forward(model: nn.Module, x: torch.Tensor) -> Any:
     try:
         with torch.no_grad():
             return model(x)
-    except RuntimeError as err:
-        if _TOO_SMALL.search(str(err)):
-            raise ConfigError(f"input size {list(x.shape)} is too small for this network (PyTorch: "
-                              f"{str(err).splitlines()[0]}); use a larger input size") from err
+    except IGCError:
+        raise
+    except Exception as err:  # user model code can raise anything; say what input it failed on
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        if isinstance(err, RuntimeError) and _TOO_SMALL.search(str(err)):
+            raise ConfigError(f"input size {list(x.shape)} is too small for this network (PyTorch: {first}); "
+                              "use a larger input size") from err
         raise ModelError(f"the model's forward fails on an input of shape {list(x.shape)}: "
-                         f"{str(err).splitlines()[0]}") from err
+                         f"{type(err).__name__}: {first}") from err
 
 
 def _reference(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, ...]:

@@ -153,7 +153,10 @@ def test_cache_key_separates_threads_shapes_and_keys(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench, "median_latencies", fake)
     conv = nn.Conv2d(4, 4, 1)
-    measure = lambda **kw: measure_module_latency(conv, kw.pop("shape", (1, 4, 4, 4)), cache_dir=tmp_path, **kw)  # noqa: E731
+
+    def measure(shape=(1, 4, 4, 4), **kw):
+        return measure_module_latency(conv, shape, cache_dir=tmp_path, **kw)
+
     assert measure(threads=1) == pytest.approx(0.001)
     assert measure(threads=2) == pytest.approx(0.002)
     assert measure(threads=1, shape=(1, 4, 6, 6)) == pytest.approx(0.003)

@@ -102,12 +102,11 @@ def test_grouped_shuffle_is_the_index_permutation(grouped):
     _, _, result = grouped
     proto = onnx.load(str(result.path))
     nodes = [n for n in proto.graph.node if n.op_type in ("Reshape", "Transpose")]
-    shapes = [numpy_helper.to_array(t) for t in proto.graph.initializer
-              if t.name in {n.input[1] for n in nodes if n.op_type == "Reshape"}]
+    shape_names = {n.input[1] for n in nodes if n.op_type == "Reshape"}
+    shapes = [t for t in proto.graph.initializer if t.name in shape_names]
     graph = helper.make_graph(
         nodes, "shuffle", [helper.make_tensor_value_info(nodes[0].input[0], TensorProto.FLOAT, ["n", 32, 8, 8])],
-        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(s, name) for s, name in zip(shapes, [n.input[1] for n in nodes if n.op_type == "Reshape"])])
+        [helper.make_tensor_value_info(nodes[-1].output[0], TensorProto.FLOAT, None)], shapes)
     alone = helper.make_model(graph, opset_imports=proto.opset_import)
     x = torch.randn(3, 32, 8, 8)
     np.testing.assert_array_equal(_ort(alone, x), x[:, shuffle_permutation(32, 4, 8)].numpy())
@@ -175,26 +174,32 @@ def _case(name):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 8, 1, 1)).astype(np.float32)
     shuffle, consts = _shuffle_nodes("x", "p")
+    conv = lambda src: helper.make_node("Conv", [src, "w"], ["y"])  # noqa: E731
     if name == "shuffle-then-dense-conv":
-        return _graph([*shuffle, helper.make_node("Conv", ["p", "w"], ["y"])], {**consts, "w": w}), 1
+        return _graph([*shuffle, conv("p")], {**consts, "w": w}), 1
+    if name == "5d-shufflenet-style-then-dense-conv":  # view(N, g, C/g, H, W).transpose(1, 2).view(N, C, H, W)
+        return _graph([helper.make_node("Reshape", ["x", "s5"], ["r"]),
+                       helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1, 3, 4]),
+                       helper.make_node("Reshape", ["t", "s2"], ["p"]), conv("p")],
+                      {"s5": np.array([-1, 2, 4, 4, 4], np.int64), "s2": consts["s2"], "w": w}), 1
     if name == "spatial-transpose-untouched":  # shape-preserving, but not a channel permutation
         return _graph([helper.make_node("Transpose", ["x"], ["t"], perm=[0, 1, 3, 2]),
-                       helper.make_node("Reshape", ["t", "s2"], ["r"]), helper.make_node("Conv", ["r", "w"], ["y"])],
+                       helper.make_node("Reshape", ["t", "s2"], ["r"]), conv("r")],
                       {"s2": consts["s2"], "w": w}), 0
     if name == "two-consumers-untouched":
-        return _graph([*shuffle, helper.make_node("Conv", ["p", "w"], ["c"]), helper.make_node("Add", ["c", "p"], ["y"])],
-                      {**consts, "w": w}), 0
+        return _graph([*shuffle, helper.make_node("Conv", ["p", "w"], ["c"]),
+                       helper.make_node("Add", ["c", "p"], ["y"])], {**consts, "w": w}), 0
     if name == "residual-add-untouched":  # Add of two tensors is not per-channel-constant
-        return _graph([*shuffle, helper.make_node("Add", ["p", "x"], ["a"]), helper.make_node("Conv", ["a", "w"], ["y"])],
-                      {**consts, "w": w}), 0
+        return _graph([*shuffle, helper.make_node("Add", ["p", "x"], ["a"]), conv("a")], {**consts, "w": w}), 0
     if name == "mul-by-channel-constant-then-conv":
         scale = rng.standard_normal((8, 1, 1)).astype(np.float32)
-        return _graph([*shuffle, helper.make_node("Mul", ["p", "k"], ["m"]), helper.make_node("Conv", ["m", "w"], ["y"])],
+        return _graph([*shuffle, helper.make_node("Mul", ["p", "k"], ["m"]), conv("m")],
                       {**consts, "k": scale, "w": w}), 1
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["shuffle-then-dense-conv", "spatial-transpose-untouched", "two-consumers-untouched",
+@pytest.mark.parametrize("name", ["shuffle-then-dense-conv", "5d-shufflenet-style-then-dense-conv",
+                                  "spatial-transpose-untouched", "two-consumers-untouched",
                                   "residual-add-untouched", "mul-by-channel-constant-then-conv"])
 def test_fold_pass_on_hand_made_graphs(name):
     proto, expected = _case(name)
