@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 from .blocks import IGCV1, IGCV2, IGCV3, IGCBlock  # noqa: E402
 from .convert import ConversionResult, apply_plan, convert  # noqa: E402
 from .errors import IGCError  # noqa: E402
-from .plan import MacsRatio, MaxError, ParamsRatio  # noqa: E402
+from .plan import LatencyRatio, MacsRatio, MaxError, ParamsRatio  # noqa: E402
 
 __all__ = ["IGCV1", "IGCV2", "IGCV3", "IGCBlock", "ConversionResult", "apply_plan", "convert", "IGCError",
-           "MacsRatio", "MaxError", "ParamsRatio", "__version__"]
+           "LatencyRatio", "MacsRatio", "MaxError", "ParamsRatio", "__version__"]

@@ -32,7 +32,8 @@ from tqdm.auto import tqdm
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
-from .plan import Candidate, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target, allocate, candidates
+from .plan import (TARGET_METRIC, Candidate, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
+                   allocate, candidates)
 from .report import LayerRecord, Report
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,11 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]]) -> nn.Module:
-    """Swap the convs named in ``plan`` for blocks of the recorded shapes (structure only, in place).
+def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = False) -> nn.Module:
+    """Swap the convs named in ``plan`` for blocks of the recorded shapes, in place.
 
-    Used to rebuild a saved converted model before loading its weights.
+    Structure only by default (used to rebuild a saved converted model before loading its weights);
+    ``fit=True`` also fits each block to the conv it replaces (weight space).
     """
     for entry in plan:
         try:
@@ -185,7 +187,7 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]]) -> nn.Module:
             raise ConfigError(f"plan names layer {name!r}, which the model does not have") from err
         if not isinstance(conv, nn.Conv2d):
             raise ConfigError(f"plan names layer {name!r}, which is a {type(conv).__name__}, not a Conv2d")
-        _set_submodule(model, name, make_block(kind, conv, shape, fit=False, name=name))
+        _set_submodule(model, name, make_block(kind, conv, shape, fit=fit, name=name))
     return model
 
 
@@ -194,6 +196,8 @@ def _describe(target: Target) -> str:
         return f"params <= {target.ratio:g}x"
     if isinstance(target, MacsRatio):
         return f"MACs <= {target.ratio:g}x"
+    if isinstance(target, LatencyRatio):
+        return f"latency <= {target.ratio:g}x"
     return f"layer error <= {target.error:g}"
 
 
@@ -224,8 +228,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
-    if not isinstance(target, (ParamsRatio, MacsRatio, MaxError)):
-        raise ConfigError(f"target must be ParamsRatio, MacsRatio or MaxError, got {target!r}")
+    if not isinstance(target, (ParamsRatio, MacsRatio, MaxError, LatencyRatio)):
+        raise ConfigError(f"target must be ParamsRatio, MacsRatio, MaxError or LatencyRatio, got {target!r}")
     if block not in BLOCK_CHOICES:
         raise ConfigError(f"unknown block kind {block!r}; choose from {', '.join(BLOCK_CHOICES)}")
     kinds = list(BLOCKS) if block == "auto" else [block]
@@ -250,8 +254,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             raise DataError(f"example inputs must be an N×C×H×W tensor, got "
                             f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
         _record_input_sizes(original, sites, example)
-    if isinstance(target, MacsRatio) and example is None:
-        raise ConfigError("a MACs target needs example inputs (or calibration images) to know the input size")
+    if isinstance(target, (MacsRatio, LatencyRatio)) and example is None:
+        raise ConfigError(f"a {TARGET_METRIC[type(target)]} target needs example inputs (or calibration images) "
+                          "to know the input size")
 
     # eligibility
     eligible: list[ConvSite] = []
@@ -292,15 +297,24 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             per_layer.append(candidates(spec, kinds, max_groups=max_groups, fit_iters=plan_iters, damping=damping))
         except IGCError as err:
             raise err.in_layer(spec.name)
-    metric = "macs" if isinstance(target, MacsRatio) else "params"
-    fixed = 0.0
-    dense_total = 0.0
-    for s in sites:
-        p = s.module.weight.numel() + (s.module.bias.numel() if s.module.bias is not None else 0)
-        cost = p if metric == "params" else _site_macs(s)
-        dense_total += cost
-        if s.name in reasons:
-            fixed += cost
+    metric = TARGET_METRIC.get(type(target), "params")
+    fixed_sites = [s for s in sites if s.name in reasons]
+    if metric == "latency":
+        from . import latency
+
+        per_layer, fixed_costs = latency.attach_latencies(
+            specs, per_layer, [s.module for s in eligible], fixed_sites, batch_size=len(example),
+            progress=progress)
+        fixed = sum(fixed_costs)
+        dense_total = fixed + sum(next(c for c in cands if c.kind == "dense").latency for cands in per_layer)
+    else:
+        fixed = dense_total = 0.0
+        for s in sites:
+            p = s.module.weight.numel() + (s.module.bias.numel() if s.module.bias is not None else 0)
+            cost = p if metric == "params" else _site_macs(s)
+            dense_total += cost
+            if s.name in reasons:
+                fixed += cost
     chosen = allocate(per_layer, target, fixed_cost=fixed, dense_total=dense_total) if per_layer else []
 
     # fit and swap, in execution order

@@ -204,11 +204,10 @@ def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups:
     the planner reads a whole error-versus-rank curve off one call.
     """
     obj, x, _ = _igcv1_whitened_tiles(weight, primary_groups, secondary_groups, sigma, row_weights, damping)
-    # Planning only needs the error curve: float32 Gram eigenvalues are ~4x faster and the tail
-    # energies they give are accurate far below the errors that matter (~1e-3).
-    x32 = x.to(torch.float32)
-    g = x32 @ x32.mT if x.shape[-2] <= x.shape[-1] else x32.mT @ x32
-    s2 = torch.linalg.eigvalsh(g).flip(-1).to(torch.float64)
+    # Eigenvalues of the smaller Gram matrix: LAPACK's SVD of wide float64 matrices is far slower,
+    # and torch's float32 eigvalsh is (surprisingly) slower than float64 on CPU here.
+    g = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
+    s2 = torch.linalg.eigvalsh(g).flip(-1)
     return s2.clamp_min(0).sqrt(), float((x**2).sum())
 
 

@@ -58,7 +58,24 @@ class MaxError:
             raise ConfigError(f"max error must be in (0, 1), got {self.error!r}")
 
 
-Target = ParamsRatio | MacsRatio | MaxError
+@dataclass(frozen=True)
+class LatencyRatio:
+    """Whole-model conv latency (measured in onnxruntime on this machine) at most ``ratio`` × the original's.
+
+    With ``ratio = 1`` the plan keeps only blocks measured faster than their dense conv: the converted
+    model is never slower than the original under the measured setting.
+    """
+
+    ratio: float
+
+    def __post_init__(self):
+        _check_ratio(self.ratio, "latency ratio")
+
+
+Target = ParamsRatio | MacsRatio | MaxError | LatencyRatio
+
+#: The cost each budget target counts.
+TARGET_METRIC = {ParamsRatio: "params", MacsRatio: "macs", LatencyRatio: "latency"}
 
 
 def _check_ratio(ratio: float, what: str) -> None:
@@ -76,11 +93,12 @@ class Candidate:
     params: int = 0
     macs: int | None = None
     error: float = 0.0
+    latency: float | None = None  # seconds, measured in onnxruntime (latency targets only)
 
     def cost(self, metric: str) -> float:
-        value = self.params if metric == "params" else self.macs
+        value = getattr(self, metric)
         if value is None:
-            raise ConfigError("a MACs target needs an input size (example inputs)")
+            raise ConfigError(f"a {metric} target needs {'an input size' if metric == 'macs' else 'measured latencies'}")
         return float(value)
 
 
@@ -269,7 +287,7 @@ def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_
             ok = [c for c in cands if c.error <= target.error]
             chosen.append(min(ok, key=lambda c: (c.params, c.error)))
         return chosen
-    metric = "params" if isinstance(target, ParamsRatio) else "macs"
+    metric = TARGET_METRIC[type(target)]
     dense = [next(c for c in cands if c.kind == "dense") for cands in per_layer]
     if dense_total is None:
         dense_total = fixed_cost + sum(d.cost(metric) for d in dense)
