@@ -1,0 +1,523 @@
+"""Data sources for calibration and fine-tuning: one entry point, :func:`resolve_source`.
+
+Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H×W, label int)`` items,
+``label = -1`` when the source has no labels. Sources:
+
+``"digits"``
+    scikit-learn's bundled handwritten digits (1797 real 8×8 images, 10 classes), scaled to [0, 1],
+    resized (bilinear) to ``image_size``, replicated to ``channels``, normalised with fixed statistics.
+``"sample-images"``
+    scikit-learn's two bundled photos, cut into ``samples`` seeded random crops (default 64) resized
+    to ``image_size`` and normalised with the ImageNet statistics. Unlabelled.
+a folder path
+    class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled.
+    ImageNet preprocessing: resize the short side to ``1.14·image_size``, centre crop, normalise.
+Python objects
+    a ``Dataset``, a ``DataLoader`` (its data set is used), a tensor ``N×C×H×W``, or any iterable of
+    tensors (single images or batches) or ``(x, y)`` pairs. They are used as they are (no resizing).
+
+``split="train"``/``"val"`` picks a deterministic, seeded 80/20 split (stratified when labelled), so
+train and val never overlap; ``"all"`` keeps everything. :func:`make_loader` batches a data set with an
+order that is a pure function of ``(seed, epoch)`` (needed for exact resume) and shards it over the
+processes when ``torch.distributed`` is initialised.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from .errors import ConfigError, DataError
+
+Tensor = torch.Tensor
+
+#: Mean and standard deviation of the digits pixels after scaling to [0, 1] (computed on all 1797).
+DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3760
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+#: File extensions read as images in folders (the same list torchvision's ImageFolder uses).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "all")
+VAL_FRACTION = 0.2
+DEFAULT_CROPS = 64
+
+
+# ------------------------------------------------------------------------------------ data sets
+class SourceDataset(Dataset):
+    """Base of every data set :func:`resolve_source` returns.
+
+    ``source`` names where the data came from (used in error messages); ``labelled`` says whether
+    items carry real labels. ``targets()`` gives every label without loading images (or ``None`` when
+    that would cost a full pass), which the stratified split uses.
+    """
+
+    source: str = "?"
+    labelled: bool = False
+
+    def targets(self) -> Tensor | None:
+        return None
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        raise NotImplementedError
+
+
+class TensorImages(SourceDataset):
+    """Images held in memory as one ``N×C×H×W`` float tensor, with optional labels."""
+
+    def __init__(self, images: Tensor, labels: Tensor | None, source: str) -> None:
+        self.images, self.source = images, source
+        self.labelled = labels is not None
+        self.labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
+
+    def targets(self) -> Tensor | None:
+        return self.labels if self.labelled else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+class DigitsImages(SourceDataset):
+    """scikit-learn's digits, resized on access (a 224×224 copy of all of them would take 1 GB)."""
+
+    source = "digits"
+    labelled = True
+
+    def __init__(self, image_size: int, channels: int) -> None:
+        from sklearn.datasets import load_digits  # heavy import: only when the source is used
+
+        digits = load_digits()
+        # 0..16 ink levels -> [0, 1] -> fixed normalisation (fixed, so train and val use the same one).
+        base = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
+        self.base = (base - DIGITS_MEAN) / DIGITS_STD
+        self.labels = torch.as_tensor(digits.target, dtype=torch.long)
+        self.image_size, self.channels = image_size, channels
+
+    def targets(self) -> Tensor:
+        return self.labels
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x = self.base[index : index + 1]
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x[0].expand(self.channels, -1, -1).contiguous(), int(self.labels[index])
+
+
+class PhotoCrops(SourceDataset):
+    """Seeded random square crops of scikit-learn's two sample photos, ImageNet-normalised."""
+
+    source = "sample-images"
+
+    def __init__(self, count: int, image_size: int, channels: int, generator: torch.Generator) -> None:
+        from sklearn.datasets import load_sample_images
+
+        photos = [torch.tensor(img).permute(2, 0, 1).float().div_(255.0) for img in load_sample_images().images]
+        mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        self.photos = [(p - mean) / std for p in photos]
+        self.image_size, self.channels = image_size, channels
+        # Crop side between 20% and 100% of the photo's short side: a mix of close-ups and wide views.
+        self.boxes = []
+        for _ in range(count):
+            which = int(torch.randint(len(photos), (1,), generator=generator))
+            h, w = photos[which].shape[1:]
+            side = int(min(h, w) * (0.2 + 0.8 * float(torch.rand((), generator=generator))))
+            top = int(torch.randint(h - side + 1, (1,), generator=generator))
+            left = int(torch.randint(w - side + 1, (1,), generator=generator))
+            self.boxes.append((which, top, left, side))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        which, top, left, side = self.boxes[index]
+        crop = self.photos[which][None, :, top : top + side, left : left + side]
+        x = F.interpolate(crop, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                          antialias=True)[0]
+        return _match_channels(x, self.channels), -1
+
+
+class FolderImages(SourceDataset):
+    """Image files of a folder (ImageFolder layout or flat), decoded and preprocessed on access."""
+
+    def __init__(self, files: Sequence[Path], labels: Sequence[int] | None, classes: Sequence[str],
+                 image_size: int, channels: int, source: str) -> None:
+        self.files, self.classes, self.source = list(files), list(classes), source
+        self.labelled = labels is not None
+        self.labels = torch.as_tensor(labels if labels is not None else [-1] * len(self.files), dtype=torch.long)
+        self.image_size, self.channels = image_size, channels
+
+    def targets(self) -> Tensor | None:
+        return self.labels if self.labelled else None
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image
+        import torchvision.transforms.functional as TF
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("L" if self.channels == 1 else "RGB")
+        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on corrupt files
+            raise DataError(f"cannot read image {str(path)!r}: {err}") from None
+        # Standard ImageNet evaluation preprocessing: short side to 1.14x, centre crop, normalise.
+        img = TF.resize(img, round(self.image_size * 256 / 224), antialias=True)
+        x = TF.to_tensor(TF.center_crop(img, [self.image_size, self.image_size]))
+        mean, std = IMAGENET_MEAN[: self.channels], IMAGENET_STD[: self.channels]
+        if self.channels == 1:  # grey images: the ImageNet statistics of the green channel (luma-like)
+            mean, std = IMAGENET_MEAN[1:2], IMAGENET_STD[1:2]
+        return TF.normalize(x, mean, std), int(self.labels[index])
+
+
+class WrappedDataset(SourceDataset):
+    """A user's map-style data set whose items are images or ``(image, label)`` pairs."""
+
+    def __init__(self, dataset: Dataset, source: str, labelled: bool, channels: int | None) -> None:
+        self.dataset, self.source, self.labelled, self.channels = dataset, source, labelled, channels
+
+    def targets(self) -> Tensor | None:
+        t = getattr(self.dataset, "targets", None)
+        if self.labelled and t is not None and len(t) == len(self):
+            return torch.as_tensor(t, dtype=torch.long)
+        return None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        x, y = _split_item(self.dataset[index], self.source, index)
+        x = _check_image(x, self.source, self.channels, what=f"item {index}")
+        if self.labelled != (y is not None):
+            raise DataError(f"{self.source}: item {index} {'has no' if self.labelled else 'has a'} label, "
+                            f"unlike item 0")
+        return x, -1 if y is None else _check_label(y, self.source, index)
+
+
+class SubsetImages(SourceDataset):
+    """Some items of a :class:`SourceDataset` (a split or a sample), keeping its attributes."""
+
+    def __init__(self, base: SourceDataset, indices: Sequence[int], what: str) -> None:
+        self.base, self.indices = base, list(indices)
+        self.source, self.labelled = f"{base.source} [{what}]", base.labelled
+
+    def targets(self) -> Tensor | None:
+        t = self.base.targets()
+        return None if t is None else t[torch.as_tensor(self.indices, dtype=torch.long)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.base[self.indices[index]]
+
+
+# ----------------------------------------------------------------------------------- entry point
+def resolve_source(source: Any, *, image_size: int = 224, channels: int | None = 3, split: str = "all",
+                   samples: int | None = None, labels: bool = False, seed: int = 0) -> SourceDataset:
+    """Turn a data source (name, folder, or Python object) into a data set of ``(image, label)`` items.
+
+    ``image_size`` and ``channels`` shape the images of named and folder sources; for Python objects
+    they are not resized, and ``channels`` (when not ``None``) is checked. ``labels=True`` requires
+    labels (:class:`DataError` otherwise). ``samples`` caps the number of items (a seeded random
+    subset; for ``"sample-images"`` it is the number of crops).
+
+    >>> train = resolve_source("digits", image_size=16, channels=1, split="train")
+    >>> x, y = train[0]; x.shape, len(train)
+    (torch.Size([1, 16, 16]), 1437)
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+        raise ConfigError(f"channels must be a positive integer or None, got {channels!r}")
+    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
+        raise ConfigError(f"samples must be a positive integer or None, got {samples!r}")
+
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if name == "digits":
+            dataset: SourceDataset = DigitsImages(image_size, channels or 1)
+        elif name == "sample-images":
+            # Each split gets its own crops (own seed stream), so train and val crops differ.
+            gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
+            crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen)
+            return _require_labels(crops, labels)
+        elif Path(name).exists():
+            dataset = _folder(Path(name), image_size, channels or 3)
+        else:
+            raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images' or an existing folder")
+    else:
+        dataset = _from_object(source, channels)
+
+    if len(dataset) == 0:
+        raise DataError(f"data source {dataset.source!r} is empty")
+    _require_labels(dataset, labels)
+    if split != "all":
+        train, val = split_indices(len(dataset), dataset.targets(), seed)
+        dataset = SubsetImages(dataset, train if split == "train" else val, split)
+        if len(dataset) == 0:
+            raise DataError(f"data source {dataset.source!r} is too small to split ({len(dataset)} items)")
+    if samples is not None and samples < len(dataset):
+        gen = torch.Generator().manual_seed(_mix_seed(seed, 7))
+        keep = torch.randperm(len(dataset), generator=gen)[:samples].sort().values.tolist()
+        dataset = SubsetImages(dataset, keep, f"{samples} samples")
+    return dataset
+
+
+def split_indices(n: int, targets: Tensor | None, seed: int,
+                  val_fraction: float = VAL_FRACTION) -> tuple[list[int], list[int]]:
+    """Deterministic disjoint ``(train, val)`` index lists; stratified by class when ``targets`` exist.
+
+    >>> train, val = split_indices(10, None, seed=0); len(train), len(val)
+    (8, 2)
+    """
+    gen = torch.Generator().manual_seed(_mix_seed(seed, 1))
+    groups = [torch.arange(n)] if targets is None else [
+        torch.nonzero(targets == c).flatten() for c in torch.unique(targets)]
+    train: list[int] = []
+    val: list[int] = []
+    for idx in groups:
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        k = int(round(len(idx) * val_fraction)) if len(idx) > 1 else 0
+        val += idx[:k].tolist()
+        train += idx[k:].tolist()
+    return sorted(train), sorted(val)
+
+
+def has_labels(dataset: Dataset) -> bool:
+    """Whether a data set's items carry real labels (``label >= 0``)."""
+    if isinstance(dataset, SourceDataset):
+        return dataset.labelled
+    return len(dataset) > 0 and _split_item(dataset[0], "dataset", 0)[1] is not None
+
+
+def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
+                skip_batches: int = 0, drop_last: bool = False, distributed: bool | None = None,
+                num_workers: int = 0) -> DataLoader:
+    """Batches of ``dataset`` in an order that depends only on ``(seed, epoch)``.
+
+    With ``distributed`` (default: whenever ``torch.distributed`` is initialised) each process gets
+    its own shard through a :class:`DistributedSampler`. ``skip_batches`` drops the first batches of
+    the epoch without loading them (mid-epoch resume).
+
+    >>> loader = make_loader(resolve_source("digits", image_size=8, channels=1), 64, shuffle=True, seed=0)
+    >>> next(iter(loader))[0].shape
+    torch.Size([64, 1, 8, 8])
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
+    import torch.distributed as dist
+
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
+    # The same sampler with one replica when not distributed: one code path, one order definition.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=False)
+    sampler.set_epoch(epoch)
+    indices = list(sampler)
+    if drop_last:
+        indices = indices[: len(indices) // batch_size * batch_size]
+    indices = indices[skip_batches * batch_size :]
+    # A private generator: DataLoader draws a base seed from it on every iteration; drawing from the
+    # global RNG instead would make the training trajectory depend on where an epoch was resumed.
+    gen = torch.Generator().manual_seed(_mix_seed(seed, epoch))
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers, generator=gen,
+                      collate_fn=collate)
+
+
+# ------------------------------------------------------------------------------------- helpers
+def _mix_seed(seed: int, stream: int) -> int:
+    """Independent seeds for independent random streams derived from one user seed."""
+    return (int(seed) * 1_000_003 + int(stream) * 7919) % (2**63)
+
+
+def collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
+    """Stack ``(image, label)`` items into ``(N×C×H×W images, N labels)``."""
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+
+
+def _match_channels(x: Tensor, channels: int) -> Tensor:
+    if channels == x.shape[0]:
+        return x
+    if channels == 1:
+        return x.mean(0, keepdim=True)
+    return x.mean(0, keepdim=True).expand(channels, -1, -1).contiguous()
+
+
+def _require_labels(dataset: SourceDataset, labels: bool) -> SourceDataset:
+    if labels and not dataset.labelled:
+        raise DataError(f"labels were requested but data source {dataset.source!r} has none "
+                        "(use a folder with one sub-folder per class, or (image, label) pairs)")
+    return dataset
+
+
+def _folder(root: Path, image_size: int, channels: int) -> FolderImages:
+    if not root.is_dir():
+        raise DataError(f"data source {str(root)!r} is a file, not a folder of images")
+    if channels not in (1, 3):
+        raise ConfigError(f"folders of images give 1 or 3 channels, not {channels}")
+    entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+    loose = [p for p in entries if p.is_file() and _is_image_name(p)]
+    class_dirs = [p for p in entries if p.is_dir()]
+    by_class = {d.name: sorted(f for f in d.rglob("*") if f.is_file() and _is_image_name(f)
+                               and not any(part.startswith(".") for part in f.relative_to(d).parts))
+                for d in class_dirs}
+    by_class = {k: v for k, v in by_class.items() if v}
+    if by_class and loose:
+        raise DataError(f"folder {str(root)!r} mixes loose images ({loose[0].name}, ...) with class "
+                        f"sub-folders ({', '.join(sorted(by_class))}); use one layout")
+    if by_class:
+        classes = sorted(by_class)
+        files = [f for c in classes for f in by_class[c]]
+        targets = [i for i, c in enumerate(classes) for _ in by_class[c]]
+    else:
+        classes, files, targets = [], loose, None
+    if not files:
+        raise DataError(f"folder {str(root)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    _check_image_files(files)
+    return FolderImages(files, targets, classes, image_size, channels, str(root))
+
+
+def _is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _check_image_files(files: Sequence[Path]) -> None:
+    """Fail early on files that are not images: ``Image.open`` reads only the header (fast)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.size  # noqa: B018 - the header parse is the check
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"cannot read image {str(path)!r}: {err}") from None
+
+
+def _from_object(obj: Any, channels: int | None) -> SourceDataset:
+    name = type(obj).__name__
+    if isinstance(obj, SourceDataset):
+        return obj
+    if isinstance(obj, DataLoader):
+        # Our own loader sets batch size, order and sharding; the user's data set is what we need.
+        return _from_object(obj.dataset, channels)
+    if isinstance(obj, Tensor):
+        images = _check_batch(obj, f"tensor of shape {tuple(obj.shape)}", channels)
+        return TensorImages(images, None, f"tensor {tuple(obj.shape)}")
+    if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__"):
+        if len(obj) == 0:
+            raise DataError(f"data set {name} is empty")
+        x, y = _split_item(obj[0], name, 0)
+        _check_image(x, name, channels, what="item 0")
+        if y is not None:
+            _check_label(y, name, 0)
+        return WrappedDataset(obj, name, y is not None, channels)
+    if isinstance(obj, (dict, bytes)) or not isinstance(obj, Iterable):
+        raise DataError(f"cannot use a {name} as data: give 'digits', 'sample-images', a folder, a Dataset, "
+                        "a DataLoader, an N×C×H×W tensor, or an iterable of tensors / (x, y) pairs")
+    return _materialise(obj, name, channels)
+
+
+def _materialise(iterable: Iterable, name: str, channels: int | None) -> TensorImages:
+    """Collect an iterable of images/batches (optionally with labels) into memory."""
+    xs: list[Tensor] = []
+    ys: list[Tensor] = []
+    labelled: bool | None = None
+    for i, item in enumerate(iterable):
+        x, y = _split_item(item, name, i)
+        if labelled is None:
+            labelled = y is not None
+        elif labelled != (y is not None):
+            raise DataError(f"{name}: item {i} {'has no' if labelled else 'has a'} label, unlike item 0")
+        if not isinstance(x, Tensor):
+            raise DataError(f"{name}: item {i} is a {type(x).__name__}, not a tensor")
+        batch = _check_batch(x if x.dim() == 4 else x.unsqueeze(0) if x.dim() == 3 else x,
+                             f"{name} item {i} of shape {tuple(x.shape)}", channels)
+        xs.append(batch)
+        if y is not None:
+            y = torch.as_tensor(y).reshape(-1)
+            if len(y) != len(batch):
+                raise DataError(f"{name}: item {i} has {len(batch)} images but {len(y)} labels")
+            ys.append(y)
+    if not xs:
+        raise DataError(f"data source {name} is empty")
+    sizes = {tuple(b.shape[1:]) for b in xs}
+    if len(sizes) > 1:
+        raise DataError(f"{name}: images of different shapes {sorted(sizes)}; resize them to one size")
+    labels = None
+    if labelled:
+        labels = torch.cat(ys)
+        if labels.is_floating_point() or (labels < 0).any():
+            raise DataError(f"{name}: labels must be non-negative integers, got {labels[:5].tolist()}...")
+        labels = labels.long()
+    return TensorImages(torch.cat(xs), labels, name)
+
+
+def _split_item(item: Any, source: str, index: int) -> tuple[Any, Any]:
+    """``x`` or ``(x, y)`` (also ``[x, y]``, or ``(x,)``) -> ``(x, y or None)``."""
+    if isinstance(item, (tuple, list)):
+        if len(item) == 1:
+            return item[0], None
+        if len(item) == 2:
+            return item[0], item[1]
+        raise DataError(f"{source}: item {index} has {len(item)} parts; expected an image or (image, label)")
+    return item, None
+
+
+def _check_image(x: Any, source: str, channels: int | None, *, what: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise DataError(f"{source}: {what} is a {type(x).__name__}, not a tensor (C×H×W float)")
+    if x.dim() != 3:
+        raise DataError(f"{source}: {what} has shape {tuple(x.shape)}; expected one image C×H×W")
+    if not x.is_floating_point():
+        raise DataError(f"{source}: {what} has dtype {x.dtype}; expected float images (normalised)")
+    if channels is not None and x.shape[0] != channels:
+        raise DataError(f"{source}: {what} has shape {tuple(x.shape)}: {x.shape[0]} channels, the model "
+                        f"takes {channels}")
+    return x.float()
+
+
+def _check_batch(x: Tensor, what: str, channels: int | None) -> Tensor:
+    if x.dim() != 4:
+        raise DataError(f"{what}: expected images N×C×H×W (or one image C×H×W), got rank {x.dim()}")
+    if not x.is_floating_point():
+        raise DataError(f"{what}: dtype {x.dtype}; expected float images (normalised)")
+    if channels is not None and x.shape[1] != channels:
+        raise DataError(f"{what}: {x.shape[1]} channels, the model takes {channels}")
+    if x.shape[0] == 0:
+        raise DataError(f"{what}: no images")
+    if not torch.isfinite(x).all():
+        raise DataError(f"{what}: contains NaN or Inf")
+    return x.detach().float().cpu()
+
+
+def _check_label(y: Any, source: str, index: int) -> int:
+    if isinstance(y, Tensor):
+        if y.numel() != 1 or y.is_floating_point():
+            raise DataError(f"{source}: label of item {index} must be one integer, got {y!r}")
+        y = y.item()
+    try:
+        value = None if isinstance(y, bool) else operator.index(y)  # int or numpy integer, not bool
+    except TypeError:
+        value = None
+    if value is None or value < 0:
+        raise DataError(f"{source}: label of item {index} must be a non-negative integer, got {y!r}")
+    return value

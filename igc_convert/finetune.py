@@ -1,0 +1,730 @@
+"""Fine-tuning a converted model: distillation from the original, resumable, ``torchrun``-ready.
+
+The student (the converted model) learns from
+
+* the teacher's temperature-softened logits: ``T² · KL(softmax(t/T) ‖ softmax(s/T))``;
+* optionally, per converted block, the ORIGINAL conv's output on the block's own input: the teacher
+  holds an ``nn.Conv2d`` at the block's qualified name, applied (no grad) to what the block receives,
+  compared with the block's output as a relative squared error;
+* optionally, cross-entropy on labels.
+
+The init from the conversion is already good, so fine-tuning is gentle and guarded: the validation
+split is evaluated before training and after every epoch, and the best state (the start included) is
+what comes back — never something worse than the start. BatchNorm running statistics are frozen on
+small data sets (their estimates from a few thousand images are worse than the pretrained ones).
+
+Runs unchanged under ``torchrun --nproc_per_node N``: the process group is initialised from the
+environment (nccl on GPU, gloo on CPU), the student is wrapped in ``DistributedDataParallel``, data is
+sharded with ``DistributedSampler``, and only rank 0 writes checkpoints and shows progress.
+
+Checkpoints (``torch.load(weights_only=True)``-safe) hold everything the trajectory depends on; the
+data order is a pure function of ``(seed, epoch)``, so ``resume=True`` ends with exactly the weights an
+uninterrupted run would have.
+
+Example::
+
+    result = finetune(converted, train_set, teacher=original, val_data=val_set,
+                      config=FinetuneConfig(epochs=3, lr=5e-4, checkpoint_dir="ckpt"))
+    result.model, result.best
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .data import collate, has_labels, make_loader, resolve_source
+from .errors import CheckpointError, ConfigError, DataError, ModelError
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+CHECKPOINT_NAME = "last.pt"
+CHECKPOINT_FORMAT = "igc-convert-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("adamw", "sgd")
+
+
+# ------------------------------------------------------------------------------------ configuration
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything that shapes a fine-tuning run (validated once, on construction).
+
+    Loss weights: ``kd_weight`` (logit distillation, needs a teacher), ``feature_weight`` (per-block
+    matching against the teacher's original convs), ``ce_weight`` (cross-entropy, needs labels).
+    ``freeze_bn=None`` freezes BatchNorm statistics when the training set has fewer than
+    ``small_dataset`` images. ``checkpoint_every`` (steps, 0 = epoch ends only) applies when
+    ``checkpoint_dir`` is set. ``warmup`` is the fraction of steps with a linear warm-up before the
+    cosine decay to ``min_lr · lr``. ``amp`` mixed precision applies on CUDA only.
+
+    >>> FinetuneConfig(epochs=2, lr=1e-3).epochs
+    2
+    """
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 5e-4
+    optimizer: str = "adamw"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    warmup: float = 0.05
+    min_lr: float = 0.0
+    clip_grad_norm: float | None = 1.0
+    temperature: float = 4.0
+    kd_weight: float = 1.0
+    feature_weight: float = 0.0
+    ce_weight: float = 0.0
+    freeze_bn: bool | None = None
+    small_dataset: int = 5000
+    seed: int = 0
+    amp: bool = True
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    progress: bool = True
+    num_workers: int = 0
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> ConfigError:
+            return ConfigError(f"fine-tune option {field}={getattr(self, field)!r}: {why}")
+
+        for field in ("epochs", "batch_size", "small_dataset"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(field, "must be a positive integer")
+        for field in ("checkpoint_every", "num_workers", "seed"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise bad(field, "must be a non-negative integer")
+        for field in ("lr", "temperature"):
+            if not (math.isfinite(getattr(self, field)) and getattr(self, field) > 0):
+                raise bad(field, "must be a positive number")
+        for field in ("weight_decay", "kd_weight", "feature_weight", "ce_weight"):
+            if not (math.isfinite(getattr(self, field)) and getattr(self, field) >= 0):
+                raise bad(field, "must be a non-negative number")
+        for field in ("momentum", "warmup", "min_lr"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise bad(field, "must be in [0, 1]")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0):
+            raise bad("clip_grad_norm", "must be positive or None")
+        if self.optimizer not in OPTIMIZERS:
+            raise bad("optimizer", f"choose from {OPTIMIZERS}")
+        if self.kd_weight + self.feature_weight + self.ce_weight == 0:
+            raise ConfigError("every loss weight is 0 (kd_weight, feature_weight, ce_weight): nothing to learn")
+        if self.resume and self.checkpoint_dir is None:
+            raise ConfigError("resume=True needs checkpoint_dir (where the checkpoint to resume is)")
+
+    def trajectory(self) -> dict[str, Any]:
+        """The options the weights depend on: a resumed run must use the same ones."""
+        skip = {"checkpoint_dir", "checkpoint_every", "resume", "progress", "num_workers", "device"}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Validation figures after ``epoch`` epochs (0 = the start). ``metric`` names the one that ranks.
+
+    ``accuracy`` (top-1 vs labels) and ``loss`` (cross-entropy) need labels; ``agreement`` (top-1 equal
+    to the teacher's) and ``kl`` (KL from the teacher at T=1) need a teacher.
+    """
+
+    epoch: int
+    count: int
+    metric: str
+    accuracy: float | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    loss: float | None = None
+
+    @property
+    def value(self) -> float:
+        return getattr(self, self.metric)
+
+    def key(self) -> tuple[float, float]:
+        """Ranking key: the metric first, then the lower KL (or loss) to break ties."""
+        tie = self.kl if self.kl is not None else self.loss
+        return (self.value, -tie if tie is not None else 0.0)
+
+    def summary(self) -> str:
+        parts = [f"{name} {getattr(self, name):.4f}" for name in ("accuracy", "agreement", "kl", "loss")
+                 if getattr(self, name) is not None]
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    """What :func:`finetune` returns: the student holding its best state, and how it got there.
+
+    ``history`` has one :class:`Evaluation` per epoch, the start first (empty without validation
+    data); ``best`` is the one whose state ``model`` holds (``None`` without validation data).
+    """
+
+    model: nn.Module
+    history: tuple[Evaluation, ...]
+    best: Evaluation | None
+    steps: int
+    resumed_from_step: int | None = None
+
+    @property
+    def start(self) -> Evaluation | None:
+        return self.history[0] if self.history else None
+
+
+# ------------------------------------------------------------------------------------ entry point
+def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None, val_data: Any = None,
+             config: FinetuneConfig = FinetuneConfig(),
+             on_step: Callable[[int], None] | None = None) -> FinetuneResult:
+    """Fine-tune ``student`` (in place) on ``data``, distilling from ``teacher``; return the best state.
+
+    ``data``/``val_data``: a data set from :func:`igc_convert.data.resolve_source` or any Python
+    object it accepts (Dataset, DataLoader, tensor, iterable of tensors or ``(x, y)`` pairs).
+    ``on_step(step)`` is called after every optimiser step (and its checkpoint), e.g. to stop early by
+    raising. The caller's RNG states are restored on return.
+
+    >>> result = finetune(student, train, teacher=teacher, val_data=val,
+    ...                   config=FinetuneConfig(epochs=1))  # doctest: +SKIP
+    >>> result.best.value >= result.start.value
+    True
+    """
+    train_set = _as_dataset(data, "data")
+    val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
+    _check_sources(config, teacher, train_set, val_set)
+    blocks = _feature_pairs(student, teacher) if config.feature_weight > 0 else {}
+    with _preserved_rng(), _distributed(config) as ctx:
+        trainer = _Trainer(student, teacher, train_set, val_set, config, ctx, blocks, on_step)
+        return trainer.run()
+
+
+def is_main_process() -> bool:
+    """True on rank 0 of a distributed run (also before/after the process group exists) or when alone."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def checkpoint_path(checkpoint_dir: str | os.PathLike) -> Path:
+    """Where a run with this ``checkpoint_dir`` keeps its (single, atomically replaced) checkpoint."""
+    return Path(checkpoint_dir) / CHECKPOINT_NAME
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a fine-tuning checkpoint safely (``weights_only=True``); :class:`CheckpointError` if it is not one."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint at {str(path)!r}") from None
+    except Exception as err:  # truncated, tampered, or not a torch file: one clear error
+        raise CheckpointError(f"cannot read checkpoint {str(path)!r}: {err}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not an igc-convert fine-tuning checkpoint")
+    if ckpt.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"{str(path)!r} has checkpoint version {ckpt.get('version')!r}; "
+                              f"this igc-convert reads version {CHECKPOINT_VERSION}")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------- checks
+def _as_dataset(data: Any, what: str) -> Dataset:
+    if isinstance(data, (str, os.PathLike)):
+        raise ConfigError(f"{what}={os.fspath(data)!r}: resolve named sources and folders first with "
+                          "igc_convert.data.resolve_source(source, image_size=..., channels=...)")
+    return resolve_source(data, channels=None)
+
+
+def _check_sources(cfg: FinetuneConfig, teacher: nn.Module | None, train: Dataset, val: Dataset | None) -> None:
+    labelled = has_labels(train)
+    if teacher is None:
+        if cfg.ce_weight == 0:
+            raise ConfigError("without a teacher only labels can teach the student: set ce_weight > 0 "
+                              "(and give labelled data)")
+        if cfg.feature_weight > 0:
+            raise ConfigError("feature_weight > 0 matches the teacher's convs: it needs a teacher")
+    if cfg.ce_weight > 0 and not labelled:
+        raise DataError(f"ce_weight={cfg.ce_weight} needs labels, but the training data "
+                        f"({getattr(train, 'source', type(train).__name__)}) has none")
+    if val is not None and not has_labels(val) and teacher is None:
+        raise DataError("the validation data has no labels and there is no teacher to compare with")
+
+
+def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, nn.Conv2d]:
+    """Map each converted block's qualified name to the teacher's original conv at the same name."""
+    pairs: dict[str, nn.Conv2d] = {}
+    teacher_modules = dict(teacher.named_modules()) if teacher is not None else {}
+    for name, module in student.named_modules():
+        # Detected by the class attribute, so this module needs no import of the blocks module.
+        if not getattr(type(module), "is_igc_block", False):
+            continue
+        conv = teacher_modules.get(name)
+        if not isinstance(conv, nn.Conv2d):
+            found = "nothing" if conv is None else type(conv).__name__
+            raise ModelError(f"feature matching needs the original nn.Conv2d in the teacher at this name; "
+                             f"found {found}", layer=name)
+        pairs[name] = conv
+    if not pairs:
+        log.warning("feature_weight > 0 but the student has no converted (IGC) blocks: no feature loss")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------ distribution
+@dataclass(frozen=True)
+class _Context:
+    world: int
+    rank: int
+    device: torch.device
+    created_group: bool
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@contextlib.contextmanager
+def _distributed(cfg: FinetuneConfig) -> Iterator[_Context]:
+    """Join the process group ``torchrun`` describes in the environment (and leave it at the end)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cfg.device is not None:
+        device = torch.device(cfg.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    created = False
+    if dist.is_available() and dist.is_initialized():
+        world, rank = dist.get_world_size(), dist.get_rank()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        created = True
+        world, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world, rank = 1, 0
+    try:
+        yield _Context(world, rank, device, created)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------------ RNG states
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG state as tensors and plain numbers (loadable with ``weights_only=True``)."""
+    version, internal, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(internal, dtype=torch.int64), "python_version": version, "python_gauss": gauss,
+        "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+        "numpy_has_gauss": int(has_gauss), "numpy_cached": float(cached),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@contextlib.contextmanager
+def _preserved_rng() -> Iterator[None]:
+    """Seeding for the run must not leak: the caller's RNG states come back afterwards."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []):
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
+# ------------------------------------------------------------------------------------ training
+class _Trainer:
+    """One fine-tuning run; split into steps so each fact (order, checkpoint, best state) has one home."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, train: Dataset, val: Dataset | None,
+                 cfg: FinetuneConfig, ctx: _Context, blocks: dict[str, nn.Conv2d],
+                 on_step: Callable[[int], None] | None) -> None:
+        self.student, self.teacher, self.train_set, self.val_set = student, teacher, train, val
+        self.cfg, self.ctx, self.blocks, self.on_step = cfg, ctx, blocks, on_step
+        self.home = next((p.device for p in student.parameters()), torch.device("cpu"))
+        self.teacher_home = next((p.device for p in teacher.parameters()), torch.device("cpu")) if teacher else None
+        self.teacher_was_training = teacher.training if teacher is not None else False
+        self.freeze_bn = cfg.freeze_bn if cfg.freeze_bn is not None else len(train) < cfg.small_dataset
+        self.metric = "accuracy" if val is not None and has_labels(val) else "agreement"
+        # Mixed precision on CUDA only: bf16 where supported (no scaler needed), else fp16 + GradScaler.
+        self.amp_dtype: torch.dtype | None = None
+        if cfg.amp and ctx.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.ckpt_path = checkpoint_path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
+        self.skipped = 0
+
+    # -- small helpers ---------------------------------------------------------------------------
+    def info(self, msg: str, *args: Any) -> None:
+        if self.ctx.main:  # one voice in a distributed run
+            log.info(msg, *args)
+
+    def train_mode(self) -> None:
+        self.student.train()
+        if self.freeze_bn:  # eval mode = use and keep the running statistics; affine params still learn
+            for m in self.student.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=self.amp_dtype)
+
+    def loader(self, epoch: int, skip: int = 0) -> DataLoader:
+        shard = math.ceil(len(self.train_set) / self.ctx.world)
+        return make_loader(self.train_set, self.cfg.batch_size, shuffle=True, seed=self.cfg.seed, epoch=epoch,
+                           skip_batches=skip, drop_last=shard >= self.cfg.batch_size,
+                           distributed=self.ctx.world > 1, num_workers=self.cfg.num_workers)
+
+    def run_fingerprint(self) -> dict[str, Any]:
+        run = self.cfg.trajectory()
+        run.update(world_size=self.ctx.world, train_size=len(self.train_set),
+                   val_size=len(self.val_set) if self.val_set is not None else 0, freeze_bn=self.freeze_bn,
+                   teacher=self.teacher is not None, feature_blocks=sorted(self.blocks))
+        return run
+
+    # -- the run ---------------------------------------------------------------------------------
+    def run(self) -> FinetuneResult:
+        cfg, ctx = self.cfg, self.ctx
+        ckpt = self.read_checkpoint() if cfg.resume else None
+        if ckpt is None and self.ckpt_path is not None and self.ckpt_path.exists() and ctx.main:
+            log.warning("starting a new run: %s will be replaced (resume=True continues it instead)", self.ckpt_path)
+        _seed_all(cfg.seed + ctx.rank)
+        student = self.student.to(ctx.device)
+        if self.teacher is not None:
+            self.teacher.to(ctx.device).eval()
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
+        if has_bn:
+            self.info("BatchNorm running statistics %s (%d training images; %s)",
+                      "frozen" if self.freeze_bn else "updated", len(self.train_set),
+                      f"set freeze_bn to choose; auto freezes below {cfg.small_dataset}" if cfg.freeze_bn is None
+                      else "freeze_bn set explicitly")
+        steps_per_epoch = len(self.loader(0))
+        if steps_per_epoch == 0:
+            raise DataError("the training data gives no batch")
+        total = cfg.epochs * steps_per_epoch
+        opt = self.make_optimizer()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, cfg.warmup, cfg.min_lr))
+        scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+
+        history: list[Evaluation] = []
+        best_state: dict[str, Tensor] | None = None
+        best: Evaluation | None = None
+        step, epoch, skip = 0, 0, 0
+        if ckpt is not None:
+            student.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            step, epoch, skip = ckpt["step"], ckpt["epoch"], ckpt["batch"]
+            history = [Evaluation(**e) for e in ckpt["history"]]
+            if ckpt["best"] is not None:
+                best, best_state = Evaluation(**ckpt["best"]["evaluation"]), ckpt["best"]["state"]
+            self.info("resuming from %s: epoch %d, step %d/%d", self.ckpt_path, epoch + 1, step, total)
+        elif self.val_set is not None:
+            best = self.evaluate(0)
+            history.append(best)
+            best_state = _cpu_state(student)
+            self.info("start: %s", best.summary())
+        else:
+            self.info("no validation data: the final weights are returned (give val_data to keep the best)")
+
+        model: nn.Module = student
+        if ctx.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            model = DistributedDataParallel(student, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
+                                            else None)
+        if ckpt is not None:  # last, so that nothing set up above draws from the restored streams
+            rng = ckpt["rng"]
+            _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
+
+        hooks = _FeatureHooks(self.blocks, student) if self.blocks else None
+        self.state = dict(opt=opt, sched=sched, scaler=scaler)
+        resumed_from = step if ckpt is not None else None
+        try:
+            from tqdm.auto import tqdm
+
+            for epoch in range(epoch, cfg.epochs):
+                self.train_mode()
+                bar = tqdm(self.loader(epoch, skip), total=steps_per_epoch, initial=skip, file=sys.stderr,
+                           desc=f"fine-tune {epoch + 1}/{cfg.epochs}", disable=not (ctx.main and cfg.progress),
+                           dynamic_ncols=True, leave=False)
+                seen = hits = 0
+                batch = skip
+                for x, y in bar:
+                    loss, n_hit = self.train_step(model, hooks, x, y)
+                    seen, hits, step, batch = seen + len(x), hits + n_hit, step + 1, batch + 1
+                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{hits / max(seen, 1):.3f}", refresh=False)
+                    if (self.ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
+                            and batch < steps_per_epoch):  # the epoch-end checkpoint follows anyway
+                        self.save(student, step, epoch, batch, history, best, best_state)
+                    if self.on_step is not None:
+                        self.on_step(step)
+                bar.close()
+                skip = 0
+                if self.val_set is not None:
+                    current = self.evaluate(epoch + 1)
+                    history.append(current)
+                    improved = current.key() > best.key()
+                    if improved:
+                        best, best_state = current, _cpu_state(student)
+                    self.info("epoch %d/%d: %s%s", epoch + 1, cfg.epochs, current.summary(),
+                              " (best so far)" if improved else f" (best: epoch {best.epoch})")
+                if self.ckpt_path is not None:
+                    self.save(student, step, epoch + 1, 0, history, best, best_state)
+        finally:
+            if hooks is not None:
+                hooks.remove()
+        if best_state is not None:
+            student.load_state_dict(best_state)
+            self.info("kept the state after epoch %d (%s %.4f; start %.4f)", best.epoch, self.metric, best.value,
+                      history[0].value)
+        student.eval().to(self.home)
+        if self.teacher is not None:
+            self.teacher.to(self.teacher_home).train(self.teacher_was_training)
+        return FinetuneResult(student, tuple(history), best, step, resumed_from)
+
+    def make_optimizer(self) -> torch.optim.Optimizer:
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        if not params:
+            raise ModelError("the student has no trainable parameters")
+        if self.cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                   weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+
+    def train_step(self, model: nn.Module, hooks: "_FeatureHooks | None", x: Tensor, y: Tensor) -> tuple[float, int]:
+        cfg, dev = self.cfg, self.ctx.device
+        opt, sched, scaler = self.state["opt"], self.state["sched"], self.state["scaler"]
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        with self.autocast():
+            if hooks is not None:
+                hooks.recording = True
+            logits = model(x)
+            if hooks is not None:
+                hooks.recording = False
+            t_logits = None
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(x)
+        logits = logits.float()
+        loss = logits.new_zeros(())
+        if t_logits is not None and cfg.kd_weight > 0:
+            loss = loss + cfg.kd_weight * _kd_loss(logits, t_logits.float(), cfg.temperature)
+        if hooks is not None:
+            loss = loss + cfg.feature_weight * hooks.loss()
+        labelled = y >= 0
+        if cfg.ce_weight > 0 and labelled.any():
+            loss = loss + cfg.ce_weight * F.cross_entropy(logits[labelled], y[labelled])
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)  # a no-op without fp16 scaling
+        # The norm is computed after DDP's all-reduce, so every rank sees the same one and skips together.
+        norm = nn.utils.clip_grad_norm_(self.student.parameters(), cfg.clip_grad_norm or math.inf)
+        if scaler.is_enabled() or torch.isfinite(norm):
+            scaler.step(opt)  # with fp16 scaling, the scaler itself skips non-finite steps
+        else:
+            self.skipped += 1
+            if self.skipped == 1:
+                log.warning("non-finite loss or gradients (lr=%g too high?): such steps are skipped; the best "
+                            "validated state is kept", cfg.lr)
+        scaler.update()
+        sched.step()
+        with torch.no_grad():
+            pred = logits.argmax(1)
+            hit = int((pred == y).sum()) if labelled.all() else (
+                int((pred == t_logits.argmax(1)).sum()) if t_logits is not None else 0)
+        return float(loss.detach()), hit
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> Evaluation:
+        """Validation figures of the student, each rank on its own slice, summed over ranks."""
+        student, dev, ctx = self.student, self.ctx.device, self.ctx
+        student.eval()
+        sums = torch.zeros(6, dtype=torch.float64)  # count, labelled, correct, agree, kl, ce
+        indices = list(range(ctx.rank, len(self.val_set), ctx.world))
+        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, sampler=indices,
+                            num_workers=self.cfg.num_workers, collate_fn=collate,
+                            generator=torch.Generator().manual_seed(0))
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            with self.autocast():
+                s = student(x)
+                t = self.teacher(x) if self.teacher is not None else None
+            s = s.float()
+            pred, lab = s.argmax(1), y >= 0
+            sums[0] += len(x)
+            sums[1] += int(lab.sum())
+            if lab.any():
+                sums[2] += int((pred[lab] == y[lab]).sum())
+                sums[5] += float(F.cross_entropy(s[lab], y[lab], reduction="sum"))
+            if t is not None:
+                t = t.float()
+                sums[3] += int((pred == t.argmax(1)).sum())
+                sums[4] += float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,
+                                          reduction="sum"))
+        if ctx.world > 1:
+            sums = sums.to(dev)
+            dist.all_reduce(sums)
+            sums = sums.cpu()
+        self.train_mode()
+        count, labelled = sums[0].item(), sums[1].item()
+        with_teacher = self.teacher is not None
+        return Evaluation(
+            epoch=epoch, count=int(count), metric=self.metric,
+            accuracy=sums[2].item() / labelled if labelled else None,
+            agreement=sums[3].item() / count if with_teacher else None,
+            kl=sums[4].item() / count if with_teacher else None,
+            loss=sums[5].item() / labelled if labelled else None)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def read_checkpoint(self) -> dict[str, Any] | None:
+        """The checkpoint to resume, checked against this model and run before anything is written."""
+        path = self.ckpt_path
+        if not path.exists():
+            if self.ctx.main:
+                log.info("resume: no checkpoint at %s yet, starting from the beginning", path)
+            return None
+        ckpt = load_checkpoint(path)
+        own = self.student.state_dict()
+        theirs = ckpt.get("model", {})
+        missing, extra = sorted(set(own) - set(theirs)), sorted(set(theirs) - set(own))
+        shapes = [k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape)]
+        if missing or extra or shapes:
+            details = []
+            if missing:
+                details.append(f"missing {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+            if extra:
+                details.append(f"unexpected {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}")
+            if shapes:
+                k = shapes[0]
+                details.append(f"{k} has shape {tuple(theirs[k].shape)}, the model {tuple(own[k].shape)}")
+            raise CheckpointError(f"checkpoint {str(path)!r} is of a different model: {'; '.join(details)}")
+        run, theirs_run = self.run_fingerprint(), ckpt.get("run", {})
+        diff = [f"{k}={theirs_run.get(k)!r} (now {v!r})" for k, v in run.items() if theirs_run.get(k) != v]
+        if diff:
+            raise CheckpointError(f"checkpoint {str(path)!r} belongs to a different run: {', '.join(diff)}; "
+                                  "resume with the same options, or use another checkpoint_dir for a new run")
+        return ckpt
+
+    def save(self, student: nn.Module, step: int, epoch: int, batch: int, history: list[Evaluation],
+             best: Evaluation | None, best_state: dict[str, Tensor] | None) -> None:
+        """Write the checkpoint (rank 0; every rank contributes its RNG state)."""
+        rng = _rng_state(self.ctx.device)
+        if self.ctx.world > 1:
+            states: list[Any] = [None] * self.ctx.world
+            dist.all_gather_object(states, rng)
+            rng_all = [_to_cpu(s) for s in states]
+        else:
+            rng_all = [_to_cpu(rng)]
+        if not self.ctx.main:
+            return
+        opt, sched, scaler = self.state["opt"], self.state["sched"], self.state["scaler"]
+        ckpt = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+            "model": _cpu_state(student), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "batch": batch, "rng": rng_all,
+            "history": [dataclasses.asdict(e) for e in history],
+            "best": None if best is None else {"evaluation": dataclasses.asdict(best), "state": best_state},
+            "run": self.run_fingerprint(),
+        }
+        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(self.ckpt_path, "wb") as f:
+            torch.save(ckpt, f)
+        log.debug("checkpoint saved: %s (step %d)", self.ckpt_path, step)
+
+
+class _FeatureHooks:
+    """Records each converted block's input and output during the student's training forward."""
+
+    def __init__(self, pairs: dict[str, nn.Conv2d], student: nn.Module) -> None:
+        self.pairs, self.recording, self.seen = pairs, False, {}
+        modules = dict(student.named_modules())
+        self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in pairs]
+
+    def _hook(self, name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self.recording:
+                self.seen[name] = (inputs[0], output)
+        return hook
+
+    def loss(self) -> Tensor:
+        """Mean over blocks of ‖block(x) − conv(x)‖² / ‖conv(x)‖², ``conv`` the teacher's original."""
+        terms = []
+        for name, (x, out) in self.seen.items():
+            conv = self.pairs[name]
+            with torch.no_grad():
+                # The block's own input, detached: the target must not pull earlier layers around.
+                target = F.conv2d(x.detach().float(), conv.weight.float(),
+                                  None if conv.bias is None else conv.bias.float(),
+                                  conv.stride, conv.padding, conv.dilation, conv.groups)
+            err = (out.float() - target).pow(2).mean()
+            terms.append(err / target.pow(2).mean().clamp_min(1e-12))
+        self.seen = {}
+        if not terms:
+            return torch.zeros(())
+        return torch.stack(terms).mean()
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Hinton distillation: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (T² keeps gradient scales stable)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    log_target=True, reduction="batchmean") * (t * t)
+
+
+def _lr_lambda(total: int, warmup: float, min_lr: float) -> Callable[[int], float]:
+    """Linear warm-up over ``warmup·total`` steps, then cosine decay to ``min_lr`` (fractions of lr)."""
+    warm = int(round(warmup * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return min_lr + (1 - min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+    return factor
+
+
+def _cpu_state(model: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _to_cpu(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.cpu() if isinstance(v, Tensor) else v for k, v in state.items()}

@@ -1,0 +1,289 @@
+"""Fine-tuning: distillation works, never returns worse than the start, resumes exactly, runs under torchrun."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from igc_convert.blocks import IGCV1
+from igc_convert.cli import main as cli_main
+from igc_convert.data import resolve_source
+from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
+from igc_convert.finetune import (FinetuneConfig, _FeatureHooks, checkpoint_path, finetune, load_checkpoint)
+
+TESTS = Path(__file__).parent
+
+
+class Tiny(nn.Module):
+    """Two 3×3 convs (the second one convertible), BatchNorm, dropout: every state a run must carry."""
+
+    def __init__(self, width: int = 8, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return self.fc(self.drop(F.adaptive_avg_pool2d(x, 2).flatten(1)))  # 2×2: digits need layout
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny convs gain nothing from threads, and lose a lot when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def digits(split: str, samples: int | None = None):
+    return resolve_source("digits", image_size=8, channels=1, split=split, samples=samples)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits("train", 384), digits("val", 128)
+
+
+@pytest.fixture(scope="module")
+def teacher(data):
+    """A real (if small) digits classifier, trained with finetune's labels-only path."""
+    torch.manual_seed(0)
+    model = Tiny(width=16, dropout=0.0)
+    result = finetune(model, digits("train"), val_data=digits("val"),
+                      config=FinetuneConfig(epochs=3, lr=1e-2, kd_weight=0, ce_weight=1, freeze_bn=False,
+                                            progress=False))
+    assert result.best.accuracy > 0.8, result.best  # a teacher worth distilling from
+    return result.model
+
+
+def noisy_copy(model: nn.Module, scale: float, seed: int = 1) -> nn.Module:
+    student = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.std() * scale if p.numel() > 1 else 0)
+    return student
+
+
+def converted(teacher: nn.Module) -> nn.Module:
+    """The teacher with conv2 replaced by a (lossy) IGCV1 block fitted to it."""
+    student = copy.deepcopy(teacher)
+    student.conv2 = IGCV1.from_conv(teacher.conv2, primary_groups=2, secondary_groups=2, rank=2)
+    return student
+
+
+def states_equal(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------ quality
+def test_distillation_improves_agreement_with_teacher(teacher, data):
+    train, val = data
+    student = noisy_copy(teacher, 0.5)
+    result = finetune(student, train, teacher=teacher, val_data=val,
+                      config=FinetuneConfig(epochs=2, lr=3e-3, progress=False))
+    start, best = result.start, result.best
+    assert best.metric == "accuracy"  # labelled val: ranked by accuracy, agreement reported too
+    assert best.agreement >= start.agreement + 0.1, [e.summary() for e in result.history]
+    assert best.kl < start.kl / 2
+    assert result.model is student
+
+
+def test_feature_matching_trains_converted_blocks(teacher, data):
+    train, val = data
+    student = converted(teacher)
+    before = copy.deepcopy(student)
+    result = finetune(student, train, teacher=teacher, val_data=val,
+                      config=FinetuneConfig(epochs=1, lr=1e-3, kd_weight=0.0, feature_weight=1.0, progress=False))
+    assert result.steps > 0
+    # With only the feature loss, the block moves towards the original conv on the same inputs.
+    x = torch.stack([train[i][0] for i in range(64)])
+    with torch.no_grad():
+        h = F.relu(teacher.bn1(teacher.conv1(x)))
+        err = [F.mse_loss(m.conv2(F.relu(m.bn1(m.conv1(x)))), teacher.conv2(h)).item() for m in (before, student)]
+    assert err[1] < err[0] or result.best.epoch == 0, err
+
+
+def test_feature_loss_is_zero_for_an_exact_block_and_positive_otherwise():
+    torch.manual_seed(0)
+    teacher = Tiny(dropout=0.0).eval()
+    exact = copy.deepcopy(teacher)
+    exact.conv2 = IGCV1.from_conv(teacher.conv2, rank=8)  # full rank: the dense conv exactly
+    lossy = converted(teacher)
+    x = torch.randn(4, 1, 8, 8)
+    losses = []
+    for student in (exact, lossy):
+        hooks = _FeatureHooks({"conv2": teacher.conv2}, student)
+        hooks.recording = True
+        student.eval()(x)
+        losses.append(hooks.loss().item())
+        hooks.remove()
+    assert losses[0] < 1e-10 and losses[1] > 1e-3, losses
+
+
+def test_never_worse_than_the_start_with_a_destructive_learning_rate(teacher, data):
+    train, val = data
+    student = copy.deepcopy(teacher)
+    result = finetune(student, train, teacher=teacher, val_data=val,
+                      config=FinetuneConfig(epochs=2, lr=50.0, optimizer="sgd", clip_grad_norm=None,
+                                            progress=False))
+    assert [e.epoch for e in result.history] == [0, 1, 2]
+    assert all(e.value < result.start.value for e in result.history[1:])  # the run really was destructive
+    assert result.best.epoch == 0
+    assert states_equal(result.model, teacher)
+
+
+def test_batchnorm_statistics_frozen_on_small_data_unless_asked(teacher, data):
+    train, val = data
+    cfg = dict(epochs=1, lr=1e-3, progress=False)
+    frozen = finetune(noisy_copy(teacher, 0.2), train, teacher=teacher, val_data=val,
+                      config=FinetuneConfig(**cfg)).model
+    updated = finetune(noisy_copy(teacher, 0.2), train, teacher=teacher, val_data=val,
+                       config=FinetuneConfig(freeze_bn=False, **cfg)).model
+    assert torch.equal(frozen.bn1.running_mean, teacher.bn1.running_mean)
+    assert not torch.equal(updated.bn1.running_mean, teacher.bn1.running_mean)
+
+
+def test_callers_rng_state_is_restored(teacher, data):
+    train, val = data
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, config=FinetuneConfig(epochs=1, progress=False))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+# 256 images, 32 per batch: 8 steps per epoch; checkpoints at steps 5, 10, 15 and at each epoch end (8, 16).
+RESUME_CFG = dict(epochs=2, batch_size=32, lr=2e-3, feature_weight=0.5, freeze_bn=False, progress=False,
+                  checkpoint_every=5)
+
+
+class Kill(KeyboardInterrupt):
+    """Stands for a SIGKILL/Ctrl-C between two steps."""
+
+
+@pytest.fixture(scope="module")
+def resume_setup(teacher, tmp_path_factory):
+    train, val = digits("train", 256), digits("val", 64)
+    start = converted(teacher)
+    start.drop = nn.Dropout(0.3)  # random masks: the RNG state must be carried too
+    reference = finetune(copy.deepcopy(start), train, teacher=teacher, val_data=val,
+                         config=FinetuneConfig(checkpoint_dir=tmp_path_factory.mktemp("ref"), **RESUME_CFG))
+    return start, train, val, reference
+
+
+@pytest.mark.parametrize("kill_step, checkpoint_step", [(4, None), (7, 5), (9, 8), (13, 10)],
+                         ids=["before-any-checkpoint", "mid-epoch", "after-epoch-end", "second-epoch"])
+def test_resume_ends_with_exactly_the_uninterrupted_weights(teacher, resume_setup, tmp_path, kill_step,
+                                                            checkpoint_step):
+    start, train, val, reference = resume_setup
+
+    def on_step(step: int) -> None:
+        if step == kill_step:
+            raise Kill
+
+    with pytest.raises(Kill):
+        finetune(copy.deepcopy(start), train, teacher=teacher, val_data=val,
+                 config=FinetuneConfig(checkpoint_dir=tmp_path, **RESUME_CFG), on_step=on_step)
+    path = checkpoint_path(tmp_path)
+    # The steps after the checkpoint are redone from it, skipping the batches it had already seen.
+    assert (load_checkpoint(path)["step"] if path.exists() else None) == checkpoint_step
+    resumed = finetune(copy.deepcopy(start), train, teacher=teacher, val_data=val,
+                       config=FinetuneConfig(checkpoint_dir=tmp_path, resume=True, **RESUME_CFG))
+    assert resumed.resumed_from_step == checkpoint_step
+    assert resumed.steps == reference.steps == 16
+    assert states_equal(resumed.model, reference.model)
+    assert resumed.history == reference.history
+
+
+def test_checkpoint_loads_with_weights_only(teacher, data, tmp_path):
+    train, val = data
+    finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val,
+             config=FinetuneConfig(epochs=1, checkpoint_dir=tmp_path, progress=False))
+    ckpt = torch.load(checkpoint_path(tmp_path), weights_only=True)
+    assert {"model", "optimizer", "scheduler", "step", "epoch", "rng", "best", "run"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["batch"] == 0
+    assert isinstance(ckpt["rng"][0]["torch"], torch.Tensor)
+
+
+def test_resume_with_a_checkpoint_of_another_model_fails_and_keeps_it(teacher, data, tmp_path):
+    train, val = data
+    finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val,
+             config=FinetuneConfig(epochs=1, checkpoint_dir=tmp_path, progress=False))
+    before = checkpoint_path(tmp_path).read_bytes()
+    other = Tiny(width=8)
+    with pytest.raises(CheckpointError, match="different model"):
+        finetune(other, train, teacher=teacher, val_data=val,
+                 config=FinetuneConfig(epochs=1, checkpoint_dir=tmp_path, resume=True, progress=False))
+    with pytest.raises(CheckpointError, match="different run.*seed"):
+        finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val,
+                 config=FinetuneConfig(epochs=1, seed=5, checkpoint_dir=tmp_path, resume=True, progress=False))
+    assert checkpoint_path(tmp_path).read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
+    path = checkpoint_path(tmp_path)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------ user errors
+@pytest.mark.parametrize("kwargs", [dict(epochs=0), dict(lr=-1.0), dict(optimizer="adam"), dict(warmup=2.0),
+                                    dict(kd_weight=0.0), dict(resume=True), dict(batch_size=True),
+                                    dict(clip_grad_norm=0.0)],
+                         ids=["epochs", "lr", "optimizer", "warmup", "no-loss", "resume-no-dir", "bool-batch",
+                              "clip"])
+def test_bad_config_is_a_config_error(kwargs):
+    with pytest.raises(ConfigError):
+        FinetuneConfig(**kwargs)
+
+
+def test_loss_and_data_mismatches_are_clear_errors(teacher, data):
+    train, val = data
+    unlabelled = torch.randn(16, 1, 8, 8)
+    with pytest.raises(ConfigError, match="without a teacher"):
+        finetune(Tiny(), train, config=FinetuneConfig(progress=False))
+    with pytest.raises(DataError, match="needs labels"):
+        finetune(Tiny(), unlabelled, config=FinetuneConfig(kd_weight=0, ce_weight=1, progress=False))
+    with pytest.raises(ConfigError, match="resolve"):
+        finetune(Tiny(), "digits", teacher=teacher, config=FinetuneConfig(progress=False))
+    with pytest.raises(DataError, match="N×C×H×W"):
+        finetune(Tiny(), torch.randn(4, 1, 8), teacher=teacher, config=FinetuneConfig(progress=False))
+    with pytest.raises(ModelError, match="conv2"):  # feature matching needs the original conv there
+        finetune(converted(teacher), train, teacher=nn.Sequential(),
+                 config=FinetuneConfig(feature_weight=1, progress=False))
+
+
+# ------------------------------------------------------------------------------------ torchrun
+def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(TESTS / "_ddp_worker.py"), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["steps"] == r1["steps"] == 12  # 192 images / 2 ranks / 16 per batch = 6 steps, 2 epochs
+    assert r0["state"].keys() == r1["state"].keys()
+    assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+    assert r0["history"] == r1["history"]  # validation summed over both ranks' shards: one verdict
+    ckpt = checkpoint_path(tmp_path / "ckpt")
+    assert r0["writes"] and set(r0["writes"]) == {str(ckpt)}
+    assert r1["writes"] == []
+    saved = load_checkpoint(ckpt)
+    assert saved["run"]["world_size"] == 2 and len(saved["rng"]) == 2
