@@ -227,12 +227,13 @@ class SubsetImages(SourceDataset):
 
 
 # ----------------------------------------------------------------------------------- entry point
-def resolve_source(source: Any, *, image_size: int = 224, channels: int | None = 3, split: str = "all",
+def resolve_source(source: Any, *, image_size: int = 224, channels: int | None = None, split: str = "all",
                    samples: int | None = None, labels: bool = False, seed: int = 0) -> SourceDataset:
     """Turn a data source (name, folder, or Python object) into a data set of ``(image, label)`` items.
 
-    ``image_size`` and ``channels`` shape the images of named and folder sources; for Python objects
-    they are not resized, and ``channels`` (when not ``None``) is checked. ``labels=True`` requires
+    ``image_size`` and ``channels`` shape the images of named and folder sources (``channels=None``:
+    the source's own, 1 for digits, 3 for photos); Python objects are not resized, and their channels
+    are checked when ``channels`` is given. ``labels=True`` requires
     labels (:class:`DataError` otherwise). ``samples`` caps the number of items (a seeded random
     subset; for ``"sample-images"`` it is the number of crops).
 
@@ -328,8 +329,9 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
         distributed = dist.is_available() and dist.is_initialized()
     world, rank = (dist.get_world_size(), dist.get_rank()) if distributed else (1, 0)
     # The same sampler with one replica when not distributed: one code path, one order definition.
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=False)
+    # The sampler seeds its shuffle with seed + epoch: spread the seeds so (seed, epoch) pairs never collide.
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle,
+                                 seed=_mix_seed(seed, 0), drop_last=False)
     sampler.set_epoch(epoch)
     indices = list(sampler)
     if drop_last:

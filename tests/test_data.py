@@ -1,0 +1,237 @@
+"""Data sources: digits split, photo crops, folders, Python objects, loaders; every bad input a DataError."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from igc_convert.data import (DIGITS_MEAN, DIGITS_STD, has_labels, make_loader, resolve_source,
+                              split_indices)
+from igc_convert.errors import ConfigError, DataError
+
+
+# ------------------------------------------------------------------------------------ digits
+def test_digits_split_is_disjoint_stratified_and_complete():
+    train = resolve_source("digits", image_size=8, channels=1, split="train")
+    val = resolve_source("digits", image_size=8, channels=1, split="val")
+    everything = resolve_source("digits", image_size=8, channels=1)
+    assert (len(train), len(val), len(everything)) == (1438, 359, 1797)
+    assert not set(train.indices) & set(val.indices)
+    assert sorted(train.indices + val.indices) == list(range(1797))
+    # Stratified: every class is ~20% validation.
+    counts = torch.bincount(val.targets(), minlength=10).float() / torch.bincount(everything.targets()).float()
+    assert ((counts - 0.2).abs() < 0.02).all(), counts
+
+
+def test_digits_split_is_a_function_of_the_seed():
+    a = resolve_source("digits", split="val", seed=0, image_size=8, channels=1)
+    b = resolve_source("digits", split="val", seed=0, image_size=8, channels=1)
+    c = resolve_source("digits", split="val", seed=1, image_size=8, channels=1)
+    assert a.indices == b.indices != c.indices
+
+
+@pytest.mark.parametrize("size, channels", [(8, 1), (16, 1), (32, 3)], ids=["native", "16px", "32px-rgb"])
+def test_digits_images_are_resized_normalised_and_replicated(size, channels):
+    data = resolve_source("digits", image_size=size, channels=channels)
+    x, y = data[5]
+    assert x.shape == (channels, size, size) and x.dtype == torch.float32
+    assert 0 <= y <= 9 and data.labelled
+    if channels == 3:
+        torch.testing.assert_close(x[0], x[2])
+    if size == 8:  # the fixed normalisation is the data's own statistics at native size
+        all_x = torch.stack([data[i][0] for i in range(len(data))])
+        assert abs(all_x.mean().item()) < 1e-3 and abs(all_x.std().item() - 1) < 1e-3
+    from sklearn.datasets import load_digits
+
+    raw = torch.as_tensor(load_digits().images[5], dtype=torch.float32) / 16
+    if size == 8:
+        torch.testing.assert_close(x[0] * DIGITS_STD + DIGITS_MEAN, raw)
+
+
+def test_samples_takes_a_seeded_subset_of_the_split():
+    val = resolve_source("digits", image_size=8, channels=1, split="val")
+    some = resolve_source("digits", image_size=8, channels=1, split="val", samples=50)
+    assert len(some) == 50
+    assert set(val.indices[i] for i in some.indices) <= set(val.indices)
+
+
+# ------------------------------------------------------------------------------------ sample images
+def test_sample_images_are_seeded_crops():
+    a = resolve_source("sample-images", image_size=32, samples=10, seed=3)
+    b = resolve_source("sample-images", image_size=32, samples=10, seed=3)
+    c = resolve_source("sample-images", image_size=32, samples=10, seed=3, split="val")
+    assert len(a) == 10 and not a.labelled and a[0][1] == -1
+    assert a[0][0].shape == (3, 32, 32)
+    assert a.boxes == b.boxes and a.boxes != c.boxes
+    assert len({box for box in a.boxes}) == 10  # different crops
+    x = torch.stack([a[i][0] for i in range(10)])
+    assert -3 < x.mean() < 3 and x.std() > 0.3  # ImageNet-normalised photos, not constant
+
+
+def test_labels_requested_on_unlabelled_sources_is_a_data_error():
+    with pytest.raises(DataError, match="sample-images.*none"):
+        resolve_source("sample-images", labels=True)
+    with pytest.raises(DataError, match="none"):
+        resolve_source(torch.randn(4, 3, 8, 8), labels=True)
+
+
+# ------------------------------------------------------------------------------------ folders
+def _png(path: Path, color: int, size=(40, 30), mode="RGB") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "L" else (color, 255 - color, color // 2)).save(path)
+
+
+def test_folder_with_class_subfolders_gives_labels(tmp_path):
+    for cls, color in (("cat", 10), ("dog", 200)):
+        for i in range(3):
+            _png(tmp_path / cls / f"{i}.png", color)
+    _png(tmp_path / "dog" / "grey.png", 90, mode="L")  # grey images are converted to RGB
+    (tmp_path / "notes.txt").write_text("not an image, ignored")
+    data = resolve_source(tmp_path, image_size=16)
+    assert data.labelled and data.classes == ["cat", "dog"]
+    assert len(data) == 7 and data.targets().tolist() == [0, 0, 0, 1, 1, 1, 1]
+    x, y = data[4]
+    assert x.shape == (3, 16, 16) and y == 1
+    assert resolve_source(tmp_path, image_size=16, channels=1)[0][0].shape == (1, 16, 16)
+
+
+def test_flat_folder_is_unlabelled(tmp_path):
+    for i in range(4):
+        _png(tmp_path / f"{i}.jpg", 30 * i)
+    data = resolve_source(tmp_path, image_size=20)
+    assert not data.labelled and len(data) == 4 and data[0][1] == -1
+    assert data[0][0].shape == (3, 20, 20)
+    with pytest.raises(DataError, match="labels were requested"):
+        resolve_source(tmp_path, labels=True)
+
+
+@pytest.mark.parametrize("case", ["empty", "only-text", "garbage-png", "mixed-layout"])
+def test_bad_folders_are_data_errors_naming_the_path(tmp_path, case):
+    if case == "only-text":
+        (tmp_path / "readme.txt").write_text("hello")
+    elif case == "garbage-png":
+        _png(tmp_path / "good.png", 5)
+        (tmp_path / "bad.png").write_bytes(b"this is not a png at all")
+    elif case == "mixed-layout":
+        _png(tmp_path / "loose.png", 5)
+        _png(tmp_path / "cls" / "a.png", 5)
+    with pytest.raises(DataError) as err:
+        resolve_source(tmp_path)
+    assert str(tmp_path) in str(err.value)
+    if case == "garbage-png":
+        assert "bad.png" in str(err.value)
+
+
+def test_truncated_image_fails_when_read_naming_the_file(tmp_path):
+    _png(tmp_path / "ok.png", 5)
+    full = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(full[: len(full) // 2])  # a valid header, half the data
+    data = resolve_source(tmp_path, image_size=8)
+    with pytest.raises(DataError, match="cut.png"):
+        [data[i] for i in range(len(data))]
+
+
+def test_missing_path_and_unknown_name_are_data_errors(tmp_path):
+    with pytest.raises(DataError, match="unknown data source"):
+        resolve_source(tmp_path / "nope")
+    with pytest.raises(DataError, match="unknown data source"):
+        resolve_source("imagenet")
+
+
+# ------------------------------------------------------------------------------------ Python objects
+def test_tensor_source_is_wrapped_unlabelled():
+    x = torch.randn(6, 3, 10, 12)
+    data = resolve_source(x)
+    assert len(data) == 6 and not data.labelled
+    torch.testing.assert_close(data[2][0], x[2])
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (torch.randn(3, 8, 8), "rank 3"),
+    (torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8), "uint8"),
+    (torch.randn(2, 1, 8, 8), "1 channels"),
+    (torch.full((2, 3, 4, 4), float("nan")), "NaN"),
+    (torch.randn(0, 3, 4, 4), "no images"),
+], ids=["rank", "dtype", "channels", "nan", "empty"])
+def test_bad_tensors_are_data_errors_naming_the_shape(bad, pattern):
+    with pytest.raises(DataError, match=pattern) as err:
+        resolve_source(bad, channels=3)
+    assert str(tuple(bad.shape)) in str(err.value)
+
+
+def test_iterable_of_labelled_batches_and_of_single_images():
+    batches = [(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])), (torch.randn(2, 3, 8, 8), torch.tensor([4, 5]))]
+    data = resolve_source(iter(batches))
+    assert data.labelled and len(data) == 6 and data[5][1] == 5
+    singles = resolve_source([torch.randn(3, 8, 8) for _ in range(5)])
+    assert not singles.labelled and len(singles) == 5
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    ([(torch.randn(2, 3, 8, 8), torch.tensor([0, 1])), torch.randn(2, 3, 8, 8)], "has no label"),
+    ([torch.randn(2, 3, 8, 8), torch.randn(2, 3, 9, 9)], "different shapes"),
+    ([(torch.randn(2, 3, 8, 8), torch.tensor([0, 1, 2]))], "2 images but 3 labels"),
+    ([(torch.randn(2, 3, 8, 8), torch.tensor([0.5, 1.0]))], "non-negative integers"),
+    ([np.zeros((3, 8, 8))], "not a tensor"),
+    ([], "empty"),
+    ({"a": 1}, "cannot use a dict"),
+], ids=["mixed-labels", "mixed-sizes", "label-count", "float-labels", "numpy", "empty", "dict"])
+def test_bad_iterables_are_data_errors(bad, pattern):
+    with pytest.raises(DataError, match=pattern):
+        resolve_source(bad)
+
+
+def test_dataset_and_dataloader_are_wrapped():
+    ds = TensorDataset(torch.randn(10, 3, 8, 8), torch.arange(10))
+    data = resolve_source(ds)
+    assert data.labelled and len(data) == 10 and data[3][1] == 3
+    via_loader = resolve_source(DataLoader(ds, batch_size=4))
+    assert via_loader.dataset is ds
+    assert has_labels(data) and not has_labels(resolve_source(torch.randn(2, 3, 8, 8)))
+    train, val = (resolve_source(ds, split=s) for s in ("train", "val"))
+    assert len(train) + len(val) == 10 and not set(train.indices) & set(val.indices)
+
+
+def test_dataset_with_bad_items_is_a_data_error():
+    with pytest.raises(DataError, match="shape"):
+        resolve_source(TensorDataset(torch.randn(4, 8, 8)))  # items are 2-D
+    with pytest.raises(DataError, match="channels"):
+        resolve_source(TensorDataset(torch.randn(4, 1, 8, 8)), channels=3)
+    with pytest.raises(DataError, match="label"):
+        resolve_source(TensorDataset(torch.randn(4, 3, 8, 8), -torch.ones(4, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("kwargs", [dict(split="test"), dict(image_size=0), dict(channels=0), dict(samples=0)],
+                         ids=["split", "size", "channels", "samples"])
+def test_bad_options_are_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        resolve_source("digits", **kwargs)
+
+
+# ------------------------------------------------------------------------------------ loaders
+def _order(loader) -> list[int]:
+    return [int(v) for _, y in loader for v in y]
+
+
+def test_loader_order_is_a_function_of_seed_and_epoch():
+    labelled = resolve_source([(torch.randn(40, 1, 2, 2), torch.arange(40))])  # label = index: order readable
+    orders = {(s, e): _order(make_loader(labelled, 8, shuffle=True, seed=s, epoch=e)) for s in (0, 1) for e in (0, 1)}
+    assert _order(make_loader(labelled, 8, shuffle=True, seed=0, epoch=0)) == orders[0, 0]
+    assert len({tuple(o) for o in orders.values()}) == 4
+    assert sorted(orders[0, 0]) == list(range(40))
+    tail = _order(make_loader(labelled, 8, shuffle=True, seed=0, epoch=1, skip_batches=2))
+    assert tail == orders[0, 1][16:]
+    assert _order(make_loader(labelled, 8, shuffle=False)) == list(range(40))
+    assert len(make_loader(labelled, 16, shuffle=True, drop_last=True)) == 2
+
+
+@pytest.mark.parametrize("n, targets", [(10, None), (97, torch.arange(97) % 5), (3, torch.tensor([0, 1, 2]))],
+                         ids=["unlabelled", "five-classes", "singletons"])
+def test_split_indices_partition(n, targets):
+    train, val = split_indices(n, targets, seed=0)
+    assert sorted(train + val) == list(range(n)) and not set(train) & set(val)
