@@ -33,7 +33,7 @@ from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
 from .plan import (TARGET_METRIC, Candidate, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
-                   allocate, candidates)
+                   allocate, candidates, uniform)
 from .report import LayerRecord, Report
 
 log = logging.getLogger(__name__)
@@ -212,12 +212,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             include: Sequence[str] | None = None, inplace: bool = False, sequential: bool = True,
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
-            model_name: str = "") -> ConversionResult:
+            allocation: str = "budget", model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
     ``sequential`` then fits each layer against the inputs it really gets after upstream layers were
-    converted. ``exclude``/``include`` are glob patterns over qualified layer names.
+    converted. ``exclude``/``include`` are glob patterns over qualified layer names. ``allocation``
+    ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
+    baseline it is measured against) gives every layer the same ratio.
 
     Example::
 
@@ -315,7 +317,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             dense_total += cost
             if s.name in reasons:
                 fixed += cost
-    chosen = allocate(per_layer, target, fixed_cost=fixed, dense_total=dense_total) if per_layer else []
+    if allocation not in ("budget", "uniform"):
+        raise ConfigError(f"allocation must be 'budget' or 'uniform', got {allocation!r}")
+    if not per_layer:
+        chosen = []
+    elif allocation == "uniform" and not isinstance(target, MaxError):
+        chosen = uniform(per_layer, target.ratio, metric)
+    else:
+        chosen = allocate(per_layer, target, fixed_cost=fixed, dense_total=dense_total)
 
     # fit and swap, in execution order
     converted = original if inplace else copy.deepcopy(original)
@@ -336,7 +345,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             from . import calibrate
 
             paired = calibrate.collect_paired_stats(reference, converted, s.name, batches,
-                                                    max_positions=max_positions, seed=seed)
+                                                    max_positions=max_positions, seed=seed, progress=False)
             target_w, sigma_fit = calibrate.sequential_target(w, paired, damping=damping)
         kwargs = {} if c.kind == "igcv1" else dict(max_iter=fit_iters)
         try:

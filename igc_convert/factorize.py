@@ -42,7 +42,7 @@ from .shuffle import shuffle_permutation
 Tensor = torch.Tensor
 
 #: Default damping of Σ, relative to its mean eigenvalue (trace / n).
-DEFAULT_DAMPING = 1e-2
+DEFAULT_DAMPING = 1e-3
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,7 @@ def refine(objective: Objective, params: Sequence[Tensor], build: Callable[..., 
 
     Returns the best parameters seen, ``f`` there, and the number of iterations run.
     """
-    ps = [p.detach().to(torch.float64).clone().requires_grad_(True) for p in params]
+    ps = [p.detach().to(torch.float64).contiguous().clone().requires_grad_(True) for p in params]
     with torch.no_grad():
         f0 = float(objective(build(*ps)))
     if max_iter <= 0 or f0 <= 1e-28:

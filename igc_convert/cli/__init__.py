@@ -24,7 +24,6 @@ SUBCOMMANDS = {
     "finetune": "finetune",
     "export": "export",
     "bench": "bench",
-    "demo": "demo",
 }
 
 EXIT_USER_ERROR = 2
@@ -61,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``igc-convert`` console script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # usage errors: argparse prints usage + one error line, exit 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

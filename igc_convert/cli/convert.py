@@ -1,0 +1,102 @@
+"""``igc-convert convert``: a model name (+ weights) and a target → a converted model file and its report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import torch
+
+from ..errors import ConfigError
+
+HELP = "convert the dense convolutions of a model into IGC blocks and save it with its per-layer report"
+EXAMPLE = ("igc-convert convert resnet18 --weights DEFAULT -o resnet18-igc.safetensors --params-ratio 0.25 "
+           "--calib sample-images --report report.json")
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="torchvision model name (resnet50), timm:NAME, efficientnet_lite0, or module.path:factory")
+    parser.add_argument("-o", "--output", required=True, help="converted model file to write (.safetensors)")
+    parser.add_argument("--weights", default="none",
+                        help="PATH to a state dict (.pt/.pth/.safetensors), DEFAULT (pretrained, may need internet) "
+                             "or none (random init; default)")
+    parser.add_argument("--num-classes", type=int, default=None, help="classifier size passed to the model builder")
+    parser.add_argument("--block", choices=("igcv1", "igcv2", "igcv3", "auto"), default="igcv1",
+                        help="block kind; auto picks per layer (default igcv1)")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--params-ratio", type=float, metavar="R",
+                        help="total conv parameters <= R x the original's (default 0.5)")
+    target.add_argument("--macs-ratio", type=float, metavar="R", help="total conv MACs <= R x the original's")
+    target.add_argument("--max-error", type=float, metavar="E", help="every converted layer's relative error <= E")
+    target.add_argument("--latency-ratio", type=float, metavar="R",
+                        help="onnxruntime conv latency <= R x the original's (measured here; 1.0 = never slower)")
+    parser.add_argument("--calib", metavar="SOURCE",
+                        help="calibration images for a data-aware fit: digits, sample-images, or an image folder")
+    parser.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration images (default 256)")
+    parser.add_argument("--one-shot", action="store_true",
+                        help="data-aware fit from the original model's statistics only (faster, less accurate "
+                             "than the default sequential fit)")
+    parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="layer names to keep dense")
+    parser.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only convert these layers")
+    parser.add_argument("--input-size", type=int, default=224, metavar="N", help="input height/width (default 224)")
+    parser.add_argument("--report", metavar="JSON", help="also write the per-layer report as JSON")
+    parser.add_argument("--plot", metavar="PNG", help="also write a plot of error vs compression per layer")
+    parser.add_argument("--seed", type=int, default=0, help="seed for random init and calibration sampling")
+
+
+def _target(args: argparse.Namespace):
+    from ..plan import LatencyRatio, MacsRatio, MaxError, ParamsRatio
+
+    if args.macs_ratio is not None:
+        return MacsRatio(args.macs_ratio)
+    if args.max_error is not None:
+        return MaxError(args.max_error)
+    if args.latency_ratio is not None:
+        return LatencyRatio(args.latency_ratio)
+    return ParamsRatio(0.5 if args.params_ratio is None else args.params_ratio)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..convert import convert
+    from ..files import check_writable
+    from ..models import build_model
+    from ..serialize import save
+    from .export import input_channels
+
+    target = _target(args)  # validates the ratio before any work
+    if args.input_size < 1:
+        raise ConfigError(f"--input-size must be positive, got {args.input_size}")
+    if args.calib_samples < 1:
+        raise ConfigError(f"--calib-samples must be positive, got {args.calib_samples}")
+    for path in (args.output, args.report, args.plot):
+        if path:
+            check_writable(path)
+    torch.manual_seed(args.seed)
+    weights = None if str(args.weights).lower() == "none" else args.weights
+    model, origin = build_model(args.model, weights, num_classes=args.num_classes)
+    channels = input_channels(model)
+    example = torch.randn(1, channels, args.input_size, args.input_size,
+                          generator=torch.Generator().manual_seed(args.seed))
+    calibration = None
+    if args.calib:
+        from ..data import resolve_source
+
+        calibration = resolve_source(args.calib, image_size=args.input_size, channels=channels, split="train",
+                                     samples=args.calib_samples, seed=args.seed)
+    result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
+                     calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
+                     sequential=not args.one_shot, seed=args.seed, model_name=args.model)
+    save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
+    print(result.report.table())
+    if args.report:
+        result.report.save_json(args.report)
+    if args.plot:
+        result.report.plot(args.plot)
+    t = result.report.totals()
+    print(f"\nwrote {args.output}: {t['converted']}/{t['convs']} convs converted, conv params x{t['params_ratio']:.3f}"
+          + (f", conv MACs x{t['macs_ratio']:.3f}" if t["macs_ratio"] is not None else ""), file=sys.stderr)
+    return 0
