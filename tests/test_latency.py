@@ -1,0 +1,335 @@
+"""Latency-aware planning and the never-slower guard.
+
+Timers are scripted (monkeypatched) wherever a decision is tested, so the tests are deterministic;
+one end-to-end test measures for real on a tiny CNN but asserts no speed, only that the plan holds
+nothing measured slower than dense and that model, plan and report agree.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+import igc_convert
+from igc_convert import bench, latency
+from igc_convert.blocks import IGCBlock
+from igc_convert.errors import ConfigError
+from igc_convert.plan import Candidate, LayerSpec, candidates
+from igc_convert.latency import REVERTED, attach_latencies, enforce_not_slower
+
+
+def _cnn(width: int = 16, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * width, 10)).eval()
+
+
+def _layer(conv: nn.Conv2d, name: str, hw=(8, 8)) -> LayerSpec:
+    return LayerSpec(name, conv.weight.detach().double(), conv.bias is not None, conv.stride, conv.padding,
+                     conv.dilation, hw)
+
+
+def _no_export(*args, **kwargs):
+    raise AssertionError("measured again instead of reading the cache")
+
+
+def _params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.fixture()
+def scripted_modules(monkeypatch):
+    """measure_module_latency -> dense conv: 1 ms per 1000 params; a block: ``speed`` × its params ratio."""
+    calls = []
+
+    def fake(module, shape, *, threads=2, runs=20, warmup=3, cache_dir=None, key=None, use_cache=True, seed=0):
+        calls.append((type(module).__name__, tuple(shape)))
+        dense = module.in_channels * module.out_channels * 9 // getattr(module, "groups", 1)
+        if isinstance(module, IGCBlock):
+            return fake.speed * _params(module) / dense * 1e-3 * dense / 1000
+        return 1e-3 * dense / 1000
+
+    fake.speed = 2.0  # blocks above half the dense params are slower than dense
+    monkeypatch.setattr(bench, "measure_module_latency", fake)
+    fake.calls = calls
+    return fake
+
+
+# ------------------------------------------------------------------------------------ attach
+def test_attach_latencies_drops_slower_candidates_and_times_fixed_convs(scripted_modules):
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(16, 32, 3, padding=1), nn.Conv2d(32, 32, 3, padding=1)]
+    specs = [_layer(c, f"c{i}") for i, c in enumerate(convs)]
+    per_layer = [candidates(s, ["igcv1"]) for s in specs]
+    fixed = [SimpleNamespace(name="g", module=nn.Conv2d(8, 8, 3, groups=8), input_hw=(8, 8), calls=2),
+             SimpleNamespace(name="unused", module=nn.Conv2d(8, 8, 3), input_hw=None, calls=0)]
+    out, fixed_t = attach_latencies(specs, per_layer, convs, fixed, batch_size=4, progress=False, max_measured=5)
+
+    assert len(out) == 2
+    for cands, conv, full in zip(out, convs, per_layer):
+        dense = [c for c in cands if c.kind == "dense"]
+        assert len(dense) == 1 and dense[0].latency == pytest.approx(1e-3 * conv.weight.numel() / 1000)
+        blocks = [c for c in cands if c.kind != "dense"]
+        assert 1 <= len(blocks) <= 5
+        assert all(c.latency is not None and c.latency < dense[0].latency for c in blocks)
+        # with speed 2, a block at more than half the dense params is slower: it must be gone
+        assert all(c.params < full[0].params / 2 for c in blocks)
+        assert all(replace(c, latency=None) in full for c in blocks)  # unchanged apart from latency
+    # a measured candidate above half the dense params existed and was dropped
+    measured_blocks = [c for c in scripted_modules.calls if c[0] == "IGCV1"]
+    assert len(measured_blocks) > sum(len(c) - 1 for c in out)
+    # each layer's shape: (batch, C_in, *input_hw)
+    assert ("Conv2d", (4, 16, 8, 8)) in scripted_modules.calls
+    assert fixed_t == [pytest.approx(2 * 1e-3 * 8 * 8 * 9 / 8 / 1000), 0.0]
+
+
+def test_attach_latencies_multiplies_by_calls_and_checks_lengths(scripted_modules):
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    spec = _layer(conv, "shared")
+    once, _ = attach_latencies([spec], [candidates(spec, ["igcv1"])], [conv], [], batch_size=1, progress=False)
+    twice, _ = attach_latencies([spec], [candidates(spec, ["igcv1"])], [conv], [], batch_size=1, progress=False,
+                                calls=[2])
+    assert [c.latency * 2 for c in once[0]] == pytest.approx([c.latency for c in twice[0]])
+    with pytest.raises(ConfigError, match="one entry per layer"):
+        attach_latencies([spec], [], [conv], [], batch_size=1, progress=False)
+    with pytest.raises(ConfigError, match="batch size"):
+        attach_latencies([spec], [candidates(spec, ["igcv1"])], [conv], [], batch_size=0, progress=False)
+
+
+def test_attach_latencies_keeps_dense_only_when_every_block_is_slower(scripted_modules):
+    scripted_modules.speed = 1000.0
+    conv = nn.Conv2d(16, 16, 3, padding=1)
+    spec = _layer(conv, "c")
+    out, _ = attach_latencies([spec], [candidates(spec, ["igcv1"])], [conv], [], batch_size=1, progress=False)
+    assert [c.kind for c in out[0]] == ["dense"]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6], ids=lambda k: f"k{k}")
+def test_measured_candidates_are_hull_points_spread_over_params(k):
+    # error falls convexly with params: every point is on the lower hull
+    cands = [Candidate("dense", {}, 1000, error=0.0)] + [
+        Candidate("igcv1", {"rank": p}, p * 10, error=(1 - p / 100) ** 2) for p in range(1, 100)]
+    picked = latency._to_measure(cands, k)
+    assert len(picked) == k and all(c.kind == "igcv1" for c in picked)
+    params = [c.params for c in picked]
+    assert params == sorted(params)
+    if k > 1:
+        assert params[0] == 10 and params[-1] == 990  # both ends of the range
+        gaps = [b - a for a, b in zip(params, params[1:])]
+        assert max(gaps) - min(gaps) <= 10  # evenly spread
+
+
+def test_measurements_come_from_the_cache_the_second_time(tmp_path, monkeypatch):
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    spec = _layer(conv, "c", hw=(6, 6))
+    cands = candidates(spec, ["igcv1"])
+    first, _ = attach_latencies([spec], [cands], [conv], [], batch_size=1, runs=2, cache_dir=tmp_path,
+                                progress=False, max_measured=2)
+    entries = json.loads((tmp_path / "latency.json").read_text())["entries"]
+    assert len(entries) == 3  # dense + two blocks
+
+    monkeypatch.setattr(bench, "_module_proto", _no_export)
+    second, _ = attach_latencies([spec], [cands], [conv], [], batch_size=1, runs=2, cache_dir=tmp_path,
+                                 progress=False, max_measured=2)
+    assert first == second
+
+
+# ------------------------------------------------------------------------------------- guard
+@pytest.fixture(scope="module")
+def _converted_once():
+    model = _cnn()
+    result = igc_convert.convert(model, igc_convert.ParamsRatio(0.4), progress=False)
+    assert len(result.plan) >= 2, result.report.table()
+    return model, result
+
+
+@pytest.fixture()
+def converted(_converted_once):
+    """(original, its conversion), fresh copies for each test (the guard updates results in place)."""
+    return copy.deepcopy(_converted_once)
+
+
+def _script_whole_model(monkeypatch, ratio_of):
+    """Skip export; the whole-model ratio is ``ratio_of(converted_model, runs)``."""
+    seen = []
+    monkeypatch.setattr(latency, "_onnx", lambda model, x, exporter: copy.deepcopy(model))
+
+    def fake_ratio(a, b, x, *, threads, runs, warmup):
+        seen.append(runs)
+        return ratio_of(b, runs)
+
+    monkeypatch.setattr(latency, "_ratio", fake_ratio)
+    return seen
+
+
+def _blocks(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, IGCBlock)]
+
+
+def _block_latency(monkeypatch, slow: dict[str, float]):
+    """Per-layer timings: the block of layer ``name`` at ``slow[name]`` × its dense conv."""
+    by_shape = {}
+
+    def fake(module, shape, **kwargs):
+        if isinstance(module, IGCBlock):
+            return by_shape[(module.in_channels, module.out_channels)]
+        return 1.0
+
+    def setup(model):
+        for name, factor in slow.items():
+            m = model.get_submodule(name)
+            by_shape[(m.in_channels, m.out_channels)] = factor
+
+    monkeypatch.setattr(bench, "measure_module_latency", fake)
+    return setup
+
+
+def test_guard_reverts_the_worst_layer_until_not_slower(converted, monkeypatch):
+    model, result = converted
+    names = [e["name"] for e in result.plan]
+    setup = _block_latency(monkeypatch, {n: 0.5 + 0.1 * i for i, n in enumerate(names)})
+    setup(model)
+    worst = names[-1]
+    # slower (1.2) while every block is there, fine (0.9) once one is gone
+    _script_whole_model(monkeypatch, lambda m, runs: 1.2 if len(_blocks(m)) == len(names) else 0.9)
+    x = torch.randn(1, 3, 16, 16)
+    before = {r.name: r for r in copy.deepcopy(result.report.records)}
+    out = enforce_not_slower(model, result, x, ratio=1.0)
+
+    assert out is result
+    assert [e["name"] for e in out.plan] == names[:-1]
+    rec = next(r for r in out.records if r.name == worst)
+    assert (rec.block, rec.reason, rec.shape) == ("dense", REVERTED, {})
+    assert rec.params_after == rec.params_before and rec.macs_after == rec.macs_before
+    assert rec.weight_error is None and rec.output_error is None
+    for n in names[:-1]:
+        assert next(r for r in out.records if r.name == n) == before[n]
+    dense = out.model.get_submodule(worst)
+    assert type(dense) is nn.Conv2d and dense is not model.get_submodule(worst)
+    torch.testing.assert_close(dense.weight, model.get_submodule(worst).weight)
+    assert _blocks(out.model) == names[:-1]
+
+
+def test_guard_keeps_everything_when_not_slower(converted, monkeypatch):
+    model, result = converted
+    plan = copy.deepcopy(result.plan)
+    seen = _script_whole_model(monkeypatch, lambda m, runs: 0.7)
+    out = enforce_not_slower(model, result, torch.randn(2, 3, 16, 16), ratio=1.0, batch_sizes=(1, 4))
+    assert out.plan == plan and len(seen) == 2  # one measurement per batch size, no revert
+
+
+@pytest.mark.parametrize("second, reverted", [(0.99, False), (1.02, True)], ids=["noise", "really-slower"])
+def test_guard_measures_again_inside_the_noise_band(converted, monkeypatch, second, reverted):
+    model, result = converted
+    names = [e["name"] for e in result.plan]
+    _block_latency(monkeypatch, {n: 0.5 for n in names})(model)
+    # first look 1.03 (inside the 5% band): measured again with twice the runs, which decides
+    seen = _script_whole_model(
+        monkeypatch, lambda m, runs: (second if runs == 40 else 1.03) if len(_blocks(m)) == len(names) else 0.5)
+    enforce_not_slower(model, result, torch.randn(1, 3, 16, 16), ratio=1.0, runs=20)
+    assert seen[:2] == [20, 40]
+    assert (len(result.plan) < len(names)) == reverted
+
+
+def test_guard_reverts_every_layer_slower_than_dense_at_once(converted, monkeypatch):
+    model, result = converted
+    names = [e["name"] for e in result.plan]
+    setup = _block_latency(monkeypatch, {names[0]: 1.3, **{n: 0.5 for n in names[1:]}, names[-1]: 1.1})
+    setup(model)
+    rounds = _script_whole_model(monkeypatch, lambda m, runs: 1.5 if len(_blocks(m)) == len(names) else 0.8)
+    enforce_not_slower(model, result, torch.randn(1, 3, 16, 16), ratio=1.0)
+    assert len(rounds) == 2  # one revert round
+    assert {names[0], names[-1]}.isdisjoint(e["name"] for e in result.plan)
+    assert len(result.plan) == len(names) - 2
+
+
+@pytest.mark.parametrize("alone, reverted", [(0.5, False), (1.2, True)],
+                         ids=["all-faster-alone", "one-slower-alone"])
+def test_guard_below_one_reverts_only_blocks_slower_than_dense(converted, monkeypatch, alone, reverted):
+    """Target 0.5, model at 0.8 of the original: reverting a block faster than dense would slow it down."""
+    model, result = converted
+    names = [e["name"] for e in result.plan]
+    _block_latency(monkeypatch, {names[0]: alone, **{n: 0.5 for n in names[1:]}})(model)
+    _script_whole_model(monkeypatch, lambda m, runs: 0.8)
+    enforce_not_slower(model, result, torch.randn(1, 3, 16, 16), ratio=0.5)
+    assert [e["name"] for e in result.plan] == (names[1:] if reverted else names)
+
+
+def test_guard_stops_when_nothing_is_left_to_revert(converted, monkeypatch):
+    model, result = converted
+    names = [e["name"] for e in result.plan]
+    _block_latency(monkeypatch, {n: 0.5 for n in names})(model)
+    rounds = _script_whole_model(monkeypatch, lambda m, runs: 1.5)  # always "slower": pure noise
+    out = enforce_not_slower(model, result, torch.randn(1, 3, 16, 16), ratio=1.0)
+    assert out.plan == [] and not _blocks(out.model)
+    assert len(rounds) == len(names) + 1
+    assert all(r.block == "dense" for r in out.records)
+
+
+def test_guard_rejects_bad_settings_and_a_converted_original(converted):
+    model, result = converted
+    x = torch.randn(1, 3, 16, 16)
+    with pytest.raises(ConfigError, match="latency ratio"):
+        enforce_not_slower(model, result, x, ratio=0)
+    with pytest.raises(ConfigError, match="noise margin"):
+        enforce_not_slower(model, result, x, ratio=1.0, margin=-0.1)
+    with pytest.raises(ConfigError, match="batch sizes"):
+        enforce_not_slower(model, result, x, ratio=1.0, batch_sizes=())
+    with pytest.raises(ConfigError, match="not a dense Conv2d"):
+        enforce_not_slower(result.model, result, x, ratio=1.0)
+
+
+# -------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def cache_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.7], ids=["never-slower", "ratio-0.7"])
+def test_latency_target_end_to_end(ratio, cache_home, monkeypatch):
+    """Real measurements: the plan holds only blocks measured faster than their dense conv, and
+    model, plan and report agree (no speed asserted)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    model = _cnn(width=32)
+    x = torch.randn(1, 3, 32, 32)
+    result = igc_convert.convert(model, igc_convert.LatencyRatio(ratio), example_inputs=x, progress=False)
+    result = enforce_not_slower(model, result, x, ratio=ratio, runs=10, exporter="torchscript")
+
+    sizes = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: sizes.setdefault(n, tuple(a[0].shape)) and None)
+             for n, m in result.model.named_modules() if isinstance(m, (nn.Conv2d, IGCBlock))]
+    with torch.no_grad():
+        y = result.model(x)
+    for h in hooks:
+        h.remove()
+    monkeypatch.setattr(bench, "_module_proto", _no_export)  # the planner's own measurements, from its cache
+    for entry in result.plan:  # every block was measured faster than dense
+        block, conv = result.model.get_submodule(entry["name"]), model.get_submodule(entry["name"])
+        shape = sizes[entry["name"]]
+        t_block = bench.measure_module_latency(copy.deepcopy(block), shape, runs=15)
+        t_dense = bench.measure_module_latency(latency._timing_conv(conv, 0), shape, runs=15)
+        assert t_block < t_dense, entry
+    # report, plan and model agree
+    converted = {r.name: r for r in result.records if r.converted}
+    assert sorted(converted) == sorted(e["name"] for e in result.plan)
+    for name, rec in converted.items():
+        block = result.model.get_submodule(name)
+        assert isinstance(block, IGCBlock) and block.kind == rec.block and block.shape() == rec.shape
+        assert rec.params_after == block.num_params()
+    for rec in result.records:
+        if not rec.converted:
+            assert type(result.model.get_submodule(rec.name)) is nn.Conv2d
+    rebuilt = igc_convert.apply_plan(copy.deepcopy(model), result.plan)
+    rebuilt.load_state_dict(result.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), y)
+    assert y.shape == model(x).shape
