@@ -1,0 +1,235 @@
+"""The conversion pass: graph analysis, budget planning, swap, report, round trip, CLI."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import igc_convert as ic
+from igc_convert.cli import main
+from igc_convert.convert import apply_plan, find_convs
+from igc_convert.errors import ConfigError, DataError, ModelError
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(16)
+        self.c2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
+        self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.c3 = nn.Conv2d(32, 32, (3, 1), padding=(1, 0), dilation=(1, 1))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.b1(self.c1(x)))
+        x = F.relu(self.c3(self.dw(self.c2(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class Untraceable(SmallNet):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace this
+            x = x * 1.0
+        return super().forward(x)
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.body(F.relu(self.body(x)))
+
+
+def _net(cls=SmallNet, seed=0):
+    torch.manual_seed(seed)
+    return cls().eval()
+
+
+X = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def test_convert_meets_params_target_and_keeps_the_callers_model():
+    net = _net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = ic.convert(net, ic.ParamsRatio(0.4), example_inputs=X, progress=False)
+    assert result.report.totals()["params_ratio"] <= 0.4
+    assert result.model(X).shape == net(X).shape
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert isinstance(net.c2, nn.Conv2d) and type(result.model) is SmallNet
+    rec = {r.name: r for r in result.records}
+    assert rec["dw"].block == "dense" and "groups=32" in rec["dw"].reason
+    assert result.report.path == "fx"
+    for entry in result.plan:
+        assert isinstance(result.model.get_submodule(entry["name"]), ic.IGCBlock)
+
+
+def test_report_figures_match_the_model():
+    net = _net()
+    result = ic.convert(net, ic.ParamsRatio(0.5), example_inputs=X, progress=False)
+    for r in result.records:
+        module = result.model.get_submodule(r.name)
+        assert r.params_after == sum(p.numel() for p in module.parameters())
+        if r.converted:
+            dense = net.get_submodule(r.name).weight
+            rel = float((module.dense_weight() - dense).detach().norm() / dense.norm())
+            assert r.weight_error == pytest.approx(rel, rel=1e-4, abs=1e-6)
+    text = result.report.table()
+    assert "TOTAL" in text and "c2" in text and "groups=32" in text
+
+
+def test_lossless_plan_reproduces_the_model():
+    net = _net()
+    sites, _, _ = find_convs(net)
+    plan = [dict(name=s.name, block="igcv1",
+                 shape=dict(primary_groups=1, secondary_groups=1,
+                            rank=min(s.module.out_channels, s.module.in_channels * s.module.weight[0, 0].numel())))
+            for s in sites if s.module.groups == 1]
+    import copy
+
+    lossless = apply_plan(copy.deepcopy(net), plan, fit=True)
+    torch.testing.assert_close(lossless(X), net(X), rtol=1e-4, atol=1e-5)
+
+
+def test_untraceable_model_falls_back_to_names():
+    result = ic.convert(_net(Untraceable), ic.ParamsRatio(0.5), example_inputs=X, progress=False)
+    assert result.report.path == "by-name" and "torch.fx" in result.report.path_reason
+    assert result.model(X).shape == (2, 10)
+
+
+def test_shared_conv_is_converted_once_and_stays_shared():
+    net = _net(Shared)
+    result = ic.convert(net, ic.ParamsRatio(0.6), example_inputs=X, progress=False, include=["body"])
+    rec = {r.name: r for r in result.records}
+    assert rec["body"].calls == 2 and rec["body"].converted
+    assert rec["stem"].reason == "not in --include"
+    assert result.model(X).shape == net(X).shape
+
+
+def test_exclude_and_max_error_targets():
+    net = _net()
+    result = ic.convert(net, ic.MaxError(0.9), example_inputs=X, exclude=["c3"], progress=False)
+    rec = {r.name: r for r in result.records}
+    assert rec["c3"].reason == "excluded"
+    for r in result.records:
+        if r.converted:
+            assert r.weight_error <= 0.9 + 1e-6
+
+
+def test_macs_target():
+    result = ic.convert(_net(), ic.MacsRatio(0.6), example_inputs=X, progress=False)
+    assert result.report.totals()["macs_ratio"] <= 0.6 + 1e-9
+
+
+@pytest.mark.parametrize("kind", ["igcv2", "igcv3", pytest.param("auto", marks=pytest.mark.slow)])
+def test_other_block_kinds(kind):
+    result = ic.convert(_net(), ic.ParamsRatio(0.5), block=kind, example_inputs=X, progress=False, plan_iters=5,
+                        fit_iters=20)
+    assert result.report.totals()["params_ratio"] <= 0.5
+    assert result.model(X).shape == (2, 10)
+    kinds = {r.block for r in result.records if r.converted}
+    assert kinds and (kind == "auto" or kinds == {kind})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """A small model trained on real digits, a calibration subset and held-out images."""
+    from igc_convert.data import resolve_source
+    from igc_convert.digits import IMAGE_SIZE, train_digits_model
+
+    model, _ = train_digits_model(epochs=2, seed=0)
+    train = resolve_source("digits", image_size=IMAGE_SIZE, channels=1, split="train", samples=96)
+    val = torch.stack([x for x, _ in resolve_source("digits", image_size=IMAGE_SIZE, channels=1, split="val")])
+    return model, train, val[:200]
+
+
+def test_data_aware_sequential_beats_one_shot_and_weight_space_on_outputs(digits):
+    """A small trained model (real digits): sequential < one-shot < weight-space end-to-end error."""
+    model, train, val = digits
+    x0 = val[:1]
+    with torch.no_grad():
+        ref = model(val)
+
+    def err(**kw):
+        r = ic.convert(model, ic.ParamsRatio(0.25), example_inputs=x0, progress=False, **kw)
+        with torch.no_grad():
+            return float((r.model(val) - ref).norm() / ref.norm())
+
+    weight = err()
+    one_shot = err(calibration=train, sequential=False, max_positions=48)
+    seq = err(calibration=train, sequential=True, max_positions=48)
+    assert seq < one_shot < weight
+
+
+def test_budget_allocation_beats_uniform_on_total_output_error(digits):
+    model, train, val = digits
+    kw = dict(example_inputs=val[:1], calibration=train, sequential=False, max_positions=48, progress=False)
+    budget = ic.convert(model, ic.ParamsRatio(0.25), **kw)
+    uniform = ic.convert(model, ic.ParamsRatio(0.25), allocation="uniform", **kw)
+    total = lambda r: sum((x.output_error or 0.0) ** 2 for x in r.records)  # noqa: E731
+    assert uniform.report.totals()["params_ratio"] <= 0.25 and budget.report.totals()["params_ratio"] <= 0.25
+    assert total(budget) < total(uniform)
+
+
+BAD = [
+    ("ratio zero", lambda: ic.ParamsRatio(0.0), ConfigError),
+    ("ratio above one", lambda: ic.MacsRatio(1.5), ConfigError),
+    ("nan ratio", lambda: ic.ParamsRatio(float("nan")), ConfigError),
+    ("unknown block", lambda: ic.convert(_net(), ic.ParamsRatio(0.5), block="igcv4"), ConfigError),
+    ("no convs", lambda: ic.convert(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), ic.ParamsRatio(0.5)), ModelError),
+    ("not a module", lambda: ic.convert("resnet18", ic.ParamsRatio(0.5)), ModelError),
+    ("macs without input", lambda: ic.convert(_net(), ic.MacsRatio(0.5)), ConfigError),
+    ("unreachable ratio", lambda: ic.convert(_net(), ic.ParamsRatio(0.001), example_inputs=X, progress=False),
+     ConfigError),
+    ("empty calibration", lambda: ic.convert(_net(), ic.ParamsRatio(0.5), calibration=[]), DataError),
+    ("wrong calibration dtype",
+     lambda: ic.convert(_net(), ic.ParamsRatio(0.5), calibration=[torch.zeros(2, 3, 8, 8, dtype=torch.long)]),
+     DataError),
+    ("input too small", lambda: ic.convert(_net(), ic.ParamsRatio(0.5), example_inputs=torch.randn(1, 5, 8, 8)),
+     ModelError),
+]
+
+
+@pytest.mark.parametrize("make,exc", [(m, e) for _, m, e in BAD], ids=[b[0] for b in BAD])
+def test_bad_inputs(make, exc):
+    with pytest.raises(exc):
+        make()
+
+
+def test_cli_convert_report_round_trip(tmp_path, capsys):
+    out, rep, png = tmp_path / "m.safetensors", tmp_path / "r.json", tmp_path / "p.png"
+    code = main(["convert", "igc_convert.digits:digits_resnet", "-o", str(out), "--params-ratio", "0.3",
+                 "--input-size", "12", "--report", str(rep), "--plot", str(png)])
+    assert code == 0 and out.exists() and png.stat().st_size > 1000
+    data = json.loads(rep.read_text())
+    assert data["totals"]["params_ratio"] <= 0.3
+    table = capsys.readouterr().out
+    assert "TOTAL" in table
+    assert main(["report", str(out)]) == 0
+    assert "layer1.conv1" in capsys.readouterr().out
+    from igc_convert.serialize import load
+
+    loaded = load(out)
+    x = torch.randn(2, 1, 12, 12)
+    assert loaded.model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["convert", "resnet9000", "-o", "{tmp}/x.safetensors"], "resnet9000"),
+    (["convert", "resnet18", "-o", "{tmp}/x.safetensors", "--params-ratio", "0"], "params ratio"),
+    (["convert", "resnet18", "-o", "{tmp}/missing/x.safetensors"], "does not exist"),
+    (["convert", "resnet18", "-o", "{tmp}/x.safetensors", "--weights", "{tmp}/nope.pt"], "nope.pt"),
+    (["report", "{tmp}/nothing.safetensors"], "nothing.safetensors"),
+], ids=["unknown-model", "bad-ratio", "missing-folder", "missing-weights", "missing-file"])
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, expected):
+    code = main([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len([line for line in err if line.startswith("igc-convert")]) == 1 and expected in err[-1]
+    assert not (tmp_path / "x.safetensors").exists()
