@@ -426,11 +426,13 @@ class _Trainer:
         if self.teacher is not None:
             self.teacher.to(ctx.device).eval()
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-        if has_bn:
-            self.info("BatchNorm running statistics %s (%d training images; %s)",
+        if has_bn and cfg.freeze_bn is None:
+            self.info("BatchNorm running statistics %s: %d training images %s %d (freeze_bn=%s to change)",
                       "frozen" if self.freeze_bn else "updated", len(self.train_set),
-                      f"set freeze_bn to choose; auto freezes below {cfg.small_dataset}" if cfg.freeze_bn is None
-                      else "freeze_bn set explicitly")
+                      "<" if self.freeze_bn else ">=", cfg.small_dataset, not self.freeze_bn)
+        elif has_bn:
+            self.info("BatchNorm running statistics %s (freeze_bn=%s)", "frozen" if self.freeze_bn else "updated",
+                      self.freeze_bn)
         steps_per_epoch = len(self.loader(0))
         if steps_per_epoch == 0:
             raise DataError("the training data gives no batch")
@@ -468,8 +470,7 @@ class _Trainer:
             model = DistributedDataParallel(student, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
                                             else None)
         if ckpt is not None:  # last, so that nothing set up above draws from the restored streams
-            rng = ckpt["rng"]
-            _set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
+            _set_rng_state(ckpt["rng"][ctx.rank], ctx.device)  # one per rank (same world size: checked)
 
         hooks = _FeatureHooks(self.blocks, student) if self.blocks else None
         self.state = dict(opt=opt, sched=sched, scaler=scaler)
@@ -510,8 +511,11 @@ class _Trainer:
                 hooks.remove()
         if best_state is not None:
             student.load_state_dict(best_state)
-            self.info("kept the state after epoch %d (%s %.4f; start %.4f)", best.epoch, self.metric, best.value,
-                      history[0].value)
+            if best.epoch == 0:
+                self.info("kept the start state: no epoch beat it (%s %.4f)", self.metric, best.value)
+            else:
+                self.info("kept the state after epoch %d (%s %.4f; start %.4f)", best.epoch, self.metric,
+                          best.value, history[0].value)
         student.eval().to(self.home)
         if self.teacher is not None:
             self.teacher.to(self.teacher_home).train(self.teacher_was_training)

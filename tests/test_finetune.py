@@ -16,6 +16,7 @@ from torch import nn
 from igc_convert.blocks import IGCV1
 from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
+from igc_convert.digits import digits_resnet
 from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
 from igc_convert.finetune import (FinetuneConfig, _FeatureHooks, checkpoint_path, finetune, load_checkpoint)
 
@@ -287,3 +288,75 @@ def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path):
     assert r1["writes"] == []
     saved = load_checkpoint(ckpt)
     assert saved["run"]["world_size"] == 2 and len(saved["rng"]) == 2
+
+
+# ------------------------------------------------------------------------------------ CLI
+@pytest.fixture(scope="module")
+def converted_files(tmp_path_factory):
+    """Two converted digits models (different plans) written as the convert command would."""
+    from igc_convert import ParamsRatio, convert
+    from igc_convert.models import build_model
+    from igc_convert.serialize import save
+
+    folder = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    torch.save(digits_resnet().state_dict(), folder / "teacher.pt")
+    model, origin = build_model("igc_convert.digits:digits_resnet", folder / "teacher.pt")
+    files = {}
+    for name, ratio in (("a", 0.3), ("b", 0.6)):
+        result = convert(model, ParamsRatio(ratio), progress=False)
+        files[name] = folder / f"{name}.safetensors"
+        save(files[name], result.model, origin=origin, plan=result.plan, report=result.report)
+    return folder, files
+
+
+def test_cli_finetune_writes_a_loadable_model_with_its_history(converted_files, tmp_path, capsys):
+    from igc_convert.serialize import load
+
+    _, files = converted_files
+    out = tmp_path / "ft.safetensors"
+    rc = cli_main(["finetune", str(files["a"]), "-o", str(out), "--data", "digits", "--epochs", "1",
+                   "--batch-size", "128", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert rc == 0, capsys.readouterr().err
+    assert "accuracy: start" in capsys.readouterr().out
+    result = load(out)
+    before = load(files["a"])
+    assert result.plan == before.plan and result.origin == before.origin
+    history = result.report["finetune"]["history"]
+    assert [e["epoch"] for e in history] == [0, 1] and history[0]["count"] == 359  # the held-out digits
+    assert result.report["layers"] == before.report["layers"]  # the conversion report is kept
+    assert checkpoint_path(tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("case", ["teacher-gone", "labels-on-unlabelled", "empty-folder", "no-teacher-no-labels",
+                                  "other-model-checkpoint"])
+def test_cli_finetune_bad_input_is_exit_2_and_writes_nothing(converted_files, tmp_path, capsys, case):
+    folder, files = converted_files
+    out = tmp_path / "ft.safetensors"
+    out.write_bytes(b"previous result")
+    args = ["finetune", str(files["a"]), "-o", str(out), "--epochs", "1", "--batch-size", "128"]
+    if case == "teacher-gone":
+        moved = folder / "teacher.moved"
+        (folder / "teacher.pt").rename(moved)
+        try:
+            rc = cli_main(args + ["--data", "digits"])
+        finally:
+            moved.rename(folder / "teacher.pt")
+        expected = "cannot rebuild the teacher"
+    elif case == "labels-on-unlabelled":
+        rc, expected = cli_main(args + ["--data", "sample-images", "--labels"]), "labels were requested"
+    elif case == "empty-folder":
+        (tmp_path / "empty").mkdir()
+        rc, expected = cli_main(args + ["--data", str(tmp_path / "empty")]), "holds no images"
+    elif case == "no-teacher-no-labels":
+        rc, expected = cli_main(args + ["--data", "digits", "--teacher", "none"]), "--labels"
+    else:
+        ckpt = ["--checkpoint-dir", str(tmp_path / "ckpt")]
+        other = ["finetune", str(files["b"]), "-o", str(tmp_path / "b.safetensors"), "--epochs", "1",
+                 "--batch-size", "128", "--data", "digits"]
+        assert cli_main(other + ckpt) == 0
+        capsys.readouterr()
+        rc, expected = cli_main(args + ["--data", "digits", "--resume"] + ckpt), "different model"
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err, err
+    assert out.read_bytes() == b"previous result"

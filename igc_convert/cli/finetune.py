@@ -1,0 +1,146 @@
+"""``igc-convert finetune``: distil a converted model from its original; resumable; torchrun-ready.
+
+Under ``torchrun --nproc_per_node N igc-convert finetune ...`` (or ``python -m torch.distributed.run
+... -m igc_convert finetune ...``) every process runs this command; only rank 0 writes the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import Any
+
+from torch import nn
+
+from ..errors import ConfigError, IGCError, ModelError
+from ..finetune import OPTIMIZERS, FinetuneConfig, FinetuneResult
+
+HELP = "fine-tune a converted model by distillation from the original (resumable, runs under torchrun)"
+EXAMPLE = ("igc-convert finetune resnet18-igc.safetensors -o resnet18-igc-ft.safetensors --data train/ "
+           "--val-data val/ --epochs 3 --checkpoint-dir ckpt --resume")
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_SIZE = 224
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = FinetuneConfig  # defaults live in one place: the config
+    parser.add_argument("converted", metavar="CONVERTED", help="converted model file (from igc-convert convert)")
+    parser.add_argument("-o", "--output", required=True, metavar="OUT", help="fine-tuned model file to write")
+    parser.add_argument("--data", required=True, metavar="SOURCE",
+                        help="training images: 'digits', 'sample-images', or a folder (class sub-folders give labels)")
+    parser.add_argument("--val-data", metavar="SOURCE",
+                        help="validation images (default: a seeded 20%% of --data, held out from training)")
+    parser.add_argument("--teacher", choices=("auto", "none"), default="auto",
+                        help="auto: distil from the original model rebuilt from the file's origin; "
+                             "none: learn from labels only (needs --labels)")
+    parser.add_argument("--labels", action="store_true",
+                        help="the data must have labels; adds cross-entropy on them to the loss")
+    parser.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
+    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size,
+                        help=f"images per step and process (default {d.batch_size})")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
+                        help=f"AdamW or SGD with momentum (default {d.optimizer})")
+    parser.add_argument("--temperature", type=float, default=d.temperature,
+                        help=f"distillation temperature (default {d.temperature})")
+    parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
+                        help="weight of matching each converted block to its original conv "
+                             f"(default {d.feature_weight}: off)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="N",
+                        help="image size for named and folder sources (default: the model's declared "
+                             f"input size, else {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--checkpoint-dir", metavar="DIR", help="write a checkpoint here (each epoch and "
+                        "every --checkpoint-every steps)")
+    parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
+                        help="also checkpoint every STEPS optimiser steps (default: epoch ends only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --checkpoint-dir (exactly as if never interrupted)")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of data order, split and init (default 0)")
+
+
+def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
+    """``(channels, image size)`` the model takes: its declared input size (timm's ``pretrained_cfg``
+    convention, also used by the digits model), else its first conv's channels and ``image_size``."""
+    from .export import input_channels
+
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    declared = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if declared is not None and len(declared) == 3:
+        return int(declared[0]), image_size or int(declared[-1])
+    return input_channels(model), image_size or DEFAULT_IMAGE_SIZE
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data import resolve_source
+    from ..files import check_writable
+    from ..finetune import finetune, is_main_process
+    from ..models import build_model_from_origin
+    from ..serialize import load, save
+
+    if args.resume and not args.checkpoint_dir:
+        raise ConfigError("--resume continues the run kept in --checkpoint-dir: give --checkpoint-dir")
+    if args.teacher == "none" and not args.labels:
+        raise ConfigError("--teacher none learns from labels only: add --labels (with labelled --data)")
+    if args.image_size is not None and args.image_size < 1:
+        raise ConfigError(f"--image-size must be positive, got {args.image_size}")
+    check_writable(args.output)  # before minutes of training
+    config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                            temperature=args.temperature, feature_weight=args.feature_weight,
+                            kd_weight=1.0 if args.teacher == "auto" else 0.0,
+                            ce_weight=1.0 if args.labels else 0.0, seed=args.seed,
+                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                            resume=args.resume)
+
+    converted = load(args.converted)
+    teacher = None
+    if args.teacher == "auto":
+        try:
+            teacher = build_model_from_origin(converted.origin)
+        except Exception as err:  # the origin may name user code: any failure means "no teacher"
+            message = str(err) if isinstance(err, IGCError) else f"{type(err).__name__}: {err}"
+            raise ModelError(f"cannot rebuild the teacher (the original model) of {args.converted!r}: {message}; "
+                             "use --teacher none --labels to fine-tune on labels only") from err
+
+    channels, size = input_shape(converted.model, args.image_size)
+    options = dict(image_size=size, channels=channels, seed=args.seed)
+    if args.val_data:
+        train = resolve_source(args.data, split="all", labels=args.labels, **options)
+        val = resolve_source(args.val_data, split="all", **options)
+    else:
+        train = resolve_source(args.data, split="train", labels=args.labels, **options)
+        val = resolve_source(args.data, split="val", **options)
+        if is_main_process():
+            log.info("validation: %d images of %s held out (seed %d); %d to train on", len(val), args.data,
+                     args.seed, len(train))
+
+    result = finetune(converted.model, train, teacher=teacher, val_data=val, config=config)
+    if is_main_process():
+        report = dict(converted.report or {})
+        report["finetune"] = summary(result, config, args)
+        save(args.output, result.model, origin=converted.origin, plan=converted.plan, report=report)
+        print(describe(result))
+    return 0
+
+
+def summary(result: FinetuneResult, config: FinetuneConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """JSON-able record of the fine-tuning, kept in the output file's report."""
+    import dataclasses
+
+    return {
+        "data": args.data, "val_data": args.val_data or f"{args.data} (held-out split)",
+        "teacher": args.teacher, "labels": args.labels, "steps": result.steps,
+        "config": config.trajectory(),
+        "best_epoch": result.best.epoch if result.best else None,
+        "history": [dataclasses.asdict(e) for e in result.history],
+    }
+
+
+def describe(result: FinetuneResult) -> str:
+    """One line for stdout: where the validation metric started and where the kept state is."""
+    if result.best is None:
+        return f"fine-tuned for {result.steps} steps (no validation data)"
+    start, best = result.start, result.best
+    return (f"{best.metric}: start {start.value:.4f} -> kept {best.value:.4f} (epoch {best.epoch} of "
+            f"{len(result.history) - 1}, {result.steps} steps)")
