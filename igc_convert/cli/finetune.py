@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --checkpoint-dir (exactly as if never interrupted)")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of data order, split and init (default 0)")
+    parser.add_argument("--workers", type=int, default=d.num_workers, metavar="N",
+                        help="data-loading worker processes per training process (default 0: load in-process)")
 
 
 def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
@@ -91,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
                             kd_weight=1.0 if args.teacher == "auto" else 0.0,
                             ce_weight=1.0 if args.labels else 0.0, seed=args.seed,
                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                            resume=args.resume)
+                            resume=args.resume, num_workers=args.workers)
 
     converted = load(args.converted)
     teacher = None
