@@ -239,7 +239,7 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
 
     >>> train = resolve_source("digits", image_size=16, channels=1, split="train")
     >>> x, y = train[0]; x.shape, len(train)
-    (torch.Size([1, 16, 16]), 1437)
+    (torch.Size([1, 16, 16]), 1438)
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")

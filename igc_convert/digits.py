@@ -103,9 +103,9 @@ def train_digits_model(*, epochs: int = 6, seed: int = 0, image_size: int = IMAG
     98.9% worst seen). The split is always the default one (``seed=0``), so every module's ``"digits"``
     val split stays held out; ``seed`` sets initialisation, data order and augmentation.
 
-    >>> model, acc = train_digits_model(epochs=6, seed=0)  # doctest: +SKIP
-    >>> acc >= 0.98
-    True
+    Example::
+
+        model, acc = train_digits_model(epochs=6, seed=0, threads=1)   # acc 0.9972
     """
     if epochs < 1:
         raise ConfigError(f"epochs must be positive, got {epochs}")
