@@ -17,6 +17,13 @@ from typing import IO, Iterator
 from .errors import FileFormatError
 
 
+def _umask_mode() -> int:
+    """The permissions a plain ``open(path, "w")`` would give (mkstemp uses 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def check_writable(path: str | os.PathLike) -> Path:
     """Fail early, before any work, if ``path`` cannot be written (missing or read-only folder)."""
     path = Path(path)
@@ -42,6 +49,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _umask_mode())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -64,6 +72,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, _umask_mode())
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

@@ -24,6 +24,7 @@ SUBCOMMANDS = {
     "finetune": "finetune",
     "export": "export",
     "bench": "bench",
+    "demo": "demo",
 }
 
 EXIT_USER_ERROR = 2

@@ -1,0 +1,25 @@
+"""The demo runs end to end on a tiny setting and writes its figure and files."""
+
+import pytest
+
+from igc_convert.cli import main
+from igc_convert.demo import DemoConfig, run_demo
+from igc_convert.errors import ConfigError
+
+
+def test_demo_tiny(tmp_path, capsys):
+    summary = run_demo(DemoConfig(out=tmp_path, train_epochs=1, finetune_epochs=1, calib_samples=32, bench_runs=3,
+                                  batch_sizes=(1,), progress=False))
+    out = capsys.readouterr().out
+    assert "TOTAL" in out and "accuracy (held-out digits)" in out
+    for name in ("converted.safetensors", "original.onnx", "converted.onnx", "summary.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "x0.2" in summary.rows["conv params"]
+    assert oct((tmp_path / "summary.png").stat().st_mode & 0o777) != "0o600"
+
+
+def test_demo_cli_rejects_bad_ratio(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--params-ratio", "0"]) == 2
+    assert "params ratio" in capsys.readouterr().err
+    with pytest.raises(ConfigError):
+        DemoConfig(threads=0)
