@@ -58,6 +58,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reference_markdown() -> str:
+    """The README's CLI reference, generated from the parser (a test keeps the README in sync).
+
+    Regenerate with ``python -m igc_convert.cli.reference``.
+    """
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    parts = ["### CLI reference", ""]
+    for name, p in sub.choices.items():
+        p.prog = f"igc-convert {name}"
+        # a fixed width: the reference must not depend on the terminal it was generated in
+        p.formatter_class = lambda prog: argparse.RawDescriptionHelpFormatter(prog, width=100)
+        usage = p.format_usage().replace("usage: ", "").strip()
+        parts += [f"**`igc-convert {name}`** — {p.description}", "", "```", usage, "```", ""]
+        for action in p._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flags = ", ".join(f"`{o}`" for o in action.option_strings)
+            parts.append(f"- {flags}: {action.help or ''}".rstrip())
+        parts += ["", f"Example: `{p.epilog.split(chr(10))[-1].strip()}`", ""]
+    return "\n".join(parts).rstrip() + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``igc-convert`` console script."""
     parser = build_parser()
