@@ -13,6 +13,7 @@ class IGCError(Exception):
 
     def __init__(self, message: str, *, layer: str | None = None) -> None:
         self.layer = layer
+        message = one_line(message)
         super().__init__(f"{layer}: {message}" if layer else message)
 
     def in_layer(self, layer: str) -> "IGCError":
@@ -51,3 +52,15 @@ class ExportError(IGCError):
 
 class CheckpointError(FileFormatError):
     """A fine-tuning checkpoint that does not belong to this model or run."""
+
+
+def one_line(message: object) -> str:
+    """``message`` folded into one line (the CLI prints every error as exactly one line on stderr).
+
+    Messages often quote a library's own error, and those span lines (``torch.load``'s
+    weights-only refusal, ``load_state_dict``, onnxruntime), so the folding happens here, once.
+
+    >>> one_line("cannot read x: Weights only load failed.\\n\\tCheck the documentation.")
+    'cannot read x: Weights only load failed. Check the documentation.'
+    """
+    return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
