@@ -110,8 +110,9 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
 
         try:
             model = apply_plan(model, plan)
-        except IGCError as err:
-            raise FileFormatError(f"{str(path)!r}: its plan does not fit the rebuilt {origin['name']}: {err}") from err
+        except (IGCError, TypeError, ValueError) as err:  # TypeError: a shape argument no block takes
+            raise FileFormatError(f"{str(path)!r}: its plan does not fit the rebuilt {origin['name']}: "
+                                  f"{err if isinstance(err, IGCError) else f'{type(err).__name__}: {err}'}") from err
     try:
         tensors = safetensors.torch.load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises several unrelated types for corrupt files
@@ -151,8 +152,10 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     for key in ("kind", "name"):
         if not isinstance(origin.get(key), str):
             raise FileFormatError(f"{str(path)!r}: its origin has no {key!r} string: {origin!r}")
-    if not all(isinstance(entry, dict) for entry in plan):
-        raise FileFormatError(f"{str(path)!r}: its plan is not a list of objects")
+    for entry in plan:
+        problem = _plan_entry_problem(entry)
+        if problem:
+            raise FileFormatError(f"{str(path)!r}: its plan entry {entry!r} {problem}")
     return {"format": FORMAT, "origin": origin, "plan": plan, "report": report,
             "torch_version": raw.get("torch_version"), "igc_convert_version": raw.get("igc_convert_version")}
 
@@ -176,6 +179,27 @@ def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         seen.add((t.untyped_storage().data_ptr(), str(t.device)))
         out[key] = t
     return out
+
+
+def _plan_entry_problem(entry: Any) -> str:
+    """What is wrong with one plan entry's structure (``""`` if nothing): name and block strings, and a
+    shape of integer (or integer-list) arguments, as :func:`~igc_convert.convert.apply_plan` needs."""
+    if not isinstance(entry, dict):
+        return "is not an object"
+    for key in ("name", "block"):
+        if not isinstance(entry.get(key), str):
+            return f"has no {key!r} string"
+    shape = entry.get("shape")
+    if not isinstance(shape, dict):
+        return "has no 'shape' object"
+
+    def integer(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, value in shape.items():
+        if not (integer(value) or (isinstance(value, list) and value and all(integer(v) for v in value))):
+            return f"has shape argument {key!r} = {value!r}, not an integer or a list of integers"
+    return ""
 
 
 def _read_raw_metadata(path: Path) -> dict[str, str]:
