@@ -22,7 +22,7 @@ is the same in every block). The total error of a kind is the model's relative F
 
 Separately, for ResNet-50, it times fitting every conv with one IGCV1 block (``L = M = 2`` at the
 largest rank within 0.5 of the conv's weights, low rank where channels do not split) in a fresh
-process, and reports its peak memory (``ru_maxrss``) against the model's size.
+process, and reports its peak memory (``VmHWM``, else ``ru_maxrss``) against the model's size.
 
 Usage::
 
@@ -330,40 +330,60 @@ def _total_error(layers: Sequence[LayerResult], budget: float, kind: str) -> flo
 
 # --------------------------------------------------------------------------- IGCV1 on all convs
 def time_igcv1_all(model: nn.Module, budget: float = 0.5) -> dict[str, Any]:
-    """Replace-fit every dense conv of ``model`` with one IGCV1 block (``L = M = 2`` at the largest
-    rank in ``budget``, plain low rank where the channels do not split); wall time and sizes."""
+    """Swap every dense conv of ``model`` (in place) for a fitted IGCV1 block — ``L = M = 2`` at the
+    largest rank in ``budget``, plain low rank where the channels do not split — and time it.
+
+    The swap frees each dense kernel as its block arrives, as a real conversion does, so peak memory
+    stays close to one model plus the fitting workspace of the largest layer.
+    """
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
-    convs = dense_convs(model)
+    names = [name for name, _ in dense_convs(model)]  # names only: no reference keeps a swapped conv alive
     t0 = time.perf_counter()
     n_params = 0
-    for name, conv in convs:
+    for name in names:
+        conv = model.get_submodule(name)
         cands = candidates("igcv1", conv.weight.shape, budget) or candidates("svd", conv.weight.shape, budget)
         shape = next((c.shape for c in cands if (c.shape["primary_groups"], c.shape["secondary_groups"]) == (2, 2)),
                      cands[0].shape if cands else None)
         if shape is None:
             continue
         block = BLOCKS["igcv1"].from_conv(conv, name=name, **shape)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, block)
         n_params += block.num_params()
     seconds = time.perf_counter() - t0
-    return dict(convs=len(convs), seconds=seconds, model_mb=model_bytes / 2**20,
+    return dict(convs=len(names), seconds=seconds, model_mb=model_bytes / 2**20,
                 block_params=n_params, threads=torch.get_num_threads())
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process since it started (exec), in MiB.
+
+    Linux's ``ru_maxrss`` survives fork + exec, so a child started by a big parent reports the
+    parent's peak; ``VmHWM`` belongs to the new program alone. Elsewhere, fall back to ``ru_maxrss``.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    scale = 2**20 if sys.platform == "darwin" else 2**10  # bytes on macOS, KiB on Linux/BSD
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
 
 
 def _igcv1_timing_child(model_name: str) -> dict[str, Any]:
-    rss_start = _maxrss_mb()
+    rss_start = _peak_rss_mb()
     model = BUILDERS[model_name]()
-    rss_model = _maxrss_mb()
+    rss_model = _peak_rss_mb()
     info = time_igcv1_all(model)
-    info.update(model=model_name, rss_start_mb=rss_start, rss_model_mb=rss_model, rss_peak_mb=_maxrss_mb())
+    info.update(model=model_name, rss_start_mb=rss_start, rss_model_mb=rss_model, rss_peak_mb=_peak_rss_mb())
     return info
 
 
 def measure_igcv1_all(model_name: str, threads: int) -> dict[str, Any]:
-    """Run :func:`time_igcv1_all` in a fresh process so ``ru_maxrss`` is that work's peak alone."""
+    """Run :func:`time_igcv1_all` in a fresh process so the peak memory is that work's alone."""
     cmd = [sys.executable, __file__, "--igcv1-timing-child", model_name, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:

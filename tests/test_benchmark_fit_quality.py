@@ -106,8 +106,14 @@ def test_totals_are_the_model_relative_error(fq):
     assert t["igcv1"]["layers"] == 1 and t["igcv1"]["error"] == pytest.approx(0.2)
 
 
-def test_time_igcv1_all(fq):
-    info = fq.time_igcv1_all(tiny_cnn())
+def test_time_igcv1_all_swaps_every_dense_conv(fq):
+    model = tiny_cnn()
+    x = torch.randn(2, 3, 8, 8)
+    info = fq.time_igcv1_all(model)
     assert info["convs"] == 3
     assert info["seconds"] >= 0 and info["model_mb"] > 0
+    igc = [n for n, m in model.named_modules() if getattr(m, "is_igc_block", False)]
+    assert igc == ["0", "2", "4"]  # every dense conv swapped (the stem by a low-rank pair)
+    assert isinstance(model[3], nn.Conv2d) and model[3].groups == 16  # depthwise kept
     assert 0 < info["block_params"] < sum(p.numel() for p in tiny_cnn().parameters())
+    assert model(x).shape == (2, 32, 8, 8)
