@@ -195,20 +195,34 @@ def _tiles(m: Tensor, L: int, M: int) -> Tensor:
     return m.reshape(M, c_out // M, L, n // L).permute(0, 2, 1, 3)
 
 
-def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups: int,
+def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups: Sequence[int] | int,
                           sigma: Tensor | None = None, row_weights: Tensor | None = None,
-                          damping: float = DEFAULT_DAMPING) -> tuple[Tensor, float]:
-    """Singular values of every (whitened, row-weighted) tile, shape ``(M, L, k)``, and ``‖W‖²``.
+                          damping: float = DEFAULT_DAMPING) -> dict[int, Tensor]:
+    """Singular values of every (whitened, row-weighted) tile, ``{M: tensor (M, L, k)}``.
 
-    ``sum over tiles of sum_{k ≥ r} s_k²`` / ``‖W‖²`` is the closed-form fit's ``f`` at rank ``r``:
-    the planner reads a whole error-versus-rank curve off one call.
+    ``sum over tiles of sum_{k >= r} s_k²`` divided by the sum of all ``s_k²`` is the closed-form
+    fit's ``f`` at rank ``r``: the planner reads a whole error-versus-rank curve off one call. For
+    several ``M`` at one ``L`` the tiles' Gram matrices are diagonal blocks of each partition's
+    ``C_out × C_out`` Gram matrix, so that product is formed once.
     """
-    obj, x, _ = _igcv1_whitened_tiles(weight, primary_groups, secondary_groups, sigma, row_weights, damping)
-    # Eigenvalues of the smaller Gram matrix: LAPACK's SVD of wide float64 matrices is far slower,
-    # and torch's float32 eigvalsh is (surprisingly) slower than float64 on CPU here.
-    g = x @ x.mT if x.shape[-2] <= x.shape[-1] else x.mT @ x
-    s2 = torch.linalg.eigvalsh(g).flip(-1)
-    return s2.clamp_min(0).sqrt(), float((x**2).sum())
+    L = primary_groups
+    Ms = [secondary_groups] if isinstance(secondary_groups, int) else list(secondary_groups)
+    obj, x, _ = _igcv1_whitened_tiles(weight, L, 1, sigma, row_weights, damping)
+    x = x[0]                                    # (L, C_out, n_in): whitened column partitions
+    c_out, n_in = x.shape[-2:]
+    out: dict[int, Tensor] = {}
+    gram_rows = x @ x.mT if any(c_out // M <= n_in for M in Ms) else None   # (L, C_out, C_out)
+    for M in Ms:
+        n_out = c_out // M
+        if n_out <= n_in:
+            # Eigenvalues of the smaller Gram matrix: LAPACK's SVD of wide float64 matrices is far
+            # slower, and torch's float32 eigvalsh is (surprisingly) slower than float64 on CPU.
+            g = torch.stack([gram_rows[:, m * n_out:(m + 1) * n_out, m * n_out:(m + 1) * n_out] for m in range(M)])
+        else:
+            t = x.reshape(L, M, n_out, n_in).transpose(0, 1)
+            g = t.mT @ t
+        out[M] = torch.linalg.eigvalsh(g).flip(-1).clamp_min(0).sqrt()
+    return out
 
 
 def _gram(x: Tensor) -> tuple[Tensor, Tensor, bool]:

@@ -159,13 +159,14 @@ def igcv1_candidates(layer: LayerSpec, *, max_groups: int = 4, damping: float = 
     dense = layer.dense()
     out = []
     for L in _fast_groups(layer.c_in, max_groups):
-        for M in _fast_groups(layer.c_out, max_groups):
+        Ms = _fast_groups(layer.c_out, max_groups)
+        curves = fz.igcv1_singular_values(layer.weight, L, Ms, layer.sigma, layer.row_weights, damping)
+        for M in Ms:
             per_rank = M * layer.c_in * layer.taps + L * layer.c_out
             rmax = min(layer.c_out // M, layer.c_in // L * layer.taps)
             if rmax < 1:
                 continue
-            s, _ = fz.igcv1_singular_values(layer.weight, L, M, layer.sigma, layer.row_weights, damping)
-            energy = s.pow(2)
+            energy = curves[M].pow(2)
             total = float(energy.sum()) or 1.0
             # tail[r] = discarded energy at rank r (sum over all tiles of s_k², k >= r)
             tail = energy.sum(dim=(0, 1)).flip(0).cumsum(0).flip(0)
