@@ -1,0 +1,158 @@
+"""Smoke test of benchmarks/fidelity.py: its main() on a tiny CNN and digits, and its metrics and baselines."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+
+
+@pytest.fixture(scope="module")
+def fd():
+    spec = importlib.util.spec_from_file_location("fidelity_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+class TinyCNN(nn.Module):
+    """Stem, a 3×3 conv, a depthwise conv (never converted) and a 1×1 conv, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pretrained_cfg = {"input_size": (1, 12, 12)}
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(),
+            nn.Conv2d(32, 32, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return TinyCNN().eval()
+
+
+def image_folder(root: Path, count: int = 40) -> Path:
+    """A flat folder of smooth random grayscale PNGs: a data source resolve_source accepts, no download."""
+    from PIL import Image
+
+    root.mkdir()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(count):
+        img = torch.nn.functional.interpolate(torch.rand(1, 1, 4, 4, generator=gen), size=(16, 16), mode="bilinear")
+        Image.fromarray((img[0, 0] * 255).byte().numpy(), mode="L").save(root / f"{i:03d}.png")
+    return root
+
+
+def test_main_on_tiny_model(fd, tmp_path, capsys):
+    out = tmp_path / "fid.json"
+    images = image_folder(tmp_path / "images")
+    rc = fd.main(["--model", "tiny", "--calib", str(images), "--budgets", "0.6", "--calib-images", "24",
+                  "--eval-images", "16", "--batch-size", "8", "--json", str(out)], builders={"tiny": tiny_cnn})
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "| 0.6 | sequential |" in text and "### goals" in text
+    results = json.loads(out.read_text())["results"]
+    methods = {r["method"] for r in results}
+    expected = set(fd.DEFAULT_METHODS) - (set() if fd.have_tensorly() else {"tucker2"})
+    assert methods == expected
+    for r in results:
+        assert r["params_ratio"] <= 0.6 + 1e-9, r["method"]
+        assert set(r["isolated"]) == {"features.0", "features.3", "features.8"}  # the depthwise conv is skipped
+        assert r["kl"] >= 0 and 0 <= r["top1"] <= 1
+        assert all(v >= 0 and math.isfinite(v) for v in [*r["isolated"].values(), *r["drift"].values()])
+        # the first converted layer sees the original's input in both models: drift == isolated there
+        first = "features.0"
+        assert r["drift"][first] == pytest.approx(r["isolated"][first], rel=1e-4, abs=1e-6)
+        assert (r["in_sample"] is not None) == (r["method"] in fd.DATA_METHODS)
+
+
+def test_evaluate_identity_and_known_error(fd):
+    model = tiny_cnn()
+    layers = fd.convertible_layers(model)
+    assert layers == ["features.0", "features.3", "features.8"]
+    scaled = tiny_cnn()
+    with torch.no_grad():
+        scaled.features[8].weight.mul_(1.1)
+        scaled.features[8].bias.mul_(1.1)
+    x = torch.randn(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    scores = fd.evaluate(model, {"same": tiny_cnn(), "scaled": scaled}, layers, x, batch_size=4)
+    same = scores["same"]
+    assert same["kl"] == pytest.approx(0, abs=1e-12) and same["top1"] == 1
+    assert max(same["isolated"].values()) == 0 and max(same["drift"].values()) == 0
+    # a kernel scaled by 1.1 has relative output error exactly 0.1 in that layer, 0 before it
+    assert scores["scaled"]["isolated"]["features.8"] == pytest.approx(0.1, rel=1e-5)
+    assert scores["scaled"]["isolated_bn"]["features.8"] == pytest.approx(0.1, rel=1e-5)
+    assert scores["scaled"]["drift"]["features.3"] == 0
+    assert scores["scaled"]["kl"] > 0
+
+
+def test_bn_scales_find_the_following_batchnorm(fd):
+    model = tiny_cnn()
+    with torch.no_grad():
+        model.features[1].weight.fill_(-2.0)
+        model.features[1].running_var.fill_(4.0 - model.features[1].eps)
+    scales = fd.bn_scales(model, fd.convertible_layers(model), torch.zeros(1, 1, 12, 12))
+    assert set(scales) == {"features.0", "features.3"}  # features.8 feeds a ReLU, not a BatchNorm
+    torch.testing.assert_close(scales["features.0"], torch.ones(16, dtype=torch.float64))  # |-2| / sqrt(4)
+
+
+def test_uniform_ratio_lands_on_budget(fd):
+    model = tiny_cnn()
+    layers = fd.convertible_layers(model)
+    total = fd.conv_params(model)
+    fixed = total - sum(p.numel() for n in layers for p in model.get_submodule(n).parameters())
+    ratio = fd.uniform_ratio(model, layers, 0.5)
+    assert ratio >= (0.5 * total - fixed) / (total - fixed) - 1e-12  # never below the plain per-layer ratio
+    with pytest.raises(fd.ConfigError, match="not reachable"):
+        fd.uniform_ratio(model, layers, fixed / total / 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorly") is None, reason="tensorly not installed")
+def test_tucker2_layer_matches_the_decomposition_and_fits_the_budget(fd):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=True)
+    energy = fd.TuckerEnergy(conv)
+    ranks = energy.ranks(0.5 * energy.dense)
+    assert ranks is not None and energy.params(*ranks) <= 0.5 * energy.dense
+    layer = fd.tucker2_layer(conv, *ranks)
+    assert sum(p.numel() for p in layer.parameters()) == energy.params(*ranks)
+    x = torch.randn(2, 16, 9, 9)
+    with torch.no_grad():
+        y, ref = layer(x), conv(x)
+    assert y.shape == ref.shape
+    assert 0 < float((y - ref).norm() / ref.norm()) < 1
+    full = fd.tucker2_layer(conv, 24, 16)  # full ranks reproduce the conv
+    with torch.no_grad():
+        torch.testing.assert_close(full(x), ref, rtol=1e-4, atol=1e-4)
+    model = tiny_cnn()
+    layers = fd.convertible_layers(model)
+    out, done = fd.tucker2_convert(model, layers, 0.6)
+    assert done >= 1 and fd.conv_params(out) <= 0.6 * fd.conv_params(model)
+
+
+def test_photo_crops_come_from_one_photo(fd):
+    china = fd.photo_crops(0, 3, 32, 3, seed=0)
+    flower = fd.photo_crops(1, 3, 32, 3, seed=0)
+    assert china.shape == flower.shape == (3, 3, 32, 32)
+    assert not torch.allclose(china.mean((0, 2, 3)), flower.mean((0, 2, 3)), atol=0.05)
+
+
+def test_bad_budget_is_a_user_error(fd, capsys):
+    assert fd.main(["--model", "tiny", "--budgets", "1.5"], builders={"tiny": tiny_cnn}) == 2
+    assert "budgets must be in (0, 1)" in capsys.readouterr().err
