@@ -20,7 +20,9 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 from dataclasses import replace
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -30,7 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import bench
-from .blocks import make_block
+from .blocks import BLOCKS
 from .errors import ConfigError, IGCError
 from .plan import Candidate, LayerSpec, lower_hull
 
@@ -52,23 +54,24 @@ DEFAULT_NOISE_MARGIN = 0.05
 # ------------------------------------------------------------------------------------------ planner
 def attach_latencies(specs: Sequence[LayerSpec], per_layer: Sequence[Sequence[Candidate]], convs: Sequence[nn.Conv2d],
                      fixed_sites: Sequence[Any], *, batch_size: int, threads: int = 2, runs: int = 15,
-                     cache_dir: str | None = None, progress: bool = True, max_measured: int = 6,
+                     cache_dir: str | os.PathLike | None = None, progress: bool = True, max_measured: int = 6,
                      calls: Sequence[int] | None = None, seed: int = 0,
                      ) -> tuple[list[list[Candidate]], list[float]]:
     """Measured onnxruntime latency on every kept candidate; and the latency of the convs that stay dense.
 
     For each layer the dense conv and at most ``max_measured`` candidates — the lower convex hull of
-    (params, error), thinned to points spread evenly over its params range — are timed alone at input
-    ``(batch_size, C_in, *spec.input_hw)`` with random weights (weights do not change the time).
+    (params, error), thinned to points spread evenly over its params range — are timed side by side
+    (:func:`layer_latencies`: alternating runs, so load on a shared machine hits them alike) at input
+    ``(batch_size, C_in, *spec.input_hw)``, with random weights (weights do not change the time).
     Returned per layer: the dense candidate (always) and the measured candidates that were faster
     than it, each with ``latency`` set (seconds × ``calls`` of that layer). The second value is the
     latency of each of ``fixed_sites`` (objects with ``.module`` and ``.input_hw``; 0 for a conv
     never called). Measurements are cached on disk per module structure, input shape, machine and
     thread count, so planning the same model again measures nothing.
 
-    Per-layer latencies do not sum to the whole model's latency (fusions, caches, per-call overhead),
-    but they rank the choices of one layer against the others correctly enough to plan with;
-    :func:`enforce_not_slower` checks the whole model.
+    Per-layer latencies do not sum to the whole model's latency (BatchNorm and activations fuse into
+    convs, layers share caches, a lone conv pays a session call), but they rank the choices of one
+    layer against the others well enough to plan with; :func:`enforce_not_slower` checks the whole model.
 
     Example::
 
@@ -85,61 +88,85 @@ def attach_latencies(specs: Sequence[LayerSpec], per_layer: Sequence[Sequence[Ca
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if int(max_measured) < 1:
         raise ConfigError(f"max_measured must be >= 1, got {max_measured}")
-    picks = [_to_measure(cands, max_measured) for cands in per_layer]
-    total = sum(1 + len(p) for p in picks) + sum(getattr(s, "input_hw", None) is not None for s in fixed_sites)
-    bar = tqdm(total=total, desc="latency", unit="module", disable=not progress, leave=False)
-    timing = dict(threads=threads, runs=runs, cache_dir=cache_dir)
+    timing = dict(threads=threads, runs=runs, cache_dir=cache_dir, seed=seed)
     out: list[list[Candidate]] = []
+    bar = tqdm(total=len(specs) + len(fixed_sites), desc="latency", unit="layer", disable=not progress, leave=False)
     with bar:
-        for i, (spec, cands, conv, pick) in enumerate(zip(specs, per_layer, convs, picks)):
+        for i, (spec, cands, conv) in enumerate(zip(specs, per_layer, convs)):
             if spec.input_hw is None:
                 raise ConfigError("a latency target needs the layer's input size (give example inputs)",
                                   layer=spec.name)
             bar.set_postfix_str(spec.name)
-            n = 1 if calls is None else int(calls[i])
-            shape = (int(batch_size), spec.c_in, *spec.input_hw)
             dense = next(c for c in cands if c.kind == "dense")
-            probe = _timing_conv(conv, seed)
+            probe = _timing_conv(conv)
+            picks, blocks = [], []
+            for c in _to_measure(cands, max_measured):
+                try:
+                    blocks.append(_timing_block(c.kind, probe, c.shape))
+                    picks.append(c)
+                except IGCError as err:
+                    log.warning("%s: cannot build %s %s (%s); candidate dropped", spec.name, c.kind, c.shape, err)
+            shape = (int(batch_size), spec.c_in, *spec.input_hw)
             try:
-                t_dense = bench.measure_module_latency(probe, shape, **timing) * n
+                t_dense, *t_blocks = layer_latencies([probe, *blocks], shape, **timing)
             except IGCError as err:
                 raise err.in_layer(spec.name)
-            bar.update(1)
-            kept = [replace(dense, latency=t_dense)]
-            slower = 0
-            for c in pick:
-                try:
-                    with torch.random.fork_rng(devices=[]):  # block init must not move the caller's RNG
-                        torch.manual_seed(seed)
-                        block = make_block(c.kind, probe, c.shape, fit=False, name=spec.name)
-                    t = bench.measure_module_latency(block, shape, **timing) * n
-                except IGCError as err:
-                    log.warning("%s: could not time %s %s (%s); candidate dropped", spec.name, c.kind, c.shape, err)
-                    bar.update(1)
-                    continue
-                bar.update(1)
-                if t < t_dense:
-                    kept.append(replace(c, latency=t))
-                else:
-                    slower += 1
+            n = 1 if calls is None else int(calls[i])
+            kept = [replace(dense, latency=t_dense * n)]
+            kept += [replace(c, latency=t * n) for c, t in zip(picks, t_blocks) if t < t_dense]
             log.debug("%s: dense %.3f ms, %d of %d measured candidates faster", spec.name, t_dense * 1e3,
-                      len(kept) - 1, len(pick))
-            if slower == len(pick) and pick:
+                      len(kept) - 1, len(picks))
+            if picks and len(kept) == 1:
                 log.info("%s: no measured block is faster than the dense conv (batch %d)", spec.name, batch_size)
             out.append(kept)
+            bar.update(1)
         fixed: list[float] = []
         for site in fixed_sites:
             hw = getattr(site, "input_hw", None)
             if hw is None:  # never called on the example input: costs nothing
                 fixed.append(0.0)
-                continue
-            module = site.module
-            bar.set_postfix_str(getattr(site, "name", ""))
-            shape = (int(batch_size), module.in_channels, *hw)
-            fixed.append(bench.measure_module_latency(_timing_conv(module, seed), shape, **timing)
-                         * int(getattr(site, "calls", 1) or 1))
+            else:
+                bar.set_postfix_str(getattr(site, "name", ""))
+                shape = (int(batch_size), site.module.in_channels, *hw)
+                (t,) = layer_latencies([_timing_conv(site.module)], shape, **timing)
+                fixed.append(t * int(getattr(site, "calls", 1) or 1))
             bar.update(1)
     return out, fixed
+
+
+def layer_latencies(modules: Sequence[nn.Module], input_shape: Sequence[int], *, threads: int = 2, runs: int = 15,
+                    warmup: int = 3, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> list[float]:
+    """Median onnxruntime latency (seconds) of each module alone on ``input_shape``, timed side by side.
+
+    The modules are run in alternation (m0, m1, …, m0, m1, …) so that load on a shared machine hits
+    all of them alike and their ratios hold. Results share the on-disk cache of
+    :func:`igc_convert.bench.measure_module_latency` (same keys: module structure, input shape,
+    machine, threads); when every module is in it nothing is measured, otherwise all are measured
+    again together. Modules on the meta device (structure only) get random weights when timed.
+
+    Example::
+
+        >>> dense, block = layer_latencies([conv, IGCV1.from_conv(conv, rank=8)], (1, 64, 56, 56))
+    """
+    shape = tuple(int(s) for s in input_shape)
+    if len(shape) < 2 or min(shape) < 1:
+        raise ConfigError(f"input_shape must be (batch, channels, ...) with positive sizes, got {list(shape)}")
+    if not modules:
+        return []
+    cache = bench._cache_file(cache_dir)
+    machine = bench.machine_fingerprint(threads)
+    keys = [f"{bench.module_signature(m, shape)}|{machine}" for m in modules]
+    entries = bench._cache_read(cache)
+    if all(k in entries for k in keys):
+        return [float(entries[k]["seconds"]) for k in keys]
+    protos = [bench._module_proto(_materialised(m, seed), shape, seed) for m in modules]
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    times = bench.median_latencies(protos, x, threads=threads, runs=runs, warmup=warmup)
+    when = datetime.now(timezone.utc).isoformat()
+    for m, key, t in zip(modules, keys, times):
+        bench._cache_put(cache, key, {"seconds": t, "runs": runs, "module": type(m).__name__,
+                                      "input_shape": list(shape), "when": when})
+    return times
 
 
 def _to_measure(cands: Sequence[Candidate], k: int) -> list[Candidate]:
@@ -159,23 +186,43 @@ def _to_measure(cands: Sequence[Candidate], k: int) -> list[Candidate]:
     return [hull[i] for i in sorted(chosen)]
 
 
-def _timing_conv(conv: nn.Conv2d, seed: int) -> nn.Conv2d:
-    """A float32 CPU ``nn.Conv2d`` of ``conv``'s structure with random weights: what gets timed.
+def _timing_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A float32 ``nn.Conv2d`` of ``conv``'s structure on the meta device: what gets timed.
 
-    A copy (not the layer itself) so that double, GPU, meta or custom-forward layers all time the same
-    way and the caller's RNG is left untouched.
+    Structure only (no weights to initialise, the caller's RNG untouched) so that double, GPU, meta
+    or custom-forward layers all time the same way; :func:`layer_latencies` fills it when it times it.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode)
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+
+
+def _timing_block(kind: str, probe: nn.Conv2d, shape: dict[str, Any]) -> nn.Module:
+    """The block of ``kind``/``shape`` replacing ``probe``, on the meta device (structure only)."""
+    if kind not in BLOCKS:
+        raise ConfigError(f"unknown block kind {kind!r}; choose from {sorted(BLOCKS)}")
+    return BLOCKS[kind](probe.in_channels, probe.out_channels, probe.kernel_size, probe.stride, probe.padding,
+                        probe.dilation, probe.bias is not None, device="meta", **shape)
+
+
+def _materialised(module: nn.Module, seed: int) -> nn.Module:
+    """``module`` itself, or for a meta-device one a float32 CPU copy with small random weights."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if not any(t.is_meta for t in tensors):
+        return module
+    out = copy.deepcopy(module).to_empty(device="cpu").float()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in (*out.parameters(), *out.buffers()):
+            if t.is_floating_point():
+                t.normal_(0.0, 0.05, generator=g)  # to_empty leaves garbage: NaN/denormals would skew timing
+    return out
 
 
 # ------------------------------------------------------------------------------------------ guard
 def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_inputs: torch.Tensor, *,
                        ratio: float, threads: int = 2, runs: int = 20, warmup: int = 3,
                        batch_sizes: Sequence[int] | None = None, margin: float = DEFAULT_NOISE_MARGIN,
-                       exporter: str = "auto", cache_dir: str | None = None, seed: int = 0) -> "ConversionResult":
+                       exporter: str = "auto", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> "ConversionResult":
     """Revert converted layers to their dense conv until the converted model is within ``ratio`` × the original.
 
     Both models are exported to ONNX (as :func:`igc_convert.export.export_onnx` would) and timed side
@@ -310,7 +357,7 @@ def _ratio(a: onnx.ModelProto, b: onnx.ModelProto, x: np.ndarray, *, threads: in
 
 
 def _layer_ratios(original: nn.Module, result: "ConversionResult", x: torch.Tensor, batch: int, *, threads: int,
-                  runs: int, cache_dir: str | None, seed: int) -> dict[str, float]:
+                  runs: int, cache_dir: str | os.PathLike | None, seed: int) -> dict[str, float]:
     """Block latency / dense latency of every converted layer, at its input size for ``batch``.
 
     Uses the planner's on-disk cache (same module structure and input shape), so layers the planner
@@ -340,11 +387,9 @@ def _layer_ratios(original: nn.Module, result: "ConversionResult", x: torch.Tens
     for n in names:
         if n not in sizes:  # not called: cannot be what makes the model slower
             continue
-        shape = (batch, *sizes[n])
         block = copy.deepcopy(result.model.get_submodule(n)).float().cpu()
-        kw = dict(threads=threads, runs=runs, cache_dir=cache_dir)
-        t_block = bench.measure_module_latency(block, shape, **kw)
-        t_dense = bench.measure_module_latency(_timing_conv(original.get_submodule(n), seed), shape, **kw)
+        t_dense, t_block = layer_latencies([_timing_conv(original.get_submodule(n)), block], (batch, *sizes[n]),
+                                           threads=threads, runs=runs, cache_dir=cache_dir, seed=seed)
         out[n] = t_block / t_dense if t_dense > 0 else math.inf
     if not out:
         # nothing converted was called on the example: revert in plan order rather than loop forever

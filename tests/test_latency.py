@@ -48,18 +48,20 @@ def _params(module: nn.Module) -> int:
 
 @pytest.fixture()
 def scripted_modules(monkeypatch):
-    """measure_module_latency -> dense conv: 1 ms per 1000 params; a block: ``speed`` × its params ratio."""
+    """layer_latencies -> dense conv: 1 ms per 1000 weights; a block: ``speed`` × its params × 1 µs."""
     calls = []
 
-    def fake(module, shape, *, threads=2, runs=20, warmup=3, cache_dir=None, key=None, use_cache=True, seed=0):
-        calls.append((type(module).__name__, tuple(shape)))
-        dense = module.in_channels * module.out_channels * 9 // getattr(module, "groups", 1)
+    def one(module):
         if isinstance(module, IGCBlock):
-            return fake.speed * _params(module) / dense * 1e-3 * dense / 1000
-        return 1e-3 * dense / 1000
+            return fake.speed * _params(module) * 1e-6
+        return module.weight.numel() * 1e-6
+
+    def fake(modules, shape, *, threads=2, runs=15, warmup=3, cache_dir=None, seed=0):
+        calls.append([(type(m).__name__, tuple(shape)) for m in modules])
+        return [one(m) for m in modules]
 
     fake.speed = 2.0  # blocks above half the dense params are slower than dense
-    monkeypatch.setattr(bench, "measure_module_latency", fake)
+    monkeypatch.setattr(latency, "layer_latencies", fake)
     fake.calls = calls
     return fake
 
@@ -77,19 +79,20 @@ def test_attach_latencies_drops_slower_candidates_and_times_fixed_convs(scripted
     assert len(out) == 2
     for cands, conv, full in zip(out, convs, per_layer):
         dense = [c for c in cands if c.kind == "dense"]
-        assert len(dense) == 1 and dense[0].latency == pytest.approx(1e-3 * conv.weight.numel() / 1000)
+        assert len(dense) == 1 and dense[0].latency == pytest.approx(conv.weight.numel() * 1e-6)
         blocks = [c for c in cands if c.kind != "dense"]
         assert 1 <= len(blocks) <= 5
         assert all(c.latency is not None and c.latency < dense[0].latency for c in blocks)
         # with speed 2, a block at more than half the dense params is slower: it must be gone
         assert all(c.params < full[0].params / 2 for c in blocks)
         assert all(replace(c, latency=None) in full for c in blocks)  # unchanged apart from latency
+    # each layer: dense first, then its candidates, side by side at (batch, C_in, *input_hw)
+    first = scripted_modules.calls[0]
+    assert first[0] == ("Conv2d", (4, 16, 8, 8)) and {c for c in first[1:]} == {("IGCV1", (4, 16, 8, 8))}
     # a measured candidate above half the dense params existed and was dropped
-    measured_blocks = [c for c in scripted_modules.calls if c[0] == "IGCV1"]
-    assert len(measured_blocks) > sum(len(c) - 1 for c in out)
-    # each layer's shape: (batch, C_in, *input_hw)
-    assert ("Conv2d", (4, 16, 8, 8)) in scripted_modules.calls
-    assert fixed_t == [pytest.approx(2 * 1e-3 * 8 * 8 * 9 / 8 / 1000), 0.0]
+    measured_blocks = sum(len(c) - 1 for c in scripted_modules.calls[:2])
+    assert measured_blocks > sum(len(c) - 1 for c in out)
+    assert fixed_t == [pytest.approx(2 * 8 * 9 * 1e-6), 0.0]  # grouped conv: 8·1·3·3 weights, called twice
 
 
 def test_attach_latencies_multiplies_by_calls_and_checks_lengths(scripted_modules):
@@ -141,6 +144,21 @@ def test_measurements_come_from_the_cache_the_second_time(tmp_path, monkeypatch)
     second, _ = attach_latencies([spec], [cands], [conv], [], batch_size=1, runs=2, cache_dir=tmp_path,
                                  progress=False, max_measured=2)
     assert first == second
+    # one cache with bench: the dense conv (any weights) is a hit there too
+    assert bench.measure_module_latency(conv, (1, 8, 6, 6), cache_dir=tmp_path) == first[0][0].latency
+
+
+def test_layer_latencies_times_meta_modules_with_real_weights(tmp_path):
+    probe = latency._timing_conv(nn.Conv2d(4, 8, 3, padding=1).double())
+    assert probe.weight.is_meta and probe.weight.dtype == torch.float32
+    before = torch.random.get_rng_state()
+    times = latency.layer_latencies([probe, latency._timing_block("igcv1", probe, dict(rank=2))], (2, 4, 5, 5),
+                                    runs=2, cache_dir=tmp_path)
+    assert len(times) == 2 and all(t > 0 for t in times)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's RNG is not used
+    assert latency.layer_latencies([], (1, 4, 5, 5)) == []
+    with pytest.raises(ConfigError, match="input_shape"):
+        latency.layer_latencies([probe], (0, 4))
 
 
 # ------------------------------------------------------------------------------------- guard
@@ -179,17 +197,15 @@ def _block_latency(monkeypatch, slow: dict[str, float]):
     """Per-layer timings: the block of layer ``name`` at ``slow[name]`` × its dense conv."""
     by_shape = {}
 
-    def fake(module, shape, **kwargs):
-        if isinstance(module, IGCBlock):
-            return by_shape[(module.in_channels, module.out_channels)]
-        return 1.0
+    def fake(modules, shape, **kwargs):
+        return [by_shape[(m.in_channels, m.out_channels)] if isinstance(m, IGCBlock) else 1.0 for m in modules]
 
     def setup(model):
         for name, factor in slow.items():
             m = model.get_submodule(name)
             by_shape[(m.in_channels, m.out_channels)] = factor
 
-    monkeypatch.setattr(bench, "measure_module_latency", fake)
+    monkeypatch.setattr(latency, "layer_latencies", fake)
     return setup
 
 
@@ -315,8 +331,7 @@ def test_latency_target_end_to_end(ratio, cache_home, monkeypatch):
     for entry in result.plan:  # every block was measured faster than dense
         block, conv = result.model.get_submodule(entry["name"]), model.get_submodule(entry["name"])
         shape = sizes[entry["name"]]
-        t_block = bench.measure_module_latency(copy.deepcopy(block), shape, runs=15)
-        t_dense = bench.measure_module_latency(latency._timing_conv(conv, 0), shape, runs=15)
+        t_dense, t_block = latency.layer_latencies([latency._timing_conv(conv), copy.deepcopy(block)], shape)
         assert t_block < t_dense, entry
     # report, plan and model agree
     converted = {r.name: r for r in result.records if r.converted}
