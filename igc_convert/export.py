@@ -109,8 +109,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
     """Export ``model`` (eval mode) to ONNX at ``path``, simplified and checked against onnxruntime.
 
     Raises :class:`ExportError` when the exporter fails (naming the op and, when found, the module)
-    or when onnxruntime's outputs differ from PyTorch's by more than ``rtol`` relative to the output
-    scale; :class:`ConfigError` when the input is too small for the network. On any failure an
+    when onnxruntime's outputs differ from PyTorch's by more than ``rtol`` relative to the output
+    scale, or when a PyTorch output is NaN/Inf everywhere (nothing to check parity against);
+    :class:`ConfigError` when the input is too small for the network or not finite. On any failure an
     existing file at ``path`` is left untouched. The model's train/eval mode is restored.
 
     Example::
@@ -190,12 +191,21 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
                           f"got {type(example_input).__name__}")
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if example_input.is_floating_point() and not bool(torch.isfinite(example_input).all()):
+        raise ConfigError("example_input contains NaN or Inf")
     device = _device_of(model)
     x = example_input.detach().to(device)
     with _eval_mode(model):
         inputs, refs = [x], []
         if reference:
             refs.append(_reference(model, x))
+            # An output with no finite value matches anything (NaN positions agree): parity would be a
+            # vacuous 0, so refuse, and before the (slow) export.
+            dead = [i for i, ref in enumerate(refs[0]) if ref.dtype.kind in "fc" and ref.size
+                    and not np.isfinite(ref).any()]
+            if dead:
+                raise ExportError(f"PyTorch's output {dead[0]} is NaN/Inf everywhere on the example input, so "
+                                  "parity cannot be checked (NaN/Inf weights, or activations that overflow)")
             if dynamic_batch:
                 # A different batch size, with data that is not a copy of the first row.
                 x2 = torch.cat([x, x[:1].flip(-1)])
