@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections.abc
 import logging
+import math
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
@@ -170,12 +171,13 @@ class _Gram:
         self.acc = torch.zeros(n, n, dtype=torch.float64, device=device)
 
     def add(self, p: Tensor) -> None:
+        p, s = _unit_scale(p)
         if self.block >= self.n:
-            self.acc += (p.T @ p).to(torch.float64)
+            self.acc += (p.T @ p).to(torch.float64) * (s * s)
             return
         for i in range(0, self.n, self.block):
             j = i + self.block
-            self.acc[i:j, i:] += (p[:, i:j].T @ p[:, i:]).to(torch.float64)
+            self.acc[i:j, i:] += (p[:, i:j].T @ p[:, i:]).to(torch.float64) * (s * s)
 
     def total(self) -> Tensor:
         """The full sum, exactly symmetric (finished in place, block by block to stay in cache)."""
@@ -186,6 +188,20 @@ class _Gram:
             for j in range(i + b, self.n, b):
                 a[j:j + b, i:i + b] = a[i:i + b, j:j + b].T
         return a
+
+
+def _unit_scale(p: Tensor) -> tuple[Tensor, float]:
+    """``(p / s, s)`` with ``s`` the power of two nearest below ``max|p|`` (1 when there is none).
+
+    Products of float32 activations overflow from about 1e19 and underflow below 1e-19, far inside
+    the range of the activations themselves: the matmuls run on ``p / s`` (exact: a power of two)
+    and the float64 accumulators take the ``s²`` back, so the statistics do not depend on the scale.
+    """
+    top = float(p.abs().amax()) if p.numel() else 0.0
+    if not (top > 0 and math.isfinite(top)):
+        return p, 1.0
+    s = 2.0 ** math.floor(math.log2(top))
+    return (p, 1.0) if s == 1.0 else (p / s, s)
 
 
 def _finish(geom: _Geometry, acc: Tensor, count: int) -> Tensor:
@@ -511,7 +527,8 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
             pt = _capture(converted, target, x.to(converted_dtype), same).to(device=p.device, dtype=p.dtype)
             actual.add(pt)
             original_gram.add(p)
-            cross += (p.T @ pt).to(torch.float64)
+            (ps, s), (pts, st) = _unit_scale(p), _unit_scale(pt)
+            cross += (ps.T @ pts).to(torch.float64) * (s * st)
             count += p.shape[0]
     result = {}
     for key, a in (("actual", actual.total()), ("cross", cross), ("original", original_gram.total())):
