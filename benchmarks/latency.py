@@ -1,0 +1,212 @@
+"""Does a conversion make torchvision models faster in onnxruntime, and does the latency plan never slow them?
+
+For each model (random weights, 224×224 input) and each conversion variant, prints the conv-MAC
+ratio (``result.report.totals()``) and the onnxruntime latency ratio converted/original. Every
+variant of a model is exported with :func:`igc_convert.export.export_onnx` (dynamic batch, as a user
+would deploy it) and all of them are timed **in one alternating run together with the original**
+(original, v1, v2, …, original, v1, v2, …; the machinery of :func:`igc_convert.bench.bench_onnx`,
+with N models instead of two, so the original is timed once for all variants), medians per model.
+
+Variants:
+
+* ``params-0.25``  — ``convert(model, ParamsRatio(0.25))``: the naive swap, MAC-blind;
+* ``macs-0.26``    — ``convert(model, MacsRatio(0.26))``;
+* ``latency-1.0``  — ``convert(model, LatencyRatio(1.0))`` then ``enforce_not_slower(ratio=1.0)``;
+* ``latency-0.5``  — ``convert(model, LatencyRatio(0.5))`` then ``enforce_not_slower(ratio=0.5)``;
+* ``params-0.25+guard`` — ``params-0.25`` then ``enforce_not_slower(ratio=1.0)``: the guard alone
+  on a MAC-blind plan.
+
+Latency plans and guards are made at the batch size of the example input (1); the table also
+shows batch 32, where nothing was planned or guarded. Goals (the issue): latency ratio within
+1.25× of the MAC ratio; no ``latency-1.0`` model slower than its original.
+
+The machine is shared: the load average is printed before and after; only ratios measured side by
+side are meaningful, and two identical graphs timed this way differ by several percent.
+
+Usage::
+
+    python3 benchmarks/latency.py --models resnet18 vgg11_bn --batch-sizes 1 32 --runs 20
+    python3 benchmarks/latency.py --quick     # resnet18 at 112x112, batch 1, 3 variants, few runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+import igc_convert
+from igc_convert import bench, export, latency
+from igc_convert.plan import LatencyRatio, MacsRatio, ParamsRatio
+
+log = logging.getLogger(__name__)
+
+MODELS = ("resnet18", "resnet50", "vgg11_bn")
+THREADS = 2
+GOAL = 1.25  # latency ratio / MAC ratio
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    target: Any
+    guard: float | None = None  # enforce_not_slower(ratio=guard) after convert
+
+
+VARIANTS = (
+    Variant("params-0.25", ParamsRatio(0.25)),
+    Variant("macs-0.26", MacsRatio(0.26)),
+    Variant("latency-1.0", LatencyRatio(1.0), guard=1.0),
+    Variant("latency-0.5", LatencyRatio(0.5), guard=0.5),
+    Variant("params-0.25+guard", ParamsRatio(0.25), guard=1.0),
+)
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    converted: str = "-"
+    macs_ratio: float | None = None
+    params_ratio: float | None = None
+    reverted: int = 0
+    convert_s: float = 0.0
+    latency: dict[int, float] = field(default_factory=dict)  # batch -> converted / original
+    error: str = ""
+
+
+def build(name: str, seed: int) -> nn.Module:
+    import torchvision
+
+    torch.manual_seed(seed)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes: Sequence[int], runs: int,
+              big_runs: int, guard_runs: int, workdir: Path, seed: int) -> list[Row]:
+    """Convert ``name`` every way in ``variants``, export all, time all side by side."""
+    model = build(name, seed)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    rows, paths = [], []
+    for v in variants:
+        row = Row(name, v.name)
+        rows.append(row)
+        start = time.perf_counter()
+        try:
+            result = igc_convert.convert(model, v.target, example_inputs=x, progress=False, model_name=name)
+            if v.guard is not None:
+                result = latency.enforce_not_slower(model, result, x, ratio=v.guard, runs=guard_runs,
+                                                    threads=THREADS)
+        except igc_convert.IGCError as err:
+            row.error = str(err)
+            log.warning("%s %s: %s", name, v.name, err)
+            continue
+        row.convert_s = time.perf_counter() - start
+        t = result.report.totals()
+        row.converted = f"{t['converted']}/{t['convs']}"
+        row.macs_ratio, row.params_ratio = t["macs_ratio"], t["params_ratio"]
+        row.reverted = sum(r.reason == latency.REVERTED for r in result.records)
+        path = workdir / f"{name}-{v.name}.onnx"
+        export.export_onnx(result.model, path, x)
+        paths.append((row, path))
+        log.info("%s %s: %s converted, MACs x%.3f, %.0f s", name, v.name, row.converted, row.macs_ratio or 1,
+                 row.convert_s)
+        del result
+    original = workdir / f"{name}-original.onnx"
+    export.export_onnx(model, original, x)
+    protos = [onnx.load(str(original))] + [onnx.load(str(p)) for _, p in paths]
+    rng = np.random.default_rng(seed)
+    for b in batch_sizes:
+        xb = rng.standard_normal((b, 3, size, size)).astype(np.float32)
+        n = runs if b <= 8 else big_runs
+        log.info("%s: timing %d models at batch %d, %d alternating runs", name, len(protos), b, n)
+        times = bench.median_latencies(protos, xb, threads=THREADS, runs=n, warmup=2 if b > 8 else 3)
+        for (row, _), t in zip(paths, times[1:]):
+            row.latency[b] = t / times[0]
+        log.info("%s batch %d: original %.1f ms", name, b, times[0] * 1e3)
+    for p in [original, *(p for _, p in paths)]:
+        p.unlink(missing_ok=True)
+    return rows
+
+
+def table(rows: Sequence[Row], batch_sizes: Sequence[int]) -> str:
+    head = ["model", "variant", "converted", "MACs", "params", *(f"lat b{b}" for b in batch_sizes),
+            *(f"lat/MAC b{b}" for b in batch_sizes), "reverted", "convert s"]
+    cells = [head]
+    for r in rows:
+        if r.error:
+            cells.append([r.model, r.variant, f"failed: {r.error}"] + [""] * (len(head) - 3))
+            continue
+        lat = [f"{r.latency[b]:.3f}" if b in r.latency else "-" for b in batch_sizes]
+        per = [f"{r.latency[b] / r.macs_ratio:.2f}" if b in r.latency and r.macs_ratio else "-" for b in batch_sizes]
+        cells.append([r.model, r.variant, r.converted, _f(r.macs_ratio), _f(r.params_ratio), *lat, *per,
+                      str(r.reverted), f"{r.convert_s:.0f}"])
+    widths = [max(len(row[i]) for row in cells if len(row) > i) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _f(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS], choices=[v.name for v in VARIANTS])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--runs", type=int, default=20, help="alternating runs at batch <= 8 (default 20)")
+    p.add_argument("--big-runs", type=int, default=6, help="alternating runs at batch > 8 (default 6)")
+    p.add_argument("--guard-runs", type=int, default=20, help="runs of each whole-model check of the guard")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="resnet18 at 112x112, batch 1, params/latency-1.0/latency-0.5, 5 runs")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    for noisy in ("igc_convert.export", "igc_convert.convert"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.quick:
+        args.models, args.size, args.batch_sizes, args.runs, args.guard_runs = ["resnet18"], 112, [1], 5, 5
+        args.variants = ["params-0.25", "latency-1.0", "latency-0.5"]
+    variants = [v for v in VARIANTS if v.name in args.variants]
+    torch.set_num_threads(THREADS)
+    import onnxruntime as ort
+
+    load0 = os.getloadavg()
+    start = time.perf_counter()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="igc-latency-") as tmp:
+        for name in args.models:
+            rows += run_model(name, variants, size=args.size, batch_sizes=args.batch_sizes, runs=args.runs,
+                              big_runs=args.big_runs, guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed)
+    load1 = os.getloadavg()
+    print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread; "
+          f"torch {torch.__version__}; {platform.machine()} {bench._cpu_name()}, {os.cpu_count()} cores")
+    print(f"input {args.size}x{args.size}, random weights (seed {args.seed}); latency plans and guards at batch 1; "
+          f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above; "
+          f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; {time.perf_counter() - start:.0f} s in all")
+    print("lat bN = converted/original onnxruntime latency at batch N; lat/MAC = that over the conv-MAC ratio "
+          f"(goal <= {GOAL}); reverted = layers the guard put back to dense")
+    print()
+    print(table(rows, args.batch_sizes))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
