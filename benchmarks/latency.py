@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import os
 import platform
@@ -41,7 +40,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import onnx

@@ -3,9 +3,10 @@
 Fewer MACs do not make a faster model (ShuffleNetV2: memory access, fragmented small kernels,
 shuffles), so a latency target plans on *measured* costs:
 
-* :func:`attach_latencies` times each convertible conv and a few of its candidate blocks alone in
-  onnxruntime (on-disk cache, :func:`igc_convert.bench.measure_module_latency`) and keeps only the
-  candidates measured faster than the dense conv;
+* :func:`attach_latencies` times each convertible conv and a few of its candidate blocks in
+  onnxruntime, side by side (:func:`layer_latencies`, sharing the on-disk cache of
+  :func:`igc_convert.bench.measure_module_latency`), and keeps only the candidates measured faster
+  than the dense conv;
 * :func:`enforce_not_slower` then checks the whole exported model against the original side by side
   and reverts the least rewarding layers to their dense conv until the converted model is not slower
   than ``ratio`` × the original.
@@ -222,7 +223,8 @@ def _materialised(module: nn.Module, seed: int) -> nn.Module:
 def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_inputs: torch.Tensor, *,
                        ratio: float, threads: int = 2, runs: int = 20, warmup: int = 3,
                        batch_sizes: Sequence[int] | None = None, margin: float = DEFAULT_NOISE_MARGIN,
-                       exporter: str = "auto", cache_dir: str | os.PathLike | None = None, seed: int = 0) -> "ConversionResult":
+                       exporter: str = "auto", cache_dir: str | os.PathLike | None = None,
+                       seed: int = 0) -> "ConversionResult":
     """Revert converted layers to their dense conv until the converted model is within ``ratio`` × the original.
 
     Both models are exported to ONNX (as :func:`igc_convert.export.export_onnx` would) and timed side
@@ -256,11 +258,14 @@ def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):
         raise ConfigError(f"noise margin must be in [0, 1), got {margin!r}")
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() != 4:
-        raise ConfigError("example inputs must be an N×C×H×W tensor, got "
-                          f"{tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor) else type(example_inputs).__name__}")
+        got = (tuple(example_inputs.shape) if isinstance(example_inputs, torch.Tensor)
+               else type(example_inputs).__name__)
+        raise ConfigError(f"example inputs must be an N×C×H×W tensor, got {got}")
     sizes = (len(example_inputs),) if batch_sizes is None else tuple(int(b) for b in batch_sizes)
     if not sizes or min(sizes) < 1:
         raise ConfigError(f"batch sizes must be positive integers, got {list(sizes)}")
+    if not result.plan:  # nothing converted: the two models are the same
+        return result
     x = example_inputs.detach().float().cpu()
     rng = np.random.default_rng(seed)
     inputs = {b: rng.standard_normal((b, *x.shape[1:])).astype(np.float32) for b in sizes}

@@ -291,6 +291,14 @@ def test_guard_stops_when_nothing_is_left_to_revert(converted, monkeypatch):
     assert all(r.block == "dense" for r in out.records)
 
 
+def test_guard_does_nothing_without_converted_layers(converted, monkeypatch):
+    model, result = converted
+    for name in [e["name"] for e in result.plan]:
+        latency.revert_layer(model, result, name, reason="test")
+    monkeypatch.setattr(latency, "_onnx", _no_export)
+    assert enforce_not_slower(model, result, torch.randn(1, 3, 16, 16), ratio=1.0) is result
+
+
 def test_guard_rejects_bad_settings_and_a_converted_original(converted):
     model, result = converted
     x = torch.randn(1, 3, 16, 16)
