@@ -3,7 +3,10 @@
 Every writer in the project goes through :func:`atomic_write`: the data goes to a temporary file in
 the destination's folder, is flushed and fsync'ed, and only then renamed over the destination (an
 atomic step on POSIX and Windows). On any error the temporary file is removed and the destination is
-left exactly as it was.
+left exactly as it was; an ``OSError`` (disk full, I/O error, folder removed meanwhile) becomes a
+:class:`~igc_convert.errors.FileFormatError` naming the destination, so the CLI reports it in one line.
+Only a hard kill (SIGKILL, power loss) mid-write can leave the hidden temporary file
+``.NAME.XXXXXXXX.tmp`` behind; the destination is never partial.
 """
 
 from __future__ import annotations
@@ -47,17 +50,25 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
             json.dump(report, f)
     """
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _mkstemp(path, ".tmp")
     try:
-        os.chmod(tmp, _umask_mode())
-        with os.fdopen(fd, mode) as f:
+        f = os.fdopen(fd, mode)
+    except BaseException:
+        os.close(fd)
+        _discard(tmp)
+        raise
+    try:
+        with f:
+            os.chmod(tmp, _umask_mode())
             yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise FileFormatError(f"cannot write {str(path)!r}: {err}") from err
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
 
 
@@ -69,7 +80,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     removed on failure.
     """
     path = check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    fd, tmp = _mkstemp(path, f".tmp{suffix}")
     os.close(fd)
     try:
         os.chmod(tmp, _umask_mode())
@@ -77,7 +88,22 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise FileFormatError(f"cannot write {str(path)!r}: {err}") from err
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        _discard(tmp)
         raise
+
+
+def _mkstemp(path: Path, suffix: str) -> tuple[int, str]:
+    """A temporary file next to ``path`` (same file system, so the final rename is atomic)."""
+    try:
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as err:  # the folder vanished or filled up since check_writable
+        raise FileFormatError(f"cannot write {str(path)!r}: {err}") from err
+
+
+def _discard(tmp: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
