@@ -304,7 +304,10 @@ def make_block(kind: str, conv: nn.Conv2d, shape: dict[str, Any], *, fit: bool =
     """Factory: the block of ``kind`` with ``shape`` replacing ``conv`` (fitted unless ``fit=False``)."""
     if kind not in BLOCKS:
         raise ConfigError(f"unknown block kind {kind!r}; choose from {sorted(BLOCKS)}", layer=name)
-    return BLOCKS[kind].from_conv(conv, name=name, fit=fit, **fit_kwargs, **shape)
+    try:
+        return BLOCKS[kind].from_conv(conv, name=name, fit=fit, **fit_kwargs, **shape)
+    except TypeError as err:  # a shape argument this block does not take
+        raise ConfigError(f"bad {kind} shape {shape!r}: {err}", layer=name) from err
 
 
 # --------------------------------------------------------------------------------- conv arithmetic

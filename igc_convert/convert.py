@@ -176,6 +176,7 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
     Structure only by default (used to rebuild a saved converted model before loading its weights);
     ``fit=True`` also fits each block to the conv it replaces (weight space).
     """
+    swaps = []  # build every block first: a bad entry must not leave the plan half-applied
     for entry in plan:
         try:
             name, kind, shape = entry["name"], entry["block"], entry["shape"]
@@ -187,7 +188,9 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
             raise ConfigError(f"plan names layer {name!r}, which the model does not have") from err
         if not isinstance(conv, nn.Conv2d):
             raise ConfigError(f"plan names layer {name!r}, which is a {type(conv).__name__}, not a Conv2d")
-        _set_submodule(model, name, make_block(kind, conv, shape, fit=fit, name=name))
+        swaps.append((name, make_block(kind, conv, shape, fit=fit, name=name)))
+    for name, block in swaps:
+        _set_submodule(model, name, block)
     return model
 
 
@@ -240,8 +243,12 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if isinstance(include, str):
         include = (include,)
 
+    _check_options(calibration_samples=calibration_samples, damping=damping, max_groups=max_groups,
+                   fit_iters=fit_iters, plan_iters=plan_iters, max_positions=max_positions)
     original = model
     for name, p in original.named_parameters():
+        if p.is_meta:
+            raise ModelError(f"parameter {name!r} is on the meta device (not materialised); load real weights first")
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ModelError(f"parameter {name!r} contains NaN or Inf")
     sites, path, path_reason = find_convs(original)
@@ -277,6 +284,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             reasons[s.name] = "not called in forward"
         else:
             eligible.append(s)
+
+    if include is not None and not any(_matches(s.name, include) for s in sites):
+        raise ConfigError(f"include patterns {list(include)} match no conv; convs are named like {sites[0].name!r}")
 
     # statistics
     sigmas: dict[str, torch.Tensor] = {}
@@ -319,9 +329,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
                 fixed += cost
     if allocation not in ("budget", "uniform"):
         raise ConfigError(f"allocation must be 'budget' or 'uniform', got {allocation!r}")
-    if not per_layer:
-        chosen = []
-    elif allocation == "uniform" and not isinstance(target, MaxError):
+    if allocation == "uniform" and per_layer and not isinstance(target, MaxError):
         chosen = uniform(per_layer, target.ratio, metric)
     else:
         chosen = allocate(per_layer, target, fixed_cost=fixed, dense_total=dense_total)
@@ -377,6 +385,18 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)
     log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
     return ConversionResult(converted, plan, report)
+
+
+def _check_options(*, calibration_samples, damping, **counts: int) -> None:
+    if calibration_samples is not None and (isinstance(calibration_samples, bool) or
+                                            not isinstance(calibration_samples, int) or calibration_samples < 1):
+        raise ConfigError(f"calibration_samples must be a positive integer or None, got {calibration_samples!r}")
+    if not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise ConfigError(f"damping must be a finite number >= 0, got {damping!r}")
+    for name, value in counts.items():
+        low = 1 if name in ("max_groups", "max_positions") else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _site_macs(site: ConvSite) -> float:

@@ -148,11 +148,20 @@ def refine(objective: Objective, params: Sequence[Tensor], build: Callable[..., 
 
     Returns the best parameters seen, ``f`` there, and the number of iterations run.
     """
-    ps = [p.detach().to(torch.float64).contiguous().clone().requires_grad_(True) for p in params]
+    # Optimise unit-RMS copies of the factors: L-BFGS's first step (lr=1) and its absolute
+    # tolerances then mean the same thing whatever the kernel's scale (1e-20 or 1e20).
+    scales = [float(p.detach().to(torch.float64).pow(2).mean().sqrt()) or 1.0 for p in params]
+    ps = [(p.detach().to(torch.float64) / s).contiguous().clone().requires_grad_(True)
+          for p, s in zip(params, scales)]
+    unscaled_build = build
+
+    def build(*qs):  # noqa: F811 - the objective sees the factors in their own units
+        return unscaled_build(*(q * s for q, s in zip(qs, scales)))
+
     with torch.no_grad():
         f0 = float(objective(build(*ps)))
     if max_iter <= 0 or f0 <= 1e-28:
-        return tuple(p.detach() for p in ps), f0, 0
+        return tuple(p.detach() * s for p, s in zip(ps, scales)), f0, 0
     opt = torch.optim.LBFGS(ps, lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-14,
                             tolerance_change=tol * max(f0, 1e-30), line_search_fn="strong_wolfe")
 
@@ -168,7 +177,7 @@ def refine(objective: Objective, params: Sequence[Tensor], build: Callable[..., 
         f1 = float(objective(build(*ps)))
     if not f1 <= f0 or not math.isfinite(f1):  # the line search guarantees this; guard anyway
         return tuple(p.detach().to(torch.float64) for p in params), f0, iters
-    return tuple(p.detach() for p in ps), f1, iters
+    return tuple(p.detach() * s for p, s in zip(ps, scales)), f1, iters
 
 
 # ------------------------------------------------------------------------------------------- IGCV1

@@ -354,14 +354,6 @@ def _nan_out(env: Env) -> nn.Module:
     return env.net("small", mutate=lambda m: m[7].bias.fill_(float("nan")))
 
 
-BUG_EMPTY = ("convert.py: with no convertible conv left (all grouped/circular, or --include matches none) "
-             "a ratio target is never checked, so convert succeeds with params ratio 1.0")
-BUG_META = "convert.py: a meta-device model raises torch's RuntimeError from the NaN check, not ModelError"
-BUG_OPTIONS = "convert.py: numeric options (calibration_samples, damping) are not validated"
-BUG_PLAN_ARGS = ("convert.py apply_plan / blocks.make_block: an unknown shape argument raises TypeError, "
-                 "not ConfigError")
-BUG_PLAN_ATOMIC = "convert.py apply_plan: a failing entry leaves the earlier entries swapped (half-applied plan)"
-BUG_NO_CONVS_HINT = "cli/convert.py: a model without convs is told to 'pass --channels', an option convert lacks"
 
 
 def _api_cases() -> list[Case]:
@@ -382,9 +374,8 @@ def _api_cases() -> list[Case]:
         api("macs-target-without-input", lambda e: _convert(e, target=ic.MacsRatio(0.5)), ConfigError,
             "needs example inputs"),
         api("calibration-samples-negative", lambda e: _convert(e, calibration=X, calibration_samples=-1),
-            ConfigError, "calibration_samples", xfail=BUG_OPTIONS),
-        api("damping-nan", lambda e: _convert(e, calibration=X, damping=nan), ConfigError, "damping",
-            xfail=BUG_OPTIONS),
+            ConfigError, "calibration_samples"),
+        api("damping-nan", lambda e: _convert(e, calibration=X, damping=nan), ConfigError, "damping"),
         # ---- models
         api("model-is-a-string", lambda e: ic.convert("resnet18", ic.ParamsRatio(0.5)), ModelError,
             "expected an nn.Module, got str"),
@@ -394,14 +385,12 @@ def _api_cases() -> list[Case]:
             ModelError, r"parameter '0\.weight' contains NaN or Inf"),
         api("inf-bias", lambda e: ic.convert(e.net(mutate=_inf_bias), ic.ParamsRatio(0.5), progress=False),
             ModelError, r"parameter '3\.bias' contains NaN or Inf"),
-        api("grouped-convs-only", lambda e: _convert(e, factory="grouped_only"), ConfigError, "not reachable",
-            xfail=BUG_EMPTY),
-        api("circular-padding-only", lambda e: _convert(e, factory="circular_only"), ConfigError, "not reachable",
-            xfail=BUG_EMPTY),
+        api("grouped-convs-only", lambda e: _convert(e, factory="grouped_only"), ConfigError, "not reachable"),
+        api("circular-padding-only", lambda e: _convert(e, factory="circular_only"), ConfigError, "not reachable"),
         api("include-matches-nothing", lambda e: _convert(e, include=["no_such_layer*"]), ConfigError,
-            "no_such_layer", xfail=BUG_EMPTY),
+            "no_such_layer"),
         api("meta-device-weights", lambda e: ic.convert(_meta(e), ic.ParamsRatio(0.5), progress=False), ModelError,
-            "meta", xfail=BUG_META),
+            "meta"),
         api("forward-raises", lambda e: _convert(e, factory="Explodes", example_inputs=X), ModelError,
             "forward exploded"),
         api("untraceable-and-fails", lambda e: _convert(e, factory="Untraceable", example_inputs=X.abs().neg()),
@@ -439,9 +428,9 @@ def _api_cases() -> list[Case]:
         api("plan-circular-conv", lambda e: apply_plan(e.net("circular_only"), [_plan("0", rank=1)]),
             UnsupportedLayerError, "padding_mode='circular'"),
         api("plan-unknown-shape-argument", lambda e: apply_plan(e.net(), [_plan(rank=2, wings=3)]), ConfigError,
-            "wings", xfail=BUG_PLAN_ARGS),
+            "wings"),
         api("plan-half-applied", lambda e: apply_plan(e.net(), [_plan("0", rank=2), _plan("3", rank=400)]),
-            ConfigError, "rank=400", xfail=BUG_PLAN_ATOMIC),
+            ConfigError, "rank=400"),
         api("block-from-conv1d", lambda e: IGCV1.from_conv(nn.Conv1d(4, 4, 3), rank=1), UnsupportedLayerError,
             "Conv1d is not a plain nn.Conv2d"),
         api("block-impossible-shape", lambda e: IGCV3.from_conv(nn.Conv2d(8, 8, 3), mid_channels=0), ConfigError,
@@ -590,8 +579,8 @@ def _cli_cases() -> list[Case]:
         cli("convert-calibration-empty-folder", lambda e: conv("--calib", e.i("empty"))(e), "holds no images"),
         cli("convert-calibration-corrupt-image", lambda e: conv("--calib", e.i("corrupt"))(e), "cannot read image"),
         cli("convert-calibration-samples-zero", conv("--calib-samples", "0"), "--calib-samples must be positive"),
-        cli("convert-model-without-convs", conv(model=f"{NETS}:no_convs"), "no Conv2d", xfail=BUG_NO_CONVS_HINT),
-        cli("convert-grouped-convs-only", conv(model=f"{NETS}:grouped_only"), "not reachable", xfail=BUG_EMPTY),
+        cli("convert-model-without-convs", conv(model=f"{NETS}:no_convs"), "no Conv2d"),
+        cli("convert-grouped-convs-only", conv(model=f"{NETS}:grouped_only"), "not reachable"),
         cli("convert-forward-raises", conv(model=f"{NETS}:Explodes"), "forward exploded"),
         cli("convert-factory-returns-a-dict", conv(model=f"{NETS}:not_a_module"), "returned a dict"),
         cli("convert-factory-from-the-standard-library", conv(model="shutil:rmtree"), "are refused"),

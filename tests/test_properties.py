@@ -326,9 +326,6 @@ def test_kernel_scale_changes_nothing_for_closed_form_fits(scale, mode):
     assert layers == pytest.approx(base_layers, rel=1e-3, abs=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="factorize.refine runs L-BFGS on the factors in their raw units (absolute "
-                   "tolerance_grad, first step lr=1), so data-aware IGCV1 fits with L > 1 (and IGCV2/3 fits) depend "
-                   "on the kernel's scale; fix: optimise unit-RMS copies of the factors")
 def test_refined_fit_does_not_depend_on_the_kernel_scale():
     torch.manual_seed(0)
     w = torch.randn(32, 32, 3, 3, dtype=torch.float64)

@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 
 HELP = "convert the dense convolutions of a model into IGC blocks and save it with its per-layer report"
 EXAMPLE = ("igc-convert convert resnet18 --weights DEFAULT -o resnet18-igc.safetensors --params-ratio 0.25 "
@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     weights = None if str(args.weights).lower() == "none" else args.weights
     model, origin = build_model(args.model, weights, num_classes=args.num_classes)
+    if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
+        raise ModelError(f"{args.model} has no Conv2d layers to convert")
     channels = input_channels(model)
     example = torch.randn(1, channels, args.input_size, args.input_size,
                           generator=torch.Generator().manual_seed(args.seed))
