@@ -182,23 +182,17 @@ def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _plan_entry_problem(entry: Any) -> str:
-    """What is wrong with one plan entry's structure (``""`` if nothing): name and block strings, and a
-    shape of integer (or integer-list) arguments, as :func:`~igc_convert.convert.apply_plan` needs."""
+    """What is wrong with one plan entry's structure (``""`` if nothing): the name and block strings and
+    the shape object :func:`~igc_convert.convert.apply_plan` needs. Shape *values* are the block's to
+    judge (user-registered blocks may take any JSON value); :func:`load` turns its refusal into a
+    :class:`FileFormatError`."""
     if not isinstance(entry, dict):
         return "is not an object"
     for key in ("name", "block"):
         if not isinstance(entry.get(key), str):
             return f"has no {key!r} string"
-    shape = entry.get("shape")
-    if not isinstance(shape, dict):
+    if not isinstance(entry.get("shape"), dict):
         return "has no 'shape' object"
-
-    def integer(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key, value in shape.items():
-        if not (integer(value) or (isinstance(value, list) and value and all(integer(v) for v in value))):
-            return f"has shape argument {key!r} = {value!r}, not an integer or a list of integers"
     return ""
 
 
