@@ -4,8 +4,8 @@ Every case must (1) raise the project's own error (API: the given ``IGCError`` s
 one-line message matching the pattern; CLI: exit code 2 and exactly one line on stderr), (2) leave
 every file of its working folder byte-identical with the same mtime, and no new file (no temp
 leftovers, no half-written output), and (3) leave the models it was given unmodified (state dict
-bit-identical, same submodule types and train/eval flags). Cases marked ``xfail(strict=True)`` are
-known bugs in modules this suite does not own; each reason names the bug.
+bit-identical, same submodule types and train/eval flags). A case given ``xfail="reason"`` runs as
+``xfail(strict=True)``: a known bug in a module this suite does not own, named in the reason (none today).
 
 One case runs ``python -m igc_convert`` in a real subprocess to prove the exit code end to end.
 """
