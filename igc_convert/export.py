@@ -368,7 +368,10 @@ def _export(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: in
 def _export_dynamo(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: int | None,
                    output_names: list[str]) -> ir.Model:
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
-    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir"):
+    # torch.export logs whole tracebacks at ERROR level when it cannot trace a model (e.g. circular
+    # padding with a dynamic batch); that failure is ours to report, in one line (see _export).
+    with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir"), \
+            _quiet(*_TORCH_EXPORT_LOGGERS, level=logging.CRITICAL + 1):
         warnings.simplefilter("ignore")
         # optimize=False: simplify() runs the same onnxscript optimizer plus our own pass, and the
         # raw graph gives the "before" node counts.
@@ -480,14 +483,19 @@ def simplify(model: ir.Model) -> SimplifyStats:
                          moved_permutations=moved)
 
 
+#: Loggers of torch.export / dynamo that print tracebacks of a failed trace (the fallback handles it).
+_TORCH_EXPORT_LOGGERS = ("torch._guards", "torch._dynamo", "torch.export", "torch.fx.experimental.symbolic_shapes",
+                         "torch.onnx")
+
+
 @contextlib.contextmanager
-def _quiet(*names: str):
+def _quiet(*names: str, level: int = logging.WARNING):
     """The optimizer logs every pass at INFO; keep the user's INFO log to our own summary."""
     loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        if lg.getEffectiveLevel() < logging.WARNING:
-            lg.setLevel(logging.WARNING)
+        if lg.getEffectiveLevel() < level:
+            lg.setLevel(level)
     try:
         yield
     finally:

@@ -332,6 +332,33 @@ def test_export_interrupted_while_writing_leaves_the_old_file(tmp_path, monkeypa
     _unchanged(tmp_path, before)
 
 
+def test_a_crashing_exporter_falls_back_and_says_so_in_one_line(tmp_path, monkeypatch, caplog, capfd):
+    """torch.export failing (as it does on circular padding with a dynamic batch) logs whole tracebacks
+    through torch's loggers; export falls back to TorchScript and only its own one-line warning shows."""
+    import logging
+
+    from igc_convert.export import export_onnx
+
+    real = torch.onnx.export
+
+    def crashing(*args, dynamo=True, **kwargs):
+        if dynamo:
+            logging.getLogger("torch._guards").error("Error while creating guard:\nTraceback (most recent call last):")
+            raise RuntimeError("Invalid ranges [2:1]")
+        return real(*args, dynamo=dynamo, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", crashing)
+    caplog.set_level(logging.DEBUG)
+    torch.manual_seed(0)
+    result = export_onnx(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert result.exporter == "torchscript" and result.rel_diff <= 1e-4 and result.path.stat().st_size > 0
+    # torch's loggers have their own stderr handler (they do not propagate to the root logger)
+    assert "Error while creating guard" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.name.startswith("torch") and r.levelno >= logging.ERROR]
+    ours = [r.getMessage() for r in caplog.records if r.name == "igc_convert.export" and r.levelno == logging.WARNING]
+    assert any(m == "dynamo exporter failed: Invalid ranges [2:1]" for m in ours), ours
+
+
 def test_cli_export_killed_while_writing_leaves_no_partial_file(converted_file, tmp_path):
     """A real SIGKILL in the middle of writing the ONNX file: the old destination survives byte for
     byte, and only the hidden temporary file is left next to it."""
