@@ -34,6 +34,16 @@ Tensor = torch.Tensor
 _pair = torch.nn.modules.utils._pair
 
 
+def _ints(**values: Any) -> list[int]:
+    """Shape arguments as ints; 2.7 or True is a mistake, not something to truncate."""
+    out = []
+    for name, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigError(f"{name} must be an integer, got {v!r}")
+        out.append(v)
+    return out
+
+
 def check_convertible(conv: nn.Module, name: str | None = None) -> None:
     """Raise :class:`UnsupportedLayerError` unless ``conv`` is a plain dense ``Conv2d`` we can replace."""
     if not isinstance(conv, nn.Conv2d) or type(conv).forward is not nn.Conv2d.forward:
@@ -171,7 +181,7 @@ class IGCV1(IGCBlock):
                  dilation: int | tuple[int, int] = 1, bias: bool = True, *, primary_groups: int = 1,
                  secondary_groups: int = 1, rank: int = 1, device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias)
-        L, M, r = int(primary_groups), int(secondary_groups), int(rank)
+        L, M, r = _ints(primary_groups=primary_groups, secondary_groups=secondary_groups, rank=rank)
         fz._check_divisible(in_channels, L, "in_channels", "primary_groups")
         fz._check_divisible(out_channels, M, "out_channels", "secondary_groups")
         rmax = min(out_channels // M, in_channels // L * math.prod(self.kernel_size))
@@ -219,7 +229,7 @@ class IGCV2(IGCBlock):
                  dilation: int | tuple[int, int] = 1, bias: bool = True, *, primary_groups: int = 1,
                  factors: Sequence[int] = (2, 2), device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias)
-        L, ks = int(primary_groups), tuple(int(k) for k in factors)
+        L, ks = _ints(primary_groups=primary_groups)[0], tuple(_ints(**{f'factors[{i}]': k for i, k in enumerate(factors)}))
         fz._validate_igcv2(in_channels, out_channels, L, ks, math.prod(self.kernel_size))
         self.primary_groups, self.group_sizes = L, ks
         c_mid = math.prod(ks)
@@ -265,7 +275,7 @@ class IGCV3(IGCBlock):
                  dilation: int | tuple[int, int] = 1, bias: bool = True, *, expand_groups: int = 1,
                  reduce_groups: int = 1, mid_channels: int = 1, device=None, dtype=None) -> None:
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias)
-        G1, G2, c_int = int(expand_groups), int(reduce_groups), int(mid_channels)
+        G1, G2, c_int = _ints(expand_groups=expand_groups, reduce_groups=reduce_groups, mid_channels=mid_channels)
         fz._validate_igcv3(in_channels, out_channels, G1, G2, c_int)
         self.expand_groups, self.reduce_groups, self.mid_channels = G1, G2, c_int
         kw = dict(device=device, dtype=dtype)

@@ -79,7 +79,7 @@ TARGET_METRIC = {ParamsRatio: "params", MacsRatio: "macs", LatencyRatio: "latenc
 
 
 def _check_ratio(ratio: float, what: str) -> None:
-    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
+    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio <= 1):
         raise ConfigError(f"{what} must be in (0, 1], got {ratio!r}")
 
 
