@@ -1,0 +1,92 @@
+"""Smoke test of benchmarks/digits_e2e.py: main() with tiny settings, its data splits, its settings."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from igc_convert import digits
+from igc_convert.data import resolve_source
+from igc_convert.digits import CHANNELS, IMAGE_SIZE
+from igc_convert.errors import ConfigError
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("digits_e2e_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_main_with_tiny_settings(e2e, tmp_path, capsys, monkeypatch):
+    # A narrower dense model (16 channels, not 32) keeps the whole chain under 20 CPU-seconds.
+    monkeypatch.setattr(e2e, "train_digits_model", functools.partial(digits.train_digits_model, width=16))
+    out_json, out_md = tmp_path / "e2e.json", tmp_path / "e2e.md"
+    rc = e2e.main(["--threads", "1", "--train-epochs", "2", "--calib-samples", "64", "--budgets", "0.25",
+                   "--igcv3-budget", "0", "--budget", "0.25", "--also-budgets", "--configs", "default",
+                   "--epochs", "1", "--train-samples", "200", "--json", str(out_json), "--markdown", str(out_md)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "right after conversion" in text and "after fine-tuning" in text and "Time per stage" in text
+    assert "load average" in text
+    report = json.loads(out_json.read_text())
+    assert report["val_images"] == len(resolve_source("digits", image_size=IMAGE_SIZE, channels=CHANNELS, split="val"))
+    assert report["dense_accuracy"] > 0.5
+    assert [z["mode"] for z in report["zero_shot"]] == list(e2e.MODES)
+    for z in report["zero_shot"]:
+        assert 0 < z["params_ratio"] <= 0.25 + 1e-9, z
+        assert 0 <= z["accuracy"] <= 1
+    runs = report["finetune"]
+    assert [(r["init"], r["setting"]) for r in runs] == [(i, s) for i in e2e.FT_MODES for s in e2e.SETTINGS]
+    for r in runs:
+        assert len(r["per_epoch"]) == 1, r
+        if r["setting"] == "distil 10%":
+            assert r["kept_epoch"] in (0, 1)  # chosen on the held-back training images
+        else:
+            # full-data runs return their last state, and measuring each epoch did not change it
+            assert r["kept_epoch"] is None
+            assert r["accuracy"] == pytest.approx(r["per_epoch"][-1])
+    assert {s["name"] for s in report["stages"]} >= {"train dense", "total"}
+    assert out_md.read_text().count("| budget |") == 2
+
+
+def test_data_splits_never_touch_validation(e2e):
+    data = e2e.load_data(calib_samples=512, subset_fraction=0.1, seed=0)
+    train_split, val_split = set(data.train.indices), set(data.val.indices)  # indices into all 1797 digits
+    assert not train_split & val_split
+    calib, small = set(data.calibration.indices), set(data.subset.indices)  # positions in the train split
+    assert len(calib) == 512 and len(small) == round(0.1 * len(data.train))
+    assert len(small) + len(data.selection) == len(data.train)
+    # seed 0: the very images of resolve_source("digits", split="train", samples=512)
+    assert data.calibration.indices == resolve_source("digits", image_size=IMAGE_SIZE, channels=CHANNELS,
+                                                      split="train", samples=512).indices
+    other = e2e.load_data(calib_samples=512, subset_fraction=0.1, seed=1)
+    assert set(other.train.indices) == train_split  # another seed moves the samples, never the split
+    assert set(other.calibration.indices) != calib
+
+
+@pytest.mark.parametrize("argv", [["--budget", "1.5"], ["--subset-fraction", "1"], ["--epochs", "0"]],
+                         ids=["budget-over-1", "subset-everything", "no-epochs"])
+def test_bad_settings_exit_2(e2e, argv, capsys):
+    assert e2e.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_finetune_settings(e2e):
+    default, live, tuned = (e2e.finetune_config(n, epochs=3, seed=0) for n in e2e.CONFIGS)
+    assert default.freeze_bn is None and default.lr == 5e-4  # the shipped defaults
+    assert live.freeze_bn is False and tuned.freeze_bn is False and tuned.batch_size < default.batch_size
+    assert e2e.finetune_config("default", epochs=3, seed=0, ce_weight=1.0).ce_weight == 1.0
+    with pytest.raises(ConfigError, match="unknown fine-tuning setting"):
+        e2e.finetune_config("fast", epochs=3, seed=0)
