@@ -798,6 +798,7 @@ def main(argv: Sequence[str] | None = None, builders: Mapping[str, Callable[[], 
         t0 = time.perf_counter()
         results = run_benchmark(model, splits, settings)
         print(f"Command: {command}\n")
+        print(f"Code: {_revision()}\n")
         layers = convertible_layers(model)
         print(f"Model {args.model}: {conv_params(model):,} conv params, {len(layers)} convertible convs "
               f"({100 * (1 - sum(p.numel() for n in layers for p in model.get_submodule(n).parameters()) / conv_params(model)):.1f}% "
@@ -815,6 +816,16 @@ def main(argv: Sequence[str] | None = None, builders: Mapping[str, Callable[[], 
         if limits is not None:
             limits.restore_original_limits()
     return 0
+
+
+def _revision() -> str:
+    """``git describe --always --dirty`` of the checkout (numbers depend on the code they ran with)."""
+    try:
+        proc = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__)), timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return proc.stdout.strip() or "unknown"
 
 
 def _blas_limits(threads: int) -> Any:

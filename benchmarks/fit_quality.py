@@ -24,10 +24,13 @@ Separately, for ResNet-50, it times fitting every conv with one IGCV1 block (``L
 largest rank within 0.5 of the conv's weights, low rank where channels do not split) in a fresh
 process, and reports its peak memory (``VmHWM``, else ``ru_maxrss``) against the model's size.
 
-Usage::
+Usage (docs/results/fit_quality.md has the results; IGCV2 dominates the run time)::
 
-    python3 benchmarks/fit_quality.py --model all --budgets 0.5 0.25 --threads 2 --top 10
-    python3 benchmarks/fit_quality.py --model resnet50 --kinds svd igcv1 --max-layers 5   # quick
+    export OMP_WAIT_POLICY=PASSIVE   # shared machine: spinning OpenMP threads collapse under load
+    python3 benchmarks/fit_quality.py --model efficientnet_lite0 --threads 1 --top 10
+    python3 benchmarks/fit_quality.py --model resnet50 --threads 1 --timing-threads 1 2 \\
+        --iterative-max-params 150000 --top 10
+    python3 benchmarks/fit_quality.py --model resnet50 --kinds svd igcv1 --max-layers 5   # quick look
 """
 
 from __future__ import annotations
@@ -338,7 +341,7 @@ def time_igcv1_all(model: nn.Module, budget: float = 0.5) -> dict[str, Any]:
     """
     model_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     names = [name for name, _ in dense_convs(model)]  # names only: no reference keeps a swapped conv alive
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n_params = 0
     for name in names:
         conv = model.get_submodule(name)
@@ -351,8 +354,8 @@ def time_igcv1_all(model: nn.Module, budget: float = 0.5) -> dict[str, Any]:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, block)
         n_params += block.num_params()
-    seconds = time.perf_counter() - t0
-    return dict(convs=len(names), seconds=seconds, model_mb=model_bytes / 2**20,
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    return dict(convs=len(names), seconds=seconds, cpu_seconds=cpu_seconds, model_mb=model_bytes / 2**20,
                 block_params=n_params, threads=torch.get_num_threads())
 
 
@@ -441,7 +444,8 @@ def format_tables(model_name: str, layers: Sequence[LayerResult], settings: Sett
 def format_igcv1_timing(info: Mapping[str, Any]) -> str:
     fit_mb = info["rss_peak_mb"] - info["rss_model_mb"]
     return (f"**IGCV1 on every conv of {info['model']}** (L=M=2 at budget 0.5, {info['convs']} convs, "
-            f"{info['threads']} threads, fresh process): {info['seconds']:.1f} s; model {info['model_mb']:.0f} MB; "
+            f"{info['threads']} threads, fresh process): {info['seconds']:.1f} s wall "
+            f"({info['cpu_seconds']:.1f} s CPU, all threads); model {info['model_mb']:.0f} MB; "
             f"peak RSS {info['rss_peak_mb']:.0f} MB (after import {info['rss_start_mb']:.0f} MB, model built "
             f"{info['rss_model_mb']:.0f} MB): fitting added {fit_mb:.0f} MB = "
             f"{fit_mb / info['model_mb']:.2f} × the model size.\n")
