@@ -157,10 +157,12 @@ def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_si
 def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int = 0,
                      timer: Callable[[], float] = time.perf_counter,
                      on_round: Callable[[int], object] | None = None) -> list[list[float]]:
-    """Call ``fns`` in turn (f0, f1, …, f0, f1, …) ``warmup`` untimed then ``runs`` timed rounds.
+    """Call ``fns`` in turn, ``warmup`` untimed then ``runs`` timed rounds, each round starting one
+    function later (f0 f1 f2, f1 f2 f0, f2 f0 f1, …).
 
     Returns one list of ``runs`` durations per function: interleaving makes machine noise hit all
-    of them alike, which is what makes their ratio meaningful.
+    of them alike, which is what makes their ratio meaningful, and the rotation spreads whatever
+    the first call of a round pays (caches, waking threads) over all of them.
     """
     for _ in range(warmup):
         for fn in fns:
@@ -168,11 +170,12 @@ def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: 
         if on_round:
             on_round(1)
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(runs):
-        for fn, ts in zip(fns, times):
+    n = len(fns)
+    for r in range(runs):
+        for i in (*range(r % n, n), *range(r % n)) if n else ():
             start = timer()
-            fn()
-            ts.append(timer() - start)
+            fns[i]()
+            times[i].append(timer() - start)
         if on_round:
             on_round(1)
     return times

@@ -113,6 +113,11 @@ class _Geometry:
         p = xp.permute(0, 2, 3, 1)[img.to(dev)[:, None, None], rows[:, :, None], cols[:, None, :]]
         return p.reshape(p.shape[0], -1)
 
+    def vector_to_unfold_order(self, v: Tensor) -> Tensor:
+        """A gathered ``(ky, kx, c)`` patch vector in unfold's ``(c, ky, kx)`` order."""
+        (kh, kw), c = self.kernel_size, self.in_channels
+        return v.reshape(kh, kw, c).permute(2, 0, 1).reshape(self.size)
+
     def to_unfold_order(self, m: Tensor) -> Tensor:
         """``n × n`` moment of gathered ``(ky, kx, c)`` patches → the same in unfold's ``(c, ky, kx)`` order."""
         (kh, kw), c = self.kernel_size, self.in_channels
@@ -445,12 +450,16 @@ class PairedStats:
 
     ``sigma_actual = E[p̃ p̃ᵀ]`` (the partly converted model's patches), ``cross = E[p p̃ᵀ]``
     (original × converted), ``sigma_original = E[p pᵀ]``; ``count`` patches were averaged.
+    ``mean_actual = E[p̃]`` and ``mean_original = E[p]`` (unfold order) give the bias correction
+    :func:`output_shift`; ``None`` where they were not collected.
     """
 
     sigma_actual: Tensor
     cross: Tensor
     sigma_original: Tensor
     count: int
+    mean_actual: Tensor | None = None
+    mean_original: Tensor | None = None
 
 
 class _Capture:
@@ -517,6 +526,8 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
     n = geom.size
     actual, original_gram = _Gram(n, dev), _Gram(n, dev)
     cross = torch.zeros(n, n, dtype=torch.float64, device=dev)
+    sum_actual = torch.zeros(n, dtype=torch.float64, device=dev)
+    sum_original = torch.zeros(n, dtype=torch.float64, device=dev)
     count = 0
     converted_dtype = _placement(converted, dev)[1]
     with torch.no_grad(), _Modes(original, converted):
@@ -529,6 +540,8 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
             original_gram.add(p)
             (ps, s), (pts, st) = _unit_scale(p), _unit_scale(pt)
             cross += (ps.T @ pts).to(torch.float64) * (s * st)
+            sum_actual += pt.sum(0, dtype=torch.float64)
+            sum_original += p.sum(0, dtype=torch.float64)
             count += p.shape[0]
     result = {}
     for key, a in (("actual", actual.total()), ("cross", cross), ("original", original_gram.total())):
@@ -536,7 +549,10 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
         if not _finite(m):
             raise DataError("paired input statistics are not finite (activations overflowed)", layer=layer)
         result[key] = m
-    return PairedStats(result["actual"], result["cross"], result["original"], count)
+    means = [geom.vector_to_unfold_order(v.cpu()) / count for v in (sum_actual, sum_original)]
+    if not all(_finite(v) for v in means):
+        raise DataError("paired input means are not finite (activations overflowed)", layer=layer)
+    return PairedStats(result["actual"], result["cross"], result["original"], count, *means)
 
 
 def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAULT_DAMPING
@@ -583,6 +599,29 @@ def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAU
     if not torch.isfinite(target).all():  # cannot happen with a valid factor; never hand NaN to a fit
         return w, sa
     return target.reshape(w.shape).contiguous(), sa
+
+
+def output_shift(weight: Tensor, approx: Tensor, stats: PairedStats) -> Tensor | None:
+    """``δ = W E[p] − Ŵ E[p̃]``: the mean of what the fitted layer misses, per output channel (float64).
+
+    Adding ``δ`` to the layer's bias (or subtracting it from the following BatchNorm's running mean)
+    is the least-squares bias given ``Ŵ``: it lowers ``E‖W p − Ŵ p̃ − b‖²`` by exactly ``‖δ‖²``.
+    ``None`` when the means were not collected.
+
+    >>> w = torch.ones(2, 1, 1, 1)
+    >>> st = PairedStats(*(torch.eye(1, dtype=torch.float64),) * 3, 10, torch.tensor([1.0]), torch.tensor([3.0]))
+    >>> output_shift(w, 0.5 * w, st).tolist()   # 1·3 − 0.5·1
+    [2.5, 2.5]
+    """
+    if stats.mean_actual is None or stats.mean_original is None:
+        return None
+    wm = weight.detach().to(torch.float64).reshape(weight.shape[0], -1).cpu()
+    am = approx.detach().to(torch.float64).reshape(approx.shape[0], -1).cpu()
+    n = wm.shape[1]
+    if am.shape != wm.shape or stats.mean_actual.numel() != n or stats.mean_original.numel() != n:
+        raise ConfigError(f"output_shift: kernels {tuple(weight.shape)} / {tuple(approx.shape)} do not match "
+                          f"means of length {stats.mean_original.numel()}")
+    return wm @ stats.mean_original.to(torch.float64) - am @ stats.mean_actual.to(torch.float64)
 
 
 # ------------------------------------------------------------------------------------ BatchNorm weights

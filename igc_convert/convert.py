@@ -215,14 +215,16 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             include: Sequence[str] | None = None, inplace: bool = False, sequential: bool = True,
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
-            allocation: str = "budget", model_name: str = "") -> ConversionResult:
+            allocation: str = "budget", bias_correction: bool = True, model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
     ``sequential`` then fits each layer against the inputs it really gets after upstream layers were
     converted. ``exclude``/``include`` are glob patterns over qualified layer names. ``allocation``
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
-    baseline it is measured against) gives every layer the same ratio.
+    baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (sequential
+    mode) moves the mean of each fitted layer's output error into its bias, or into the running mean
+    of the BatchNorm that follows it.
 
     Example::
 
@@ -376,6 +378,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         elif spec.sigma is not None:
             ref = _quadratic(w, spec.sigma)
             rec.output_error = math.sqrt(max(_quadratic(w - approx, spec.sigma), 0.0) / ref) if ref > 0 else 0.0
+        if paired is not None and bias_correction:
+            shift = calibrate.output_shift(w, approx, paired)
+            if shift is not None and _absorb_shift(converted, new, s, shift) and rec.output_error is not None:
+                rec.output_error = math.sqrt(max(err2 - float(shift.pow(2).sum()), 0.0) / ref)
         records[s.name] = rec
         plan.append(dict(name=s.name, block=c.kind, shape=c.shape))
     for s in sites:
@@ -385,6 +391,19 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)
     log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
     return ConversionResult(converted, plan, report)
+
+
+def _absorb_shift(model: nn.Module, block: IGCBlock, site: ConvSite, shift: torch.Tensor) -> bool:
+    """Add ``shift`` to the block's bias, else take it from the following BatchNorm's running mean."""
+    if block.bias is not None:
+        with torch.no_grad():
+            block.bias.add_(shift.to(block.bias))
+        return True
+    bn = model.get_submodule(site.batchnorm) if site.batchnorm else None
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+        bn.running_mean.sub_(shift.to(bn.running_mean))
+        return True
+    return False
 
 
 def _check_options(*, calibration_samples, damping, **counts: int) -> None:

@@ -43,12 +43,15 @@ def test_time_alternating_interleaves_and_times_each_call():
     clock = iter(range(1000))
     times = time_alternating([lambda: calls.append("a"), lambda: calls.append("b")], runs=3, warmup=2,
                              timer=lambda: float(next(clock)))
-    assert calls == ["a", "b"] * 5  # warm-up rounds too: A, B, A, B, ...
+    assert calls == ["a", "b"] * 2 + ["a", "b", "b", "a", "a", "b"]  # timed rounds start one later each time
     assert times == [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]]
+    seen = []
+    time_alternating([lambda i=i: seen.append(i) for i in range(3)], runs=3)
+    assert seen == [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 
 def test_bench_alternates_sessions(pair, monkeypatch):
-    """bench_onnx makes one runner per model (A then B) and must call them A, B, A, B, ..."""
+    """bench_onnx makes one runner per model (A then B) and must call them in turn, B first every other round."""
     order, made = [], []
     real_runner = bench._runner
 
@@ -60,7 +63,7 @@ def test_bench_alternates_sessions(pair, monkeypatch):
     monkeypatch.setattr(bench, "_runner", spy)
     bench_onnx(*pair, batch_sizes=(2,), runs=4, warmup=1, progress=False)
     assert made == ["A", "B"]
-    assert order == ["A", "B"] * 5
+    assert order == ["A", "B"] * 2 + ["B", "A", "A", "B", "B", "A"]
 
 
 # --------------------------------------------------------------------------- two ONNX files

@@ -177,6 +177,33 @@ def test_budget_allocation_beats_uniform_on_total_output_error(digits):
     assert total(budget) < total(uniform)
 
 
+def test_bias_correction_matches_output_means_through_bias_and_batchnorm():
+    """Sequential fits move the mean of each layer's error into its bias or the next BatchNorm's mean."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, bias=False),
+                        nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 8, 1)).eval()
+    net[3].running_mean.normal_()
+    x = torch.rand(16, 8, 10, 10) + 0.5  # non-zero means: the ones low-rank fits miss
+    kw = dict(calibration=x, calibration_samples=None, max_positions=10_000, progress=False, damping=1e-6,
+              allocation="uniform")
+    on = ic.convert(net, ic.ParamsRatio(0.3), **kw)
+    off = ic.convert(net, ic.ParamsRatio(0.3), bias_correction=False, **kw)
+    assert [r.block for r in on.records] == ["igcv1"] * 3 and on.plan == off.plan
+
+    def means(model):  # per-channel means of the conv (with bias), the BatchNorm and the output
+        with torch.no_grad():
+            a = model[0](x)
+            b = model[3](model[2](model[1](a)))
+            return [t.mean((0, 2, 3)) for t in (a, b, model(x))]
+
+    ref = means(net)
+    for got, want in zip(means(on.model), ref):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert any((got - want).abs().max() > 1e-3 for got, want in zip(means(off.model), ref))
+    # same inputs, same fit: the correction can only lower the first layer's recorded output error
+    assert on.records[0].output_error < off.records[0].output_error
+
+
 BAD = [
     ("ratio zero", lambda: ic.ParamsRatio(0.0), ConfigError),
     ("ratio above one", lambda: ic.MacsRatio(1.5), ConfigError),

