@@ -5,7 +5,8 @@ converted and measured on the held-out validation split, which is never used for
 training or model selection. Two tables:
 
 1. **zero-shot** — accuracy right after conversion, per conv-parameter budget (default 0.25, 0.1,
-   0.05; IGCV1, plus IGCV3 at 0.1), for the three init modes: ``weight`` (weight-space fit, no data),
+   0.05; IGCV1, plus ``--extra-block`` — default ``auto``, the planner's choice among IGCV1/2/3 per
+   layer — at 0.1), for the three init modes: ``weight`` (weight-space fit, no data),
    ``one-shot`` (data-aware: every layer whitened with the original model's input statistics) and
    ``sequential`` (data-aware: each layer fitted, in graph order, to the inputs it really receives in
    the partly converted model).
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="zero-shot and fine-tuning at 0.05 only, settings 'default' and 'tuned', no IGCV3, "
+                   help="zero-shot and fine-tuning at 0.05 only, settings 'default' and 'tuned', no extra-block row, "
                         "no extra budgets")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="training, calibration images, subsets, fine-tuning")
@@ -267,8 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-samples", type=int, default=512, help="calibration images (default 512)")
     p.add_argument("--budgets", type=float, nargs="+", default=None,
                    help="zero-shot conv-parameter budgets (default 0.25 0.1 0.05)")
-    p.add_argument("--igcv3-budget", type=float, default=None,
-                   help="budget of the IGCV3 zero-shot row (default 0.1; 0 = none)")
+    p.add_argument("--extra-block", default="auto", choices=("igcv2", "igcv3", "auto"),
+                   help="block kind of the extra zero-shot row (default auto)")
+    p.add_argument("--extra-budget", type=float, default=None,
+                   help="budget of the extra zero-shot row (default 0.1; 0 = none)")
+    p.add_argument("--ft-block", default="igcv1", choices=("igcv1", "igcv2", "igcv3", "auto"),
+                   help="block kind of the fine-tuned models (default igcv1)")
     p.add_argument("--budget", type=float, default=0.05, help="fine-tuning budget (default 0.05)")
     p.add_argument("--also-budgets", type=float, nargs="*", default=None,
                    help="extra fine-tuning budgets, recommended setting only (default 0.043)")
@@ -286,8 +291,8 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on --quick, and check the numbers."""
     if args.budgets is None:
         args.budgets = [0.05] if args.quick else [0.25, 0.1, 0.05]
-    if args.igcv3_budget is None:
-        args.igcv3_budget = 0.0 if args.quick else 0.1
+    if args.extra_budget is None:
+        args.extra_budget = 0.0 if args.quick else 0.1
     if args.also_budgets is None:
         args.also_budgets = [] if args.quick else [0.043]
     if args.configs is None:
@@ -297,7 +302,7 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.train_samples is not None and args.train_samples < 2:
         raise ConfigError(f"--train-samples must be at least 2, got {args.train_samples}")
-    for b in [*args.budgets, args.budget, *args.also_budgets, *([args.igcv3_budget] if args.igcv3_budget else [])]:
+    for b in [*args.budgets, args.budget, *args.also_budgets, *([args.extra_budget] if args.extra_budget else [])]:
         ParamsRatio(b)  # raises ConfigError for a ratio outside (0, 1]
     for path in (args.json, args.markdown):
         if path:
@@ -343,7 +348,7 @@ def _run(args: argparse.Namespace) -> int:
         return conversions[key]
 
     zero_shot: list[ZeroShot] = []
-    plan = [(b, "igcv1") for b in args.budgets] + ([(args.igcv3_budget, "igcv3")] if args.igcv3_budget else [])
+    plan = [(b, "igcv1") for b in args.budgets] + ([(args.extra_budget, args.extra_block)] if args.extra_budget else [])
     for budget, block in plan:
         for mode in MODES:
             result = converted(budget, block, mode)
@@ -358,7 +363,7 @@ def _run(args: argparse.Namespace) -> int:
     ft_plan = [(args.budget, c) for c in args.configs] + [(b, args.configs[-1]) for b in args.also_budgets]
     for budget, config_name in ft_plan:
         for init in FT_MODES:
-            start = converted(budget, "igcv1", init).model
+            start = converted(budget, args.ft_block, init).model
             if (budget, init) not in before:
                 before[(budget, init)] = evaluate(start, data.val)
             for setting in SETTINGS:
@@ -369,7 +374,7 @@ def _run(args: argparse.Namespace) -> int:
                 runs.append(FinetuneRun(budget, init, config_name, setting, evaluate(model, data.val), per_epoch,
                                         kept))
     f_header, f_rows = finetune_rows(runs, before, args.epochs)
-    print(f"\nHeld-out accuracy (%) after fine-tuning (dense {_pct(dense_acc)}), IGCV1\n"
+    print(f"\nHeld-out accuracy (%) after fine-tuning (dense {_pct(dense_acc)}), {args.ft_block}\n"
           + text_table(f_header, f_rows), flush=True)
 
     total = Stage("total", time.perf_counter() - t0[0], time.process_time() - t0[1])

@@ -11,8 +11,10 @@ Variants:
 
 * ``params-0.25``  — ``convert(model, ParamsRatio(0.25))``: the naive swap, MAC-blind;
 * ``macs-0.26``    — ``convert(model, MacsRatio(0.26))``;
-* ``latency-1.0``  — ``convert(model, LatencyRatio(1.0))`` then ``enforce_not_slower(ratio=1.0)``;
-* ``latency-0.5``  — ``convert(model, LatencyRatio(0.5))`` then ``enforce_not_slower(ratio=0.5)``;
+* ``latency-1.0``  — ``convert(model, LatencyRatio(1.0))`` (which ends with ``enforce_not_slower``):
+  the least-error plan within 1.0× is to convert nothing, so this row is also an A/A check of the
+  timing noise (an identical graph timed against the original);
+* ``latency-0.5``  — ``convert(model, LatencyRatio(0.5))`` (the same guard, at 0.5);
 * ``params-0.25+guard`` — ``params-0.25`` then ``enforce_not_slower(ratio=1.0)``: the guard alone
   on a MAC-blind plan.
 
@@ -68,8 +70,8 @@ class Variant:
 VARIANTS = (
     Variant("params-0.25", ParamsRatio(0.25)),
     Variant("macs-0.26", MacsRatio(0.26)),
-    Variant("latency-1.0", LatencyRatio(1.0), guard=1.0),
-    Variant("latency-0.5", LatencyRatio(0.5), guard=0.5),
+    Variant("latency-1.0", LatencyRatio(1.0)),   # convert() ends with enforce_not_slower for these
+    Variant("latency-0.5", LatencyRatio(0.5)),
     Variant("params-0.25+guard", ParamsRatio(0.25), guard=1.0),
 )
 

@@ -248,6 +248,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     _check_options(calibration_samples=calibration_samples, damping=damping, max_groups=max_groups,
                    fit_iters=fit_iters, plan_iters=plan_iters, max_positions=max_positions)
     original = model
+    guard_reference = copy.deepcopy(model) if inplace and isinstance(target, LatencyRatio) else model
     for name, p in original.named_parameters():
         if p.is_meta:
             raise ModelError(f"parameter {name!r} is on the meta device (not materialised); load real weights first")
@@ -390,7 +391,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     mode = "weight" if batches is None else ("data-aware, sequential" if sequential else "data-aware")
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)
     log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
-    return ConversionResult(converted, plan, report)
+    result = ConversionResult(converted, plan, report)
+    if isinstance(target, LatencyRatio) and plan:
+        # The per-layer plan adds up latencies measured alone; the whole model is what must not be
+        # slower: measure it against the original and put layers back until it is within the target.
+        from . import latency
+
+        result = latency.enforce_not_slower(guard_reference, result, example, ratio=target.ratio)
+    return result
 
 
 def _absorb_shift(model: nn.Module, block: IGCBlock, site: ConvSite, shift: torch.Tensor) -> bool:

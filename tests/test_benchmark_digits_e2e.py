@@ -33,7 +33,7 @@ def test_main_with_tiny_settings(e2e, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(e2e, "train_digits_model", functools.partial(digits.train_digits_model, width=16))
     out_json, out_md = tmp_path / "e2e.json", tmp_path / "e2e.md"
     rc = e2e.main(["--threads", "1", "--train-epochs", "2", "--calib-samples", "64", "--budgets", "0.25",
-                   "--igcv3-budget", "0", "--budget", "0.25", "--also-budgets", "--configs", "default",
+                   "--extra-budget", "0", "--budget", "0.25", "--also-budgets", "--configs", "default",
                    "--epochs", "1", "--train-samples", "200", "--json", str(out_json), "--markdown", str(out_md)])
     assert rc == 0
     text = capsys.readouterr().out

@@ -325,8 +325,8 @@ def test_latency_target_end_to_end(ratio, cache_home, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     model = _cnn(width=32)
     x = torch.randn(1, 3, 32, 32)
+    # convert() itself ends with the whole-model guard (enforce_not_slower) for a latency target
     result = igc_convert.convert(model, igc_convert.LatencyRatio(ratio), example_inputs=x, progress=False)
-    result = enforce_not_slower(model, result, x, ratio=ratio, runs=10, exporter="torchscript")
 
     sizes = {}
     hooks = [m.register_forward_pre_hook(lambda m, a, n=n: sizes.setdefault(n, tuple(a[0].shape)) and None)

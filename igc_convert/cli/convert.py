@@ -33,13 +33,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--macs-ratio", type=float, metavar="R", help="total conv MACs <= R x the original's")
     target.add_argument("--max-error", type=float, metavar="E", help="every converted layer's relative error <= E")
     target.add_argument("--latency-ratio", type=float, metavar="R",
-                        help="onnxruntime conv latency <= R x the original's (measured here; 1.0 = never slower)")
+                        help="onnxruntime latency <= R x the original's, measured here per layer, then for the "
+                             "whole model (never slower than the original)")
     parser.add_argument("--calib", metavar="SOURCE",
                         help="calibration images for a data-aware fit: digits, sample-images, or an image folder")
     parser.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration images (default 256)")
     parser.add_argument("--one-shot", action="store_true",
                         help="data-aware fit from the original model's statistics only (faster, less accurate "
                              "than the default sequential fit)")
+    parser.add_argument("--no-bias-correction", action="store_true",
+                        help="keep each layer's bias as fitted (default: the mean of its output error moves into "
+                             "the bias or the next BatchNorm)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="layer names to keep dense")
     parser.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only convert these layers")
     parser.add_argument("--input-size", type=int, default=224, metavar="N", help="input height/width (default 224)")
@@ -91,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
                                      samples=args.calib_samples, seed=args.seed)
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
-                     sequential=not args.one_shot, seed=args.seed, model_name=args.model)
+                     sequential=not args.one_shot, bias_correction=not args.no_bias_correction, seed=args.seed,
+                     model_name=args.model)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
     print(result.report.table())
     if args.report:
