@@ -1,7 +1,7 @@
 """Latency in onnxruntime: two ONNX files side by side, and single modules for the planner.
 
 Absolute times are noise on shared machines; ratios measured side by side are not. So every
-comparison here runs its two models ALTERNATELY (A, B, A, B, …) in one process, with the same input,
+comparison here runs its two models ALTERNATELY (A, B, then B, A, …) in one process, with the same input,
 the same thread settings (``intra_op_num_threads=threads``, one inter-op thread, sequential
 execution) and spinning threads off — an idle session's spinning pool would otherwise steal the
 cores from the other one — and reports medians and the ratio B/A.
@@ -73,7 +73,7 @@ class BenchResult:
         """
         head = [f"onnxruntime {self.onnxruntime_version} CPUExecutionProvider, {self.threads} intra-op thread"
                 f"{'s' if self.threads != 1 else ''}, 1 inter-op thread, sequential; median of {self.runs} "
-                f"alternating runs (A, B, A, B, ...) after {self.warmup} warm-up",
+                f"alternating runs (A, B, B, A, A, B, ...) after {self.warmup} warm-up",
                 f"A = {self.a_path}", f"B = {self.b_path}"]
         cols = ("batch", "input", "A median (ms)", "B median (ms)", "B/A")
         cells = [(str(r.batch_size), "x".join(map(str, r.input_shape[1:])), f"{r.a_median_s * 1e3:.3f}",
@@ -112,7 +112,7 @@ class ModuleComparison:
 def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 32),
                threads: int = 2, runs: int = 20, warmup: int = 3, input_size: int | Sequence[int] | None = None,
                progress: bool = True, seed: int = 0) -> BenchResult:
-    """Median onnxruntime latency of A and B per batch size, runs alternating A, B, A, B, ...
+    """Median onnxruntime latency of A and B per batch size, runs alternating A, B, B, A, ...
 
     The input shape is read from the models; a dynamic batch takes each of ``batch_sizes``, a fixed
     batch only its own size (said in ``notes``); dynamic spatial dims need ``input_size`` (``224`` or

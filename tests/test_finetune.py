@@ -328,6 +328,23 @@ def test_cli_finetune_writes_a_loadable_model_with_its_history(converted_files, 
     assert checkpoint_path(tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("flag,freeze", [("auto", None), ("frozen", True), ("live", False)])
+def test_cli_finetune_bn_option_reaches_the_config(converted_files, tmp_path, monkeypatch, flag, freeze):
+    import igc_convert.finetune as ft
+
+    seen = {}
+
+    def fake(model, data, **kw):
+        seen["config"] = kw["config"]
+        raise ConfigError("stop here")
+
+    monkeypatch.setattr(ft, "finetune", fake)
+    _, files = converted_files
+    out = tmp_path / "ft.safetensors"
+    assert cli_main(["finetune", str(files["a"]), "-o", str(out), "--data", "digits", "--bn", flag]) == 2
+    assert seen["config"].freeze_bn is freeze and not out.exists()
+
+
 @pytest.mark.parametrize("case", ["teacher-gone", "labels-on-unlabelled", "empty-folder", "no-teacher-no-labels",
                                   "other-model-checkpoint"])
 def test_cli_finetune_bad_input_is_exit_2_and_writes_nothing(converted_files, tmp_path, capsys, case):

@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"images per step and process (default {d.batch_size})")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
                         help=f"AdamW or SGD with momentum (default {d.optimizer})")
+    parser.add_argument("--bn", choices=("auto", "frozen", "live"), default="auto",
+                        help=f"BatchNorm running statistics: frozen, updated (live), or auto: frozen below "
+                             f"{d.small_dataset} training images (default auto; heavy compression on small data "
+                             "does better live, with --lr 1e-2 --batch-size 16)")
     parser.add_argument("--temperature", type=float, default=d.temperature,
                         help=f"distillation temperature (default {d.temperature})")
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
@@ -90,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.output)  # before minutes of training
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                             temperature=args.temperature, feature_weight=args.feature_weight,
+                            freeze_bn={"auto": None, "frozen": True, "live": False}[args.bn],
                             kd_weight=1.0 if args.teacher == "auto" else 0.0,
                             ce_weight=1.0 if args.labels else 0.0, seed=args.seed,
                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
