@@ -116,8 +116,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
 
     Example::
 
-        >>> res = export_onnx(model, "model.onnx", torch.randn(1, 3, 224, 224))
-        >>> res.rel_diff < 1e-4, res.op_counts["Conv"]
+        res = export_onnx(model, "model.onnx", torch.randn(1, 3, 224, 224))
+        res.rel_diff < 1e-4, res.op_counts["Conv"]
     """
     path = check_writable(path)
     if not (rtol > 0):
@@ -154,8 +154,8 @@ def export_pair(original: nn.Module, converted: nn.Module, out_dir: str | Path, 
 
     Example::
 
-        >>> orig, conv = export_pair(resnet, converted, "out/", torch.randn(1, 3, 224, 224))
-        >>> bench_onnx(orig.path, conv.path)
+        orig, conv = export_pair(resnet, converted, "out/", torch.randn(1, 3, 224, 224))
+        bench_onnx(orig.path, conv.path)
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -465,7 +465,7 @@ def simplify(model: ir.Model) -> SimplifyStats:
 
     Example::
 
-        >>> stats = simplify(ir.load("model.onnx")); stats.before["Identity"], stats.after.get("Identity", 0)
+        stats = simplify(ir.load("model.onnx")); stats.before["Identity"], stats.after.get("Identity", 0)
     """
     from onnxscript import optimizer
     from onnx_ir.passes import common as passes

@@ -76,9 +76,8 @@ def attach_latencies(specs: Sequence[LayerSpec], per_layer: Sequence[Sequence[Ca
 
     Example::
 
-        >>> per_layer, fixed = attach_latencies(specs, per_layer, convs, [], batch_size=1)
-        >>> all(c.latency < per_layer[0][0].latency for c in per_layer[0][1:])
-        True
+        per_layer, fixed = attach_latencies(specs, per_layer, convs, [], batch_size=1)
+        all(c.latency < per_layer[0][0].latency for c in per_layer[0][1:])   # True
     """
     if not (len(specs) == len(per_layer) == len(convs)):
         raise ConfigError(f"specs, candidates and convs must have one entry per layer, got "
@@ -147,7 +146,7 @@ def layer_latencies(modules: Sequence[nn.Module], input_shape: Sequence[int], *,
 
     Example::
 
-        >>> dense, block = layer_latencies([conv, IGCV1.from_conv(conv, rank=8)], (1, 64, 56, 56))
+        dense, block = layer_latencies([conv, IGCV1.from_conv(conv, rank=8)], (1, 64, 56, 56))
     """
     shape = tuple(int(s) for s in input_shape)
     if len(shape) < 2 or min(shape) < 1:
@@ -249,9 +248,9 @@ def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_
 
     Example::
 
-        >>> result = convert(model, LatencyRatio(1.0), example_inputs=x)
-        >>> result = enforce_not_slower(model, result, x, ratio=1.0)
-        >>> [r.name for r in result.records if r.reason == REVERTED]
+        result = convert(model, LatencyRatio(1.0), example_inputs=x)
+        result = enforce_not_slower(model, result, x, ratio=1.0)
+        [r.name for r in result.records if r.reason == REVERTED]
     """
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
         raise ConfigError(f"latency ratio must be a positive number, got {ratio!r}")
