@@ -315,12 +315,11 @@ def fit_igcv1(weight: Tensor, primary_groups: int, secondary_groups: int, rank: 
         return igcv1_weight(pw, sw, L, M)
 
     iters = 0
+    full = Objective(weight, sigma, row_weights, damping)  # one whitener for the refinement and the error
     if sigma is not None and L > 1 and refine_iters > 0:
-        (primary, secondary), f, iters = refine(Objective(weight, sigma, row_weights, damping),
-                                                (primary, secondary), build, max_iter=refine_iters)
+        (primary, secondary), f, iters = refine(full, (primary, secondary), build, max_iter=refine_iters)
     primary, secondary = balance_igcv1(primary, secondary, L, M)
-    err = Objective(weight, sigma, row_weights, damping).error(build(primary, secondary))
-    return Fit((primary, secondary), err, iters)
+    return Fit((primary, secondary), full.error(build(primary, secondary)), iters)
 
 
 def balance_igcv1(primary: Tensor, secondary: Tensor, primary_groups: int, secondary_groups: int
