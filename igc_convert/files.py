@@ -57,19 +57,11 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         os.close(fd)
         _discard(tmp)
         raise
-    try:
-        with f:
-            os.chmod(tmp, _umask_mode())
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        _discard(tmp)
-        raise FileFormatError(f"cannot write {str(path)!r}: {err}") from err
-    except BaseException:
-        _discard(tmp)
-        raise
+    with _replacing(path, tmp), f:
+        os.chmod(tmp, _umask_mode())
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
@@ -82,11 +74,18 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path = check_writable(path)
     fd, tmp = _mkstemp(path, f".tmp{suffix}")
     os.close(fd)
-    try:
+    with _replacing(path, tmp):
         os.chmod(tmp, _umask_mode())
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, tmp: str) -> Iterator[None]:
+    """Rename ``tmp`` over ``path`` when the block succeeds; remove it when anything fails."""
+    try:
+        yield
         os.replace(tmp, path)
     except OSError as err:
         _discard(tmp)

@@ -628,13 +628,7 @@ def env(tmp_path, assets, nets, monkeypatch) -> Env:
     env.read_only.chmod(0o755)  # let pytest clean the folder up
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and lose a lot when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("case", _params(CASES))

@@ -40,13 +40,7 @@ class Tiny(nn.Module):
         return self.fc(self.drop(F.adaptive_avg_pool2d(x, 2).flatten(1)))  # 2×2: digits need layout
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convs gain nothing from threads, and lose a lot when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def digits(split: str, samples: int | None = None):

@@ -32,13 +32,7 @@ zoo = _load_zoo()
 TOO_LARGE = {"regnet_y_128gf": "645 M params", "vit_h_14": "633 M params"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread (restored after): MKL's 2-thread eigvalsh is 10-100x slower on a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check(name: str) -> dict:
