@@ -2,7 +2,7 @@
 
 Takes a file written by ``convert_torchvision.py`` (or ``igc-convert convert``); the original model is
 rebuilt from the file's origin. Each export is checked against PyTorch in onnxruntime (the parity
-lines), then the two ONNX files run alternately (A, B, A, B, ...) with the same input and threads,
+lines), then the two ONNX files run alternately (A, B, B, A, ...) with the same input and threads,
 which makes the latency ratio B/A trustworthy even on a busy machine.
 
 Run::
