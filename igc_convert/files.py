@@ -12,6 +12,7 @@ Only a hard kill (SIGKILL, power loss) mid-write can leave the hidden temporary 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -93,6 +94,23 @@ def _replacing(path: Path, tmp: str) -> Iterator[None]:
     except BaseException:
         _discard(tmp)
         raise
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer of ``path`` left next to it; return what was removed.
+
+    Only names this module makes for ``path`` (``.NAME.<random>.tmp…``) are touched. Call it when no
+    other process is writing ``path`` (a run that owns its checkpoint folder, at start).
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    removed = []
+    for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp*"):
+        if p.is_file():
+            _discard(str(p))
+            removed.append(p)
+    return sorted(removed)
 
 
 def _mkstemp(path: Path, suffix: str) -> tuple[int, str]:

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import collate, has_labels, make_loader, resolve_source
 from .errors import CheckpointError, ConfigError, DataError, ModelError
-from .files import atomic_write
+from .files import atomic_write, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +421,9 @@ class _Trainer:
         ckpt = self.read_checkpoint() if cfg.resume else None
         if ckpt is None and self.ckpt_path is not None and self.ckpt_path.exists() and ctx.main:
             log.warning("starting a new run: %s will be replaced (resume=True continues it instead)", self.ckpt_path)
+        if self.ckpt_path is not None and ctx.main:
+            for stale in remove_stale_temporaries(self.ckpt_path):  # a run killed mid-write left it
+                log.warning("removed %s, a checkpoint write that never finished", stale)
         _seed_all(cfg.seed + ctx.rank)
         student = self.student.to(ctx.device)
         if self.teacher is not None:

@@ -30,7 +30,7 @@ from torch.utils.data import TensorDataset
 import igc_convert as ic
 from igc_convert.cli import main
 from igc_convert.errors import FileFormatError
-from igc_convert.files import atomic_path, atomic_write
+from igc_convert.files import atomic_path, atomic_write, remove_stale_temporaries
 from igc_convert.finetune import FinetuneConfig, checkpoint_path, finetune, load_checkpoint
 
 TESTS = Path(__file__).resolve().parent
@@ -196,11 +196,10 @@ def test_killed_during_a_checkpoint_write_keeps_the_last_good_one(reference, tmp
         assert len(leftovers) == 1, sorted(p.name for p in tmp_path.iterdir())
         half = (tmp_path / leftovers[0]).stat().st_size
         assert 0 < half < len(good)  # the half-written new checkpoint, never at the destination
-        (tmp_path / leftovers[0]).unlink()
     assert checkpoint_path(tmp_path).read_bytes() == good
     assert load_checkpoint(checkpoint_path(tmp_path))["step"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
     _resume_matches(tmp_path, reference, from_step=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # the resumed run removed the leftover
 
 
 def test_a_failing_disk_during_a_checkpoint_write_is_a_clear_error(tmp_path, monkeypatch):
@@ -458,3 +457,14 @@ def test_convert_does_not_touch_the_callers_model_when_the_fit_fails(monkeypatch
     assert len(calls) == 2
     assert all(isinstance(m, (nn.Conv2d, nn.ReLU)) for m in net)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_remove_stale_temporaries_touches_only_the_files_own_temporaries(tmp_path):
+    names = [".last.pt.k3j2.tmp", ".last.pt.zz.tmp.onnx", "last.pt", ".last.ptx.k3j2.tmp", "other.tmp",
+             ".other.pt.a.tmp"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    removed = remove_stale_temporaries(tmp_path / "last.pt")
+    assert [p.name for p in removed] == [".last.pt.k3j2.tmp", ".last.pt.zz.tmp.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert remove_stale_temporaries(tmp_path / "missing-folder" / "last.pt") == []
