@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from .files import atomic_path, atomic_write
 
@@ -166,7 +166,3 @@ def _ratio_text(t: dict[str, Any]) -> str:
     if t["macs_ratio"] is not None:
         parts.append(f"MACs x{t['macs_ratio']:.3f}")
     return ", ".join(parts)
-
-
-def records_table(records: Sequence[LayerRecord]) -> str:
-    return Report(list(records)).table()
