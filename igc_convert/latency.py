@@ -134,15 +134,47 @@ def attach_latencies(specs: Sequence[LayerSpec], per_layer: Sequence[Sequence[Ca
     return out, fixed
 
 
+def plan_latency_ratio(original: nn.Module, plan: Sequence[dict[str, Any]], example_inputs: torch.Tensor, *,
+                       threads: int = 2, runs: int = 15, seed: int = 0) -> float:
+    """Measured whole-model latency of ``original`` with ``plan`` applied, over the original's (one run, alternating).
+
+    The blocks are built but not fitted (random weights time the same), so a plan can be checked
+    before any fitting is spent on it.
+    """
+    from .convert import apply_plan
+
+    candidate = apply_plan(copy.deepcopy(original), plan).eval()
+    shape = tuple(example_inputs.shape)
+    return bench.compare_module_latency(original, candidate, shape, threads=threads, runs=runs, seed=seed).ratio
+
+
+def rest_of_model_latency(model: nn.Module, example_inputs: torch.Tensor, conv_total: float, *, threads: int = 2,
+                          runs: int = 15, cache_dir: str | os.PathLike | None = None) -> float:
+    """Seconds the whole ``model`` spends outside its convs: its onnxruntime latency minus ``conv_total``.
+
+    ``conv_total`` is the sum of its convs' :func:`layer_latencies` (net of the per-call cost). The
+    rest — BatchNorm not folded away, activations, adds, pooling, the classifier, the one per-call
+    cost a deployed model does pay — is the same before and after a conversion, so a latency target
+    on the whole model must count it on both sides of the ratio. Never negative.
+    """
+    whole = bench.measure_module_latency(model, tuple(example_inputs.shape), threads=threads, runs=runs,
+                                         cache_dir=cache_dir)
+    return max(whole - conv_total, 0.0)
+
+
 def layer_latencies(modules: Sequence[nn.Module], input_shape: Sequence[int], *, threads: int = 2, runs: int = 15,
                     warmup: int = 3, cache_dir: str | os.PathLike | None = None, seed: int = 0) -> list[float]:
-    """Median onnxruntime latency (seconds) of each module alone on ``input_shape``, timed side by side.
+    """Median onnxruntime latency (seconds) of each module on ``input_shape``, net of the per-run cost.
 
     The modules are run in alternation (m0, m1, …, m0, m1, …) so that load on a shared machine hits
-    all of them alike and their ratios hold. Results share the on-disk cache of
-    :func:`igc_convert.bench.measure_module_latency` (same keys: module structure, input shape,
-    machine, threads); when every module is in it nothing is measured, otherwise all are measured
-    again together. Modules on the meta device (structure only) get random weights when timed.
+    all of them alike and their ratios hold, together with an empty graph (one ``Identity``) on the
+    same input: every isolated run pays onnxruntime's own per-call cost, which a layer inside a whole
+    model does not, and which would make small blocks look closer to their dense conv than they are.
+    Each result is the module's median minus the empty graph's (at least 5% of the median is kept).
+    Results live in the on-disk cache file of :func:`igc_convert.bench.measure_module_latency`, under
+    keys of their own (module structure, input shape, machine, threads, ``net``); when every module is
+    in it nothing is measured, otherwise all are measured again together. Modules on the meta device
+    (structure only) get random weights when timed.
 
     Example::
 
@@ -155,18 +187,30 @@ def layer_latencies(modules: Sequence[nn.Module], input_shape: Sequence[int], *,
         return []
     cache = bench._cache_file(cache_dir)
     machine = bench.machine_fingerprint(threads)
-    keys = [f"{bench.module_signature(m, shape)}|{machine}" for m in modules]
+    keys = [f"{bench.module_signature(m, shape)}|{machine}|net" for m in modules]
     entries = bench._cache_read(cache)
     if all(k in entries for k in keys):
         return [float(entries[k]["seconds"]) for k in keys]
     protos = [bench._module_proto(_materialised(m, seed), shape, seed) for m in modules]
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
-    times = bench.median_latencies(protos, x, threads=threads, runs=runs, warmup=warmup)
+    *gross, empty = bench.median_latencies([*protos, _empty_proto(shape)], x, threads=threads, runs=runs,
+                                           warmup=warmup)
+    times = [max(t - empty, 0.05 * t) for t in gross]
     when = datetime.now(timezone.utc).isoformat()
-    for m, key, t in zip(modules, keys, times):
-        bench._cache_put(cache, key, {"seconds": t, "runs": runs, "module": type(m).__name__,
-                                      "input_shape": list(shape), "when": when})
+    for m, key, t, g in zip(modules, keys, times, gross):
+        bench._cache_put(cache, key, {"seconds": t, "gross_seconds": g, "empty_seconds": empty, "runs": runs,
+                                      "module": type(m).__name__, "input_shape": list(shape), "when": when})
     return times
+
+
+def _empty_proto(shape: tuple[int, ...]) -> onnx.ModelProto:
+    """A graph that only hands its input back (one ``Identity``): what a call costs with no work in it."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, list(shape))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, list(shape))
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def _to_measure(cands: Sequence[Candidate], k: int) -> list[Candidate]:

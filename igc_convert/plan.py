@@ -60,7 +60,10 @@ class MaxError:
 
 @dataclass(frozen=True)
 class LatencyRatio:
-    """Whole-model conv latency (measured in onnxruntime on this machine) at most ``ratio`` × the original's.
+    """Whole-model latency (measured in onnxruntime on this machine) at most ``ratio`` × the original's.
+
+    The plan adds up per-layer conv timings (each net of onnxruntime's per-call cost) and the time the
+    model spends outside its convs, which no conversion changes.
 
     Only blocks measured faster than their dense conv are candidates, and :func:`convert` ends by timing
     the whole converted model against the original, reverting layers until it is within ``ratio``: the

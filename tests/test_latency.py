@@ -144,8 +144,11 @@ def test_measurements_come_from_the_cache_the_second_time(tmp_path, monkeypatch)
     second, _ = attach_latencies([spec], [cands], [conv], [], batch_size=1, runs=2, cache_dir=tmp_path,
                                  progress=False, max_measured=2)
     assert first == second
-    # one cache with bench: the dense conv (any weights) is a hit there too
-    assert bench.measure_module_latency(conv, (1, 8, 6, 6), cache_dir=tmp_path) == first[0][0].latency
+    # net of the per-call cost, under keys of their own in bench's cache file
+    for key, entry in entries.items():
+        assert key.endswith("|net") and 0 < entry["seconds"] < entry["gross_seconds"], entry
+        assert entry["seconds"] == pytest.approx(max(entry["gross_seconds"] - entry["empty_seconds"],
+                                                     0.05 * entry["gross_seconds"]))
 
 
 def test_layer_latencies_times_meta_modules_with_real_weights(tmp_path):
@@ -159,6 +162,32 @@ def test_layer_latencies_times_meta_modules_with_real_weights(tmp_path):
     assert latency.layer_latencies([], (1, 4, 5, 5)) == []
     with pytest.raises(ConfigError, match="input_shape"):
         latency.layer_latencies([probe], (0, 4))
+
+
+def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(scripted_modules, monkeypatch):
+    """Per-layer timings promise 0.5; the whole model measures 3x the conv-parameter ratio: re-plan."""
+    from igc_convert.convert import apply_plan
+
+    model = _cnn(width=32)
+    x = torch.randn(1, 3, 32, 32)
+    dense_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    seen, plans = [], []
+
+    def measured(original, plan, example, **kw):
+        plans.append([dict(e) for e in plan])
+        built = apply_plan(copy.deepcopy(original), plan)
+        convs = sum(_params(built.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        seen.append(3 * convs / dense_params)
+        return seen[-1]
+
+    monkeypatch.setattr(latency, "plan_latency_ratio", measured)
+    monkeypatch.setattr(latency, "rest_of_model_latency", lambda *a, **k: 0.0)
+    monkeypatch.setattr(latency, "enforce_not_slower", lambda original, result, *a, **k: result)
+    result = igc_convert.convert(model, igc_convert.LatencyRatio(0.5), example_inputs=x, progress=False)
+    assert len(seen) >= 2 and seen[0] > 0.5  # the first plan measured too slow ...
+    assert all(b < a for a, b in zip(seen, seen[1:]))  # ... and each re-plan cut deeper
+    assert seen[-1] <= 0.5 * (1 + latency.DEFAULT_NOISE_MARGIN / 2)
+    assert result.plan == plans[-1]  # the plan that measured within the target is the one fitted
 
 
 # ------------------------------------------------------------------------------------- guard
