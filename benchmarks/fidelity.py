@@ -117,6 +117,12 @@ class DataSplit:
     eval: Tensor
 
 
+def _mean(values: Any) -> float:
+    """Mean of ``values``; 0 for none (a method that converted nothing has no error)."""
+    vals = list(values)
+    return sum(vals) / max(len(vals), 1)
+
+
 @dataclass
 class MethodResult:
     """One converted model, scored on one evaluation set."""
@@ -140,19 +146,19 @@ class MethodResult:
 
     @property
     def isolated_mean(self) -> float:
-        return sum(self.isolated.values()) / max(len(self.isolated), 1)
+        return _mean(self.isolated.values())
 
     @property
     def drift_mean(self) -> float:
-        return sum(self.drift.values()) / max(len(self.drift), 1)
+        return _mean(self.drift.values())
 
     @property
     def isolated_bn_mean(self) -> float:
-        return sum(self.isolated_bn.values()) / max(len(self.isolated_bn), 1)
+        return _mean(self.isolated_bn.values())
 
     @property
     def drift_bn_mean(self) -> float:
-        return sum(self.drift_bn.values()) / max(len(self.drift_bn), 1)
+        return _mean(self.drift_bn.values())
 
     @property
     def isolated_converted_mean(self) -> float | None:

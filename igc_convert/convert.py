@@ -22,7 +22,7 @@ import copy
 import fnmatch
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
-from .plan import (TARGET_METRIC, Candidate, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
+from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, candidates, uniform)
 from .report import LayerRecord, Report
 
@@ -416,14 +416,17 @@ def _measured_latency_plan(original: nn.Module, example: torch.Tensor, eligible:
     original; while it is above the target, the budget given to the allocation is scaled by
     target / measured and the plan made again (at most ``rounds`` measurements).
     """
-    from . import latency
+    from . import bench, latency
 
     internal = target.ratio
+    reference = None  # the original, exported for timing once for every round
     for _ in range(rounds):
         plan = [dict(name=s.name, block=c.kind, shape=c.shape) for s, c in zip(eligible, chosen) if c.kind != "dense"]
         if not plan:
             break
-        measured = latency.plan_latency_ratio(original, plan, example)
+        if reference is None:
+            reference = bench._module_proto(original, tuple(example.shape), 0)
+        measured = latency.plan_latency_ratio(original, plan, example, reference=reference)
         log.info("latency plan at %.3f of the budget measures %.3f x the original (target %.3f)",
                  internal, measured, target.ratio)
         if measured <= target.ratio * (1 + latency.DEFAULT_NOISE_MARGIN / 2):

@@ -135,17 +135,23 @@ def attach_latencies(specs: Sequence[LayerSpec], per_layer: Sequence[Sequence[Ca
 
 
 def plan_latency_ratio(original: nn.Module, plan: Sequence[dict[str, Any]], example_inputs: torch.Tensor, *,
-                       threads: int = 2, runs: int = 15, seed: int = 0) -> float:
+                       reference: onnx.ModelProto | None = None, threads: int = 2, runs: int = 15,
+                       seed: int = 0) -> float:
     """Measured whole-model latency of ``original`` with ``plan`` applied, over the original's (one run, alternating).
 
     The blocks are built but not fitted (random weights time the same), so a plan can be checked
-    before any fitting is spent on it.
+    before any fitting is spent on it. ``reference``: the original already exported for timing
+    (``bench._module_proto`` at this input shape), so that checking several plans exports it once.
     """
     from .convert import apply_plan
 
-    candidate = apply_plan(copy.deepcopy(original), plan).eval()
-    shape = tuple(example_inputs.shape)
-    return bench.compare_module_latency(original, candidate, shape, threads=threads, runs=runs, seed=seed).ratio
+    shape = tuple(int(s) for s in example_inputs.shape)
+    if reference is None:
+        reference = bench._module_proto(original, shape, seed)
+    candidate = bench._module_proto(apply_plan(copy.deepcopy(original), plan).eval(), shape, seed)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    t_original, t_plan = bench.median_latencies([reference, candidate], x, threads=threads, runs=runs, warmup=3)
+    return t_plan / t_original
 
 
 def rest_of_model_latency(model: nn.Module, example_inputs: torch.Tensor, conv_total: float, *, threads: int = 2,

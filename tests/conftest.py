@@ -1,4 +1,9 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures and helpers shared by several test modules."""
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,3 +19,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str, module_name: str) -> ModuleType:
+    """Import a script of the repository (``benchmarks/x.py``, ``examples/y.py``) as a module.
+
+    Registered in ``sys.modules`` while it executes: dataclasses look their module up as they are built.
+    """
+    spec = importlib.util.spec_from_file_location(module_name, ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -357,7 +357,7 @@ def _nan_out(env: Env) -> nn.Module:
 
 
 def _api_cases() -> list[Case]:
-    nan, inf = float("nan"), float("inf")
+    nan = float("nan")
     small_input = torch.randn(1, 3, 4, 4)
     return [
         # ---- targets and options

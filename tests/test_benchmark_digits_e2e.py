@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,17 +13,13 @@ from igc_convert.data import resolve_source
 from igc_convert.digits import CHANNELS, IMAGE_SIZE
 from igc_convert.errors import ConfigError
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "digits_e2e.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("digits_e2e_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("benchmarks/digits_e2e.py", "digits_e2e_benchmark")
+    sys.modules.pop("digits_e2e_benchmark", None)
 
 
 def test_main_with_tiny_settings(e2e, tmp_path, capsys, monkeypatch):

@@ -12,17 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fidelity.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def fd():
-    spec = importlib.util.spec_from_file_location("fidelity_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("benchmarks/fidelity.py", "fidelity_benchmark")
+    sys.modules.pop("fidelity_benchmark", None)
 
 
 class TinyCNN(nn.Module):

@@ -2,27 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fit_quality.py"
+from conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def fq():
-    spec = importlib.util.spec_from_file_location("fit_quality_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_script("benchmarks/fit_quality.py", "fit_quality_benchmark")
+    sys.modules.pop("fit_quality_benchmark", None)
 
 
 def tiny_cnn() -> nn.Module:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import io
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +20,8 @@ import torch
 from igc_convert.digits import digits_resnet
 from igc_convert.serialize import load, read_metadata
 
+from conftest import load_script
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = ("convert_torchvision", "efficientnet_lite0", "finetune_imagefolder", "export_and_bench")
 DIGITS = "igc_convert.digits:digits_resnet"
@@ -30,10 +31,7 @@ DIGITS_INPUT = ["--image-size", "12", "--channels", "1"]
 @functools.cache
 def example(name: str) -> ModuleType:
     """Import ``examples/<name>.py`` once (they are scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"igc_examples.{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"examples/{name}.py", f"igc_examples.{name}")
 
 
 def run_main(name: str, argv: list[str]) -> str:

@@ -6,25 +6,17 @@ per family (``SUBSET``), the whole zoo runs under ``-m slow``.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from igc_convert.convert import ConvSite, apply_plan, find_convs
+from igc_convert.convert import apply_plan, find_convs
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "zoo.py"
+from conftest import load_script
 
 
 def _load_zoo():
-    spec = importlib.util.spec_from_file_location("zoo_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/zoo.py", "zoo_benchmark")
 
 
 zoo = _load_zoo()
