@@ -1,5 +1,6 @@
 """Fixtures and helpers shared by several test modules."""
 
+import contextlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -34,3 +35,13 @@ def load_script(relative: str, module_name: str) -> ModuleType:
     sys.modules[module_name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def importable_module(tmp_path_factory, name: str, source: str):
+    """Write ``source`` as module ``name`` in a fresh folder on ``sys.path`` for the ``with`` block."""
+    folder = tmp_path_factory.mktemp("nets")
+    (folder / f"{name}.py").write_text(source)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(folder))
+        yield folder

@@ -38,6 +38,8 @@ from igc_convert.convert import apply_plan
 from igc_convert.errors import (CheckpointError, ConfigError, DataError, ExportError, FileFormatError, IGCError,
                                 ModelError, UnsupportedLayerError, one_line)
 
+from conftest import importable_module
+
 NETS = "igc_reliability_nets"
 NETS_SOURCE = '''
 import torch
@@ -130,10 +132,7 @@ class _Payload:
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nets")
-    (folder / f"{NETS}.py").write_text(NETS_SOURCE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
+    with importable_module(tmp_path_factory, NETS, NETS_SOURCE):
         yield __import__(NETS)
 
 

@@ -15,6 +15,8 @@ from igc_convert import models
 from igc_convert.errors import ConfigError, FileFormatError, ModelError
 from igc_convert.models import build_model, build_model_from_origin, load_state_dict_file, parse_spec
 
+from conftest import importable_module
+
 NETS = "igc_models_test_nets"
 NETS_SOURCE = '''
 import torch
@@ -46,10 +48,7 @@ NOT_CALLABLE = 42
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
     """An importable module of small factories (spec ``igc_models_test_nets:small_cnn``)."""
-    folder = tmp_path_factory.mktemp("nets")
-    (folder / f"{NETS}.py").write_text(NETS_SOURCE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
+    with importable_module(tmp_path_factory, NETS, NETS_SOURCE):
         yield NETS
 
 

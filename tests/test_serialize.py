@@ -16,6 +16,8 @@ from igc_convert.errors import FileFormatError, ModelError
 from igc_convert.models import build_model
 from igc_convert.serialize import FORMAT, Converted, load, read_metadata, save
 
+from conftest import importable_module
+
 NETS = "igc_serialize_test_nets"
 NETS_SOURCE = '''
 import torch
@@ -55,10 +57,7 @@ def tied():
 
 @pytest.fixture(scope="module")
 def nets(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("nets")
-    (folder / f"{NETS}.py").write_text(NETS_SOURCE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(folder))
+    with importable_module(tmp_path_factory, NETS, NETS_SOURCE):
         yield NETS
 
 
