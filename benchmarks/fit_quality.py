@@ -540,7 +540,7 @@ def _warm_up() -> None:
     """The first L-BFGS step imports torch._dynamo and friends (seconds); keep that out of the timings."""
     gen = torch.Generator().manual_seed(0)
     target = fz.Objective(torch.randn(4, 4, generator=gen))
-    fz.refine(target, [torch.randn(4, 4, generator=gen)], lambda m: m, max_iter=2)
+    fz.refine(target, [torch.randn(4, 4, generator=gen)], max_iter=2)
 
 
 if __name__ == "__main__":

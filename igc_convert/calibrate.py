@@ -39,7 +39,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .errors import ConfigError, DataError, IGCError, ModelError
-from .factorize import DEFAULT_DAMPING, whitener
+from .factorize import DEFAULT_DAMPING, finite, whitener
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -214,11 +214,6 @@ def _finish(geom: _Geometry, acc: Tensor, count: int) -> Tensor:
     return geom.to_unfold_order(acc.cpu()).div_(count)
 
 
-def _finite(t: Tensor) -> bool:
-    # NaN/Inf anywhere makes the float64 sum non-finite; no (n, n) boolean temporary.
-    return bool(torch.isfinite(t.sum(dtype=torch.float64)))
-
-
 def _matmul_dtype(x: Tensor) -> torch.dtype:
     # float32 matmuls are the speed we want; a float64 model keeps its precision.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -271,10 +266,26 @@ class _Modes:
             m.training = mode
 
 
-def _forward(model: nn.Module, x: Tensor) -> bool:
+def _channels_last_works(model: nn.Module, x: Tensor) -> bool:
+    """Whether ``model`` runs on a channels-last copy of one image of ``x`` (call before any hook).
+
+    On CPU, oneDNN's convolutions are ~25% faster in channels-last layout, and the patch gather reads
+    channels-last anyway. A model that reshapes with ``.view`` can reject that layout; it then runs
+    as given. Layout does not change what a model computes, only the rounding.
+    """
+    if x.dim() != 4:
+        return False
+    try:
+        model(x[:1].contiguous(memory_format=torch.channels_last))
+    except Exception:
+        return False
+    return True
+
+
+def _forward(model: nn.Module, x: Tensor, channels_last: bool = False) -> bool:
     """Run ``model(x)``; True when a hook stopped it early. Foreign errors become :class:`DataError`."""
     try:
-        model(x)
+        model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
     except _StopForward:
         return True
     except IGCError:
@@ -330,7 +341,7 @@ def _check_batch(item: Any, index: int, dtype: torch.dtype, device: torch.device
                         "(e.g. images.float() / 255)")
     if x.shape[0] == 0:
         raise DataError(f"calibration batch {index} has shape {tuple(x.shape)}: no images")
-    if not _finite(x):
+    if not finite(x):
         raise DataError(f"calibration batch {index} (shape {tuple(x.shape)}) contains NaN or Inf")
     return x.to(device=device, dtype=dtype)
 
@@ -366,7 +377,7 @@ class _LayerStats:
             raise ConfigError("never ran during the model's forward pass (is it used by forward()?)",
                               layer=self.name)
         sigma = _finish(self.geom, self.gram.total(), self.count)
-        if not _finite(sigma):
+        if not finite(sigma):
             raise DataError("input statistics are not finite (activations overflowed; check the input scale)",
                             layer=self.name)
         return sigma
@@ -425,16 +436,20 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
                     "calibration data", len(names), sum(sizes.values()) / 2**20, memory_budget / 2**20, len(groups))
     dev, dtype = _placement(model, device)
     out: dict[str, Tensor] = {}
+    channels_last = None
     with torch.no_grad(), _Modes(model):
         for g, group in enumerate(groups):
             stats = [_LayerStats(name, convs[name], int(max_positions), seed) for name in group]
             handles = []
             try:
-                for s in stats:
-                    handles.append(convs[s.name].register_forward_pre_hook(s.hook, with_kwargs=True))
                 desc = "calibration" if len(groups) == 1 else f"calibration pass {g + 1}/{len(groups)}"
                 for x in _iterate(batches, dtype, dev, progress, desc):
-                    _forward(model, x)
+                    if not handles:  # first batch: probe the layout before any hook can count it
+                        if channels_last is None:
+                            channels_last = _channels_last_works(model, x)
+                        handles = [convs[s.name].register_forward_pre_hook(s.hook, with_kwargs=True)
+                                   for s in stats]
+                    _forward(model, x, channels_last)
             finally:
                 for h in handles:
                     h.remove()
@@ -487,10 +502,10 @@ class _Capture:
         raise _StopForward
 
 
-def _capture(model: nn.Module, module: nn.Module, x: Tensor, capture: _Capture) -> Tensor:
+def _capture(model: nn.Module, module: nn.Module, x: Tensor, capture: _Capture, channels_last: bool) -> Tensor:
     handle = module.register_forward_pre_hook(capture.hook, with_kwargs=True)
     try:
-        _forward(model, x)
+        _forward(model, x, channels_last)
     finally:
         handle.remove()
     if capture.patches is None:
@@ -531,11 +546,15 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
     count = 0
     converted_dtype = _placement(converted, dev)[1]
     with torch.no_grad(), _Modes(original, converted):
+        layouts = None
         for x in _iterate(batches, dtype, dev, progress, f"paired statistics {layer}"):
+            if layouts is None:
+                layouts = _channels_last_works(original, x), _channels_last_works(converted, x.to(converted_dtype))
             orig = _Capture(layer, geom, None, gen, int(max_positions), None)
-            p = _capture(original, conv, x, orig)
+            p = _capture(original, conv, x, orig, layouts[0])
             same = _Capture(layer, geom, orig.positions, gen, int(max_positions), orig.shape)
-            pt = _capture(converted, target, x.to(converted_dtype), same).to(device=p.device, dtype=p.dtype)
+            pt = _capture(converted, target, x.to(converted_dtype), same, layouts[1]).to(device=p.device,
+                                                                                         dtype=p.dtype)
             actual.add(pt)
             original_gram.add(p)
             (ps, s), (pts, st) = _unit_scale(p), _unit_scale(pt)
@@ -546,11 +565,11 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
     result = {}
     for key, a in (("actual", actual.total()), ("cross", cross), ("original", original_gram.total())):
         m = _finish(geom, a, count)
-        if not _finite(m):
+        if not finite(m):
             raise DataError("paired input statistics are not finite (activations overflowed)", layer=layer)
         result[key] = m
     means = [geom.vector_to_unfold_order(v.cpu()) / count for v in (sum_actual, sum_original)]
-    if not all(_finite(v) for v in means):
+    if not all(finite(v) for v in means):
         raise DataError("paired input means are not finite (activations overflowed)", layer=layer)
     return PairedStats(result["actual"], result["cross"], result["original"], count, *means)
 

@@ -151,6 +151,42 @@ def test_shared_conv_accumulates_every_call():
     assert not torch.allclose(sigma, _brute_sigma(net.conv, [x]), rtol=1e-2)
 
 
+class _FlatView(nn.Module):
+    """Reshapes with ``.view``, which rejects channels-last strides."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv1 = nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        y = self.conv0(x)
+        return self.conv1(y.view(len(y), -1).view(y.shape))
+
+
+@pytest.mark.parametrize("make,channels_last", [(lambda: _net(CONVS["k3-p1"], c_in=3), True), (_FlatView, False)],
+                         ids=["plain", "view"])
+def test_models_run_channels_last_when_they_accept_it_and_as_given_otherwise(make, channels_last):
+    torch.manual_seed(0)
+    net = make()
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.Conv2d)]
+    first = net.get_submodule(names[0])
+    batches = [torch.randn(2, 3, 7, 7), torch.randn(3, 3, 7, 7)]
+    layouts = []
+    spy = first.register_forward_pre_hook(
+        lambda m, a: layouts.append(a[0].is_contiguous(memory_format=torch.channels_last)))
+    try:
+        stats = cal.collect_input_stats(net, names, batches, max_positions=10_000, progress=False)
+        paired = cal.collect_paired_stats(net, copy.deepcopy(net), names[0], batches, max_positions=10_000,
+                                          progress=False)
+    finally:
+        spy.remove()
+    assert layouts[-1] is channels_last
+    expected = _brute_sigma(first, batches)
+    for sigma in (stats[names[0]], paired.sigma_original, paired.sigma_actual):
+        torch.testing.assert_close(sigma, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+
+
 # ------------------------------------------------------------------------------------------ paired
 def test_paired_identical_models_give_equal_moments_and_target_is_w():
     net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)

@@ -77,7 +77,7 @@ def test_report_figures_match_the_model():
         module = result.model.get_submodule(r.name)
         assert r.params_after == sum(p.numel() for p in module.parameters())
         if r.converted:
-            dense = net.get_submodule(r.name).weight
+            dense = net.get_submodule(r.name).weight.detach()
             rel = float((module.dense_weight() - dense).detach().norm() / dense.norm())
             assert r.weight_error == pytest.approx(rel, rel=1e-4, abs=1e-6)
     text = result.report.table()
