@@ -99,6 +99,8 @@ class Candidate:
     macs: int | None = None
     error: float = 0.0
     latency: float | None = None  # seconds, measured in onnxruntime (latency targets only)
+    #: Every channel count the block chooses is a multiple of 8 (onnxruntime's NCHWc fast path on CPU).
+    fast: bool = True
 
     def cost(self, metric: str) -> float:
         value = getattr(self, metric)
@@ -182,7 +184,8 @@ def igcv1_candidates(layer: LayerSpec, *, max_groups: int = 4, damping: float = 
                     break
                 err2 = float(tail[r]) / total if r < len(tail) else 0.0
                 out.append(Candidate("igcv1", dict(primary_groups=L, secondary_groups=M, rank=r), params,
-                                     layer._macs(r * per_rank), math.sqrt(max(err2, 0.0))))
+                                     layer._macs(r * per_rank), math.sqrt(max(err2, 0.0)),
+                                     fast=(M * r) % 8 == 0 and (L * r) % 8 == 0))
     return out
 
 
@@ -330,6 +333,16 @@ def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_
         if nxt is not None:
             heapq.heappush(heap, nxt)
     return [h[p] for h, p in zip(hulls, pos)]
+
+
+def fast_only(per_layer: Sequence[Sequence[Candidate]]) -> list[list[Candidate]]:
+    """Each layer's candidates whose channel counts keep onnxruntime on its fast path (dense stays).
+
+    Small layers get every rank (up to 32) so that tight budgets stay reachable; ranks whose block
+    channels per group are not multiples of 8 then cost far more time per MAC (a grouped conv with 2
+    output channels per group ran at 1/9 of the dense conv's MACs per second).
+    """
+    return [[c for c in cands if c.fast] for cands in per_layer]
 
 
 def uniform(per_layer: Sequence[Sequence[Candidate]], ratio: float, metric: str = "params") -> list[Candidate]:

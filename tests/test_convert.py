@@ -127,6 +127,28 @@ def test_macs_target():
     assert result.report.totals()["macs_ratio"] <= 0.6 + 1e-9
 
 
+def _fast(shape):
+    L, M, r = shape["primary_groups"], shape["secondary_groups"], shape["rank"]
+    return (M * r) % 8 == 0 and (L * r) % 8 == 0
+
+
+def test_macs_target_prefers_shapes_on_the_fast_path_and_falls_back_when_it_must():
+    """Channels per group in multiples of 8 when the MAC budget allows (a params target at the same
+    ratio picks rank-1 shapes here); a tighter budget is still met, with whatever shapes it takes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(64, 64, 3, padding=1)).eval()
+    x = torch.randn(1, 16, 16, 16)
+    by_macs = ic.convert(net, ic.MacsRatio(0.15), example_inputs=x, progress=False)
+    by_params = ic.convert(net, ic.ParamsRatio(0.15), example_inputs=x, progress=False)
+    assert by_macs.plan and all(_fast(e["shape"]) for e in by_macs.plan)
+    assert by_macs.report.totals()["macs_ratio"] <= 0.15
+    assert not all(_fast(e["shape"]) for e in by_params.plan)
+    tight = ic.convert(net, ic.MacsRatio(0.05), example_inputs=x, progress=False)
+    assert tight.report.totals()["macs_ratio"] <= 0.05
+    assert not all(_fast(e["shape"]) for e in tight.plan)
+
+
 @pytest.mark.parametrize("kind", ["igcv2", "igcv3", pytest.param("auto", marks=pytest.mark.slow)])
 def test_other_block_kinds(kind):
     result = ic.convert(_net(), ic.ParamsRatio(0.5), block=kind, example_inputs=X, progress=False, plan_iters=5,
