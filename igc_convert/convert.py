@@ -33,7 +33,7 @@ from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
-                   allocate, candidates, fast_only, uniform)
+                   allocate, allocate_fast_first, candidates, uniform)
 from .report import LayerRecord, Report
 
 log = logging.getLogger(__name__)
@@ -337,16 +337,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if allocation == "uniform" and per_layer and not isinstance(target, MaxError):
         chosen = uniform(per_layer, target.ratio, metric)
     else:
-        chosen = None
-        if metric == "macs":
-            # A MAC target is a speed target: prefer shapes that run at the dense conv's speed per MAC,
-            # and take the others only when the budget cannot be met without them.
-            try:
-                chosen = allocate(fast_only(per_layer), target, fixed_cost=fixed, dense_total=dense_total)
-            except ConfigError:
-                log.info("the MAC target needs block shapes off onnxruntime's fast path; planning with all shapes")
-        if chosen is None:
-            chosen = allocate(per_layer, target, fixed_cost=fixed, dense_total=dense_total)
+        pick = allocate_fast_first if metric == "macs" else allocate  # a MAC target is a speed target
+        chosen = pick(per_layer, target, fixed_cost=fixed, dense_total=dense_total)
         if metric == "latency":
             chosen = _measured_latency_plan(guard_reference, example, eligible, per_layer, chosen, target, fixed,
                                             dense_total)
