@@ -177,12 +177,13 @@ class _Gram:
 
     def add(self, p: Tensor) -> None:
         p, s = _unit_scale(p)
+        # add_ widens the float32 product inside the kernel: no float64 temporaries.
         if self.block >= self.n:
-            self.acc += (p.T @ p).to(torch.float64) * (s * s)
+            self.acc.add_(p.T @ p, alpha=s * s)
             return
         for i in range(0, self.n, self.block):
             j = i + self.block
-            self.acc[i:j, i:] += (p[:, i:j].T @ p[:, i:]).to(torch.float64) * (s * s)
+            self.acc[i:j, i:].add_(p[:, i:j].T @ p[:, i:], alpha=s * s)
 
     def total(self) -> Tensor:
         """The full sum, exactly symmetric (finished in place, block by block to stay in cache)."""
@@ -558,7 +559,7 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
             actual.add(pt)
             original_gram.add(p)
             (ps, s), (pts, st) = _unit_scale(p), _unit_scale(pt)
-            cross += (ps.T @ pts).to(torch.float64) * (s * st)
+            cross.add_(ps.T @ pts, alpha=s * st)
             sum_actual += pt.sum(0, dtype=torch.float64)
             sum_original += p.sum(0, dtype=torch.float64)
             count += p.shape[0]
