@@ -22,7 +22,7 @@ import copy
 import fnmatch
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -353,16 +353,27 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if c.kind == "dense":
             reasons[s.name] = ("no block is cheaper than the dense conv" if len(per_layer[specs.index(spec)]) == 1
                                else "kept dense by the planner")
+    resumable = None
+    if batches is not None and sequential:
+        from . import calibrate
+
+        # Sequential fits use paired statistics instead: free the one-shot Σ of those layers (float64
+        # n × n each, most of the memory the statistics take).
+        todo = [(s, spec if s.calls != 1 else replace(spec, sigma=None), c) for s, spec, c in todo]
+        del specs
+        sigmas.clear()
+        # Both models' forwards resumed layer after layer (when traceable and the activations fit).
+        resumable = calibrate.SequentialStats.create(reference, converted, [s.name for s, _, _ in todo if s.calls == 1],
+                                                     batches, max_positions=max_positions, seed=seed)
     bar = tqdm(todo, desc="fitting", unit="layer", disable=not progress)
     for s, spec, c in bar:
         bar.set_postfix_str(s.name)
         w = spec.weight
         sigma_fit, target_w, paired = spec.sigma, w, None
         if batches is not None and sequential and s.calls == 1:
-            from . import calibrate
-
-            paired = calibrate.collect_paired_stats(reference, converted, s.name, batches,
-                                                    max_positions=max_positions, seed=seed, progress=False)
+            paired = (resumable(s.name) if resumable is not None else
+                      calibrate.collect_paired_stats(reference, converted, s.name, batches,
+                                                     max_positions=max_positions, seed=seed, progress=False))
             target_w, sigma_fit = calibrate.sequential_target(w, paired, damping=damping)
         kwargs = {} if c.kind == "igcv1" else dict(max_iter=fit_iters)
         try:

@@ -431,3 +431,85 @@ def test_sequential_target_identity_holds_for_any_approximation():
     # float32 products in the statistics: agreement to ~1e-6 of the terms' size
     assert max(consts) - min(consts) < 1e-5 * scale, (consts, scale)
     assert consts[0] >= -1e-9  # the constant is the irreducible error: never negative
+
+
+# ------------------------------------------------------------------------------------------ resumable
+class _Residual(nn.Module):
+    """Two branches, a residual add and in-place ops: the values a resumed forward must keep."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 4, 3, stride=2)
+
+    def forward(self, x):
+        x = x.mul_(2.0)  # a model may change its input in place
+        y = torch.relu_(self.bn(self.stem(x)))
+        z = self.a(y)
+        z += self.b(y)
+        return self.head(torch.relu(z))
+
+
+def _perturbed(conv: nn.Conv2d, seed: int) -> nn.Conv2d:
+    new = copy.deepcopy(conv)
+    with torch.no_grad():
+        new.weight.add_(0.3 * torch.randn(new.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return new
+
+
+def test_resumed_statistics_equal_rerunning_the_forward_per_layer():
+    """Layers swapped in the converted model between requests are what the later layers see."""
+    torch.manual_seed(0)
+    net = _Residual().eval()
+    net.bn.running_mean.uniform_(-1, 1)
+    layers = ["stem", "a", "b", "head"]
+    batches = [torch.randn(3, 3, 9, 9), torch.randn(2, 3, 9, 9)]
+    inputs = [x.clone() for x in batches]
+    converted = copy.deepcopy(net)
+    resumed = cal.SequentialStats.create(net, converted, layers, batches, max_positions=20, seed=3)
+    assert resumed is not None
+    for i, name in enumerate(layers):
+        got = resumed(name)
+        want = cal.collect_paired_stats(net, converted, name, [x.clone() for x in batches], max_positions=20,
+                                        seed=3, progress=False)
+        assert got.count == want.count
+        for key in ("sigma_actual", "cross", "sigma_original", "mean_actual", "mean_original"):
+            torch.testing.assert_close(getattr(got, key), getattr(want, key), rtol=1e-10, atol=1e-12)
+        if i == 0:
+            torch.testing.assert_close(got.cross, got.sigma_original, rtol=1e-12, atol=0)
+        setattr(converted, name, _perturbed(getattr(net, name), i))  # "fit" it: later layers see a change
+    assert not torch.allclose(got.sigma_actual, got.sigma_original, rtol=1e-3)
+    assert all(torch.equal(x, y) for x, y in zip(batches, inputs))  # the caller's batches untouched
+    with pytest.raises(ConfigError, match="can still give"):
+        resumed("a")
+
+
+class _Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3)
+
+    def forward(self, x):
+        return self.conv(x) if x.sum() > 0 else -self.conv(x)  # data-dependent: not traceable
+
+
+def test_resumable_statistics_decline_what_they_cannot_do(caplog):
+    torch.manual_seed(0)
+    batches = [torch.randn(2, 3, 8, 8)]
+    with caplog.at_level(logging.INFO, logger="igc_convert.calibrate"):
+        assert cal.SequentialStats.create(_Branchy(), _Branchy(), ["conv"], batches) is None
+        assert "cannot trace" in caplog.text
+        net = _Residual()
+        assert cal.SequentialStats.create(net, copy.deepcopy(net), ["a"], batches, memory_budget=100) is None
+        assert "GiB" in caplog.text
+        shared = _Shared()
+        assert cal.SequentialStats.create(shared, copy.deepcopy(shared), ["conv"], batches) is None
+    with pytest.raises(ConfigError, match="order"):
+        cal.SequentialStats.create(net, copy.deepcopy(net), ["head", "a"], batches)
+    resumed = cal.SequentialStats.create(net, copy.deepcopy(net), ["b", "head"], batches)
+    resumed("head")
+    with pytest.raises(ConfigError, match="order"):
+        resumed("b")

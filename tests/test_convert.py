@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import igc_convert as ic
+from igc_convert import calibrate
 from igc_convert.cli import main
 from igc_convert.convert import apply_plan, find_convs
 from igc_convert.errors import ConfigError, DataError, ModelError
@@ -187,6 +188,22 @@ def test_data_aware_sequential_beats_one_shot_and_weight_space_on_outputs(digits
     one_shot = err(calibration=train, sequential=False, max_positions=48)
     seq = err(calibration=train, sequential=True, max_positions=48)
     assert seq < one_shot < weight
+
+
+@pytest.mark.parametrize("make", [SmallNet, Untraceable])
+def test_sequential_conversion_is_the_same_resumed_or_rerun(make, monkeypatch):
+    """Resuming both forwards layer by layer is a speed-up only: same fits as rerunning them per layer."""
+    torch.manual_seed(0)
+    net = make().eval()
+    x = torch.randn(24, 3, 12, 12)
+    kw = dict(calibration=x, max_positions=40, progress=False, allocation="uniform")
+    resumed = ic.convert(net, ic.ParamsRatio(0.4), **kw)
+    monkeypatch.setattr(calibrate.SequentialStats, "create", classmethod(lambda cls, *a, **k: None))
+    rerun = ic.convert(net, ic.ParamsRatio(0.4), **kw)
+    assert resumed.plan == rerun.plan and len(resumed.plan) >= 2
+    for (name, a), b in zip(resumed.model.state_dict().items(), rerun.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+    assert [r.output_error for r in resumed.records] == pytest.approx([r.output_error for r in rerun.records])
 
 
 def test_budget_allocation_beats_uniform_on_total_output_error(digits):
