@@ -615,6 +615,20 @@ class _Runner(torch.fx.Interpreter):
                 del env[dead]
 
 
+def _available_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` (a CUDA device's free memory, else the host's MemAvailable; 8 GiB if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 8 << 30
+
+
 def _storage_bytes(values: Iterable[Any]) -> int:
     """Bytes of the distinct tensor storages among ``values`` (views and in-place results count once)."""
     seen: dict[int, int] = {}
@@ -641,7 +655,8 @@ class SequentialStats:
 
     Layers must be asked for in graph order, each a ``Conv2d`` called once. :meth:`create` returns
     None (and logs why) when the model cannot be traced, or when the kept values would exceed
-    ``memory_budget`` bytes (estimated on the first batch); callers then use :func:`collect_paired_stats`.
+    ``memory_budget`` bytes (estimated on the first batch; default: half the memory available on the
+    device); callers then use :func:`collect_paired_stats`.
     """
 
     def __init__(self, original: nn.Module, converted: nn.Module, graph_module: torch.fx.GraphModule,
@@ -660,7 +675,7 @@ class SequentialStats:
 
     @classmethod
     def create(cls, original: nn.Module, converted: nn.Module, layers: Sequence[str], batches: Sequence[Tensor], *,
-               max_positions: int = 64, seed: int = 0, memory_budget: int = 3 << 30,
+               max_positions: int = 64, seed: int = 0, memory_budget: int | None = None,
                device: torch.device | str | None = None) -> "SequentialStats | None":
         """The resumable statistics for ``layers`` (in graph order), or None where they do not apply."""
         if int(max_positions) < 1:
@@ -695,6 +710,8 @@ class SequentialStats:
                     peak = max(peak, _storage_bytes(env.values()))
             del env
         need = 2 * peak * sum(len(x) for x in xs) // max(len(xs[0]), 1)
+        if memory_budget is None:
+            memory_budget = _available_memory(dev) // 2
         if need > memory_budget:
             logger.info("sequential statistics rerun the forward per layer: keeping both models' activations "
                         "would take %.1f GiB (budget %.1f GiB)", need / 2**30, memory_budget / 2**30)

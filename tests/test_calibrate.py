@@ -505,6 +505,7 @@ def test_resumable_statistics_decline_what_they_cannot_do(caplog):
         net = _Residual()
         assert cal.SequentialStats.create(net, copy.deepcopy(net), ["a"], batches, memory_budget=100) is None
         assert "GiB" in caplog.text
+        assert cal._available_memory(torch.device("cpu")) > 0  # the default budget: half of it
         shared = _Shared()
         assert cal.SequentialStats.create(shared, copy.deepcopy(shared), ["conv"], batches) is None
     with pytest.raises(ConfigError, match="order"):
