@@ -672,6 +672,7 @@ class SequentialStats:
         self.envs = ([{placeholder: x.clone()} for x in batches], [{placeholder: x.clone()} for x in batches])
         self.position = 1
         self.done: set[str] = set()
+        self.last: str | None = None   # after its statistics nothing more is asked: the values can go
 
     @classmethod
     def create(cls, original: nn.Module, converted: nn.Module, layers: Sequence[str], batches: Sequence[Tensor], *,
@@ -716,7 +717,9 @@ class SequentialStats:
             logger.info("sequential statistics rerun the forward per layer: keeping both models' activations "
                         "would take %.1f GiB (budget %.1f GiB)", need / 2**30, memory_budget / 2**30)
             return None
-        return cls(original, converted, gm, xs, max_positions=max_positions, seed=seed)
+        self = cls(original, converted, gm, xs, max_positions=max_positions, seed=seed)
+        self.last = layers[-1] if layers else None
+        return self
 
     def __call__(self, layer: str, progress: bool = False) -> PairedStats:
         """Paired statistics of ``layer``: runs both models on from the previous layer up to this one."""
@@ -752,6 +755,8 @@ class SequentialStats:
                          geom.gather(geom.pad_input(xt), *positions).to(dtype))
         self.position = stop
         self.done.add(layer)
+        if layer == self.last:
+            self.envs = ([], [])
         return sums.result()
 
 
