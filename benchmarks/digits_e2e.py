@@ -200,6 +200,27 @@ def run_finetune(init: nn.Module, dense: nn.Module, data: Data, config: Finetune
 
 
 # ------------------------------------------------------------------------------------------ tables
+@dataclass
+class SeedSpread:
+    budget: float
+    init: str
+    config: str
+    seeds: list[int]               # fine-tuning seeds (data order); the init and the data are the same
+    accuracies: list[float]        # held-out accuracy of each run's final state
+
+
+def seed_rows(spreads: Sequence[SeedSpread], dense_acc: float) -> tuple[list[str], list[list[str]]]:
+    """Per init: every seed's accuracy, the mean, the range, and how many runs are within 1 point of dense."""
+    header = ["budget", "init", "setting", "per seed", "mean", "min-max", "within 1 pt of dense"]
+    rows = []
+    for x in spreads:
+        a = x.accuracies
+        near = sum(acc >= dense_acc - 0.01 for acc in a)
+        rows.append([f"{x.budget:g}", x.init, x.config, " ".join(_pct(v) for v in a), _pct(sum(a) / len(a)),
+                     f"{_pct(min(a))}-{_pct(max(a))}", f"{near} of {len(a)}"])
+    return header, rows
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
@@ -280,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=None,
                    help="fine-tuning settings, the recommended one last (default: all)")
     p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument("--ft-seeds", type=int, default=4,
+                   help="fine-tuning seeds of the recommended setting's distil-only runs at --budget, init and data "
+                        "fixed: the spread a single run's figure sits in (default 4; 1 = none)")
     p.add_argument("--subset-fraction", type=float, default=0.1, help="small-data fraction (default 0.1)")
     p.add_argument("--train-samples", type=int, default=None, help="cap the fine-tuning images (smoke tests)")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
@@ -297,7 +321,7 @@ def _settings(args: argparse.Namespace) -> argparse.Namespace:
         args.also_budgets = [] if args.quick else [0.043]
     if args.configs is None:
         args.configs = ["default", "tuned"] if args.quick else list(CONFIGS)
-    for name in ("threads", "train_epochs", "calib_samples", "epochs"):
+    for name in ("threads", "train_epochs", "calib_samples", "epochs", "ft_seeds"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.train_samples is not None and args.train_samples < 2:
@@ -377,6 +401,24 @@ def _run(args: argparse.Namespace) -> int:
     print(f"\nHeld-out accuracy (%) after fine-tuning (dense {_pct(dense_acc)}), {args.ft_block}\n"
           + text_table(f_header, f_rows), flush=True)
 
+    # The same distil-only run with other fine-tuning seeds (data order): the spread of one figure.
+    spread: list[SeedSpread] = []
+    name = args.configs[-1]
+    for init in FT_MODES if args.ft_seeds > 1 else ():
+        first = next(r for r in runs if (r.budget, r.init, r.config, r.setting) == (args.budget, init, name, "distil"))
+        accs = [first.accuracy]
+        start = converted(args.budget, args.ft_block, init).model
+        for k in range(1, args.ft_seeds):
+            config = finetune_config(name, epochs=args.epochs, seed=args.seed + k)
+            with clock.stage(f"fine-tune {args.budget:g} {init} {name} distil seed {args.seed + k}"):
+                model, _, _ = run_finetune(start, dense, data, config, small=False)
+            accs.append(evaluate(model, data.val))
+        spread.append(SeedSpread(args.budget, init, name, list(range(args.seed, args.seed + args.ft_seeds)), accs))
+    s_header, s_rows = seed_rows(spread, dense_acc)
+    if spread:
+        print(f"\nDistillation only, {args.epochs} epochs, setting {name}: held-out accuracy (%) per fine-tuning "
+              f"seed\n" + text_table(s_header, s_rows), flush=True)
+
     total = Stage("total", time.perf_counter() - t0[0], time.process_time() - t0[1])
     load_end = os.getloadavg()
     t_header = ["stage", "wall s", "CPU s"]
@@ -388,13 +430,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         payload = dict(settings=vars(args), dense_accuracy=dense_acc, val_images=len(data.val),
                        zero_shot=[asdict(z) for z in zero_shot], finetune=[asdict(r) for r in runs],
+                       seed_spread=[asdict(x) for x in spread],
                        before={f"{b:g} {i}": a for (b, i), a in before.items()},
                        stages=[asdict(s) for s in [*clock.stages, total]], load_start=load_start, load_end=load_end)
         with atomic_write(args.json, "w") as f:
             json.dump(payload, f, indent=1)
     if args.markdown:
-        text = "\n\n".join([markdown_table(z_header, z_rows, 2), markdown_table(f_header, f_rows, 3),
-                            markdown_table(t_header, t_rows), load]) + "\n"
+        tables = [markdown_table(z_header, z_rows, 2), markdown_table(f_header, f_rows, 3)]
+        tables += [markdown_table(s_header, s_rows, 3)] if spread else []
+        text = "\n\n".join([*tables, markdown_table(t_header, t_rows), load]) + "\n"
         with atomic_write(args.markdown, "w") as f:
             f.write(text)
     return 0

@@ -28,7 +28,8 @@ def test_main_with_tiny_settings(e2e, tmp_path, capsys, monkeypatch):
     out_json, out_md = tmp_path / "e2e.json", tmp_path / "e2e.md"
     rc = e2e.main(["--threads", "1", "--train-epochs", "2", "--calib-samples", "64", "--budgets", "0.25",
                    "--extra-budget", "0", "--budget", "0.25", "--also-budgets", "--configs", "default",
-                   "--epochs", "1", "--train-samples", "200", "--json", str(out_json), "--markdown", str(out_md)])
+                   "--epochs", "1", "--train-samples", "200", "--ft-seeds", "2", "--json", str(out_json),
+                   "--markdown", str(out_md)])
     assert rc == 0
     text = capsys.readouterr().out
     assert "right after conversion" in text and "after fine-tuning" in text and "Time per stage" in text
@@ -50,8 +51,15 @@ def test_main_with_tiny_settings(e2e, tmp_path, capsys, monkeypatch):
             # full-data runs return their last state, and measuring each epoch did not change it
             assert r["kept_epoch"] is None
             assert r["accuracy"] == pytest.approx(r["per_epoch"][-1])
-    assert {s["name"] for s in report["stages"]} >= {"train dense", "total"}
-    assert out_md.read_text().count("| budget |") == 2
+    # the distil-only run again with the next fine-tuning seed, from the same init
+    spread = report["seed_spread"]
+    assert [(x["init"], x["seeds"]) for x in spread] == [(i, [0, 1]) for i in e2e.FT_MODES]
+    for x in spread:
+        first = next(r for r in runs if r["init"] == x["init"] and r["setting"] == "distil")
+        assert x["accuracies"][0] == first["accuracy"] and len(x["accuracies"]) == 2
+    assert "per fine-tuning seed" in text
+    assert {s["name"] for s in report["stages"]} >= {"train dense", "total", "fine-tune 0.25 weight default distil seed 1"}
+    assert out_md.read_text().count("| budget |") == 3
 
 
 def test_data_splits_never_touch_validation(e2e):
@@ -69,8 +77,9 @@ def test_data_splits_never_touch_validation(e2e):
     assert set(other.calibration.indices) != calib
 
 
-@pytest.mark.parametrize("argv", [["--budget", "1.5"], ["--subset-fraction", "1"], ["--epochs", "0"]],
-                         ids=["budget-over-1", "subset-everything", "no-epochs"])
+@pytest.mark.parametrize("argv", [["--budget", "1.5"], ["--subset-fraction", "1"], ["--epochs", "0"],
+                                  ["--ft-seeds", "0"]],
+                         ids=["budget-over-1", "subset-everything", "no-epochs", "no-seeds"])
 def test_bad_settings_exit_2(e2e, argv, capsys):
     assert e2e.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
