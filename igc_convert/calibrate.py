@@ -26,7 +26,9 @@ the layers are grouped into passes.
 
 from __future__ import annotations
 
+import collections
 import collections.abc
+import copy
 import logging
 import math
 import zlib
@@ -267,6 +269,39 @@ class _Modes:
             m.training = mode
 
 
+def _batchnorms_folded(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with every BatchNorm that only ever normalises one conv's
+    output folded into that conv; ``model`` itself when there is none or torch.fx cannot trace it.
+
+    Statistics are of conv *inputs*, which folding leaves as they are (up to rounding), and the
+    BatchNorms' passes over the activations are ~15% of ResNet-50's calibration forward on CPU.
+    """
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception:  # FX raises many types
+        return model
+    modules = dict(gm.named_modules())
+    fed_by: dict[str, set[str | None]] = collections.defaultdict(set)   # BatchNorm → what each call normalises
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and isinstance(modules.get(node.target), _BATCHNORMS):
+            src = node.args[0] if node.args else None
+            fed_by[str(node.target)].add(str(src.target) if isinstance(src, torch.fx.Node) and src.op == "call_module"
+                                         else None)
+    pairs = {conv: bn for conv, bn in find_following_batchnorm(gm).items()
+             if fed_by[bn] == {conv} and modules[bn].running_mean is not None and modules[bn].running_var is not None}
+    if not pairs:
+        return model
+    try:
+        folded = copy.deepcopy(model)
+        for conv, bn in pairs.items():
+            folded.set_submodule(conv, torch.nn.utils.fusion.fuse_conv_bn_eval(folded.get_submodule(conv),
+                                                                               folded.get_submodule(bn)))
+            folded.set_submodule(bn, nn.Identity())
+    except Exception:  # e.g. a parametrised conv: run the model as it is
+        return model
+    return folded
+
+
 def _channels_last_works(model: nn.Module, x: Tensor) -> bool:
     """Whether ``model`` runs on a channels-last copy of one image of ``x`` (call before any hook).
 
@@ -439,6 +474,8 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
     out: dict[str, Tensor] = {}
     channels_last = None
     with torch.no_grad(), _Modes(model):
+        run = _batchnorms_folded(model)
+        convs = {name: _conv(run, name) for name in names}
         for g, group in enumerate(groups):
             stats = [_LayerStats(name, convs[name], int(max_positions), seed) for name in group]
             handles = []
@@ -447,10 +484,10 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
                 for x in _iterate(batches, dtype, dev, progress, desc):
                     if not handles:  # first batch: probe the layout before any hook can count it
                         if channels_last is None:
-                            channels_last = _channels_last_works(model, x)
+                            channels_last = _channels_last_works(run, x)
                         handles = [convs[s.name].register_forward_pre_hook(s.hook, with_kwargs=True)
                                    for s in stats]
-                    _forward(model, x, channels_last)
+                    _forward(run, x, channels_last)
             finally:
                 for h in handles:
                     h.remove()
@@ -714,7 +751,7 @@ class SequentialStats:
         if memory_budget is None:
             memory_budget = _available_memory(dev) // 2
         if need > memory_budget:
-            logger.info("sequential statistics rerun the forward per layer: keeping both models' activations "
+            logger.warning("sequential statistics rerun the forward per layer: keeping both models' activations "
                         "would take %.1f GiB (budget %.1f GiB)", need / 2**30, memory_budget / 2**30)
             return None
         self = cls(original, converted, gm, xs, max_positions=max_positions, seed=seed)

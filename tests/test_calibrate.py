@@ -187,6 +187,43 @@ def test_models_run_channels_last_when_they_accept_it_and_as_given_otherwise(mak
         torch.testing.assert_close(sigma, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
 
 
+class _Foldable(nn.Module):
+    """``b0`` only ever normalises ``c0``: it folds. ``shared`` normalises two convs: it must not."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.b0 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.c1, self.c2, self.shared = nn.Conv2d(6, 6, 3, padding=1), nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)
+        self.c3 = nn.Conv2d(6, 4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.b0(self.c0(x)))
+        return self.c3(torch.relu(self.shared(self.c1(y)) + self.shared(self.c2(y))))
+
+
+def test_batchnorms_that_only_follow_one_conv_are_folded_for_the_statistics_pass():
+    torch.manual_seed(0)
+    net = _Foldable().eval()
+    for bn in (net.b0, net.shared):
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 2)
+    before = copy.deepcopy(net.state_dict())
+    calls = {"b0": 0, "shared": 0}
+    for name in calls:
+        getattr(net, name).register_forward_hook(lambda m, a, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    x = [torch.randn(2, 3, 7, 7), torch.randn(3, 3, 7, 7)]
+    stats = cal.collect_input_stats(net, ["c1", "c2", "c3"], x, max_positions=10_000, progress=False)
+    assert calls["b0"] == 0 and calls["shared"] >= 2 * len(x)  # b0 ran inside c0; shared ran as itself
+    with torch.no_grad():  # the original model's own activations, unfolded
+        ys = [torch.relu(net.b0(net.c0(xi))) for xi in x]
+        zs = [torch.relu(net.shared(net.c1(y)) + net.shared(net.c2(y))) for y in ys]
+    for name, inputs in (("c1", ys), ("c2", ys), ("c3", zs)):
+        expected = _brute_sigma(getattr(net, name), inputs)
+        torch.testing.assert_close(stats[name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    assert isinstance(net.b0, nn.BatchNorm2d) and isinstance(net.c0, nn.Conv2d) and net.training is False
+    for key, value in net.state_dict().items():  # the user's model is left as it was
+        assert torch.equal(value, before[key]), key
+
+
 # ------------------------------------------------------------------------------------------ paired
 def test_paired_identical_models_give_equal_moments_and_target_is_w():
     net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
