@@ -53,12 +53,16 @@ def test_main_with_tiny_settings(e2e, tmp_path, capsys, monkeypatch):
             assert r["accuracy"] == pytest.approx(r["per_epoch"][-1])
     # the distil-only run again with the next fine-tuning seed, from the same init
     spread = report["seed_spread"]
-    assert [(x["init"], x["seeds"]) for x in spread] == [(i, [0, 1]) for i in e2e.FT_MODES]
-    for x in spread:
+    assert [(x["block"], x["init"], x["seeds"]) for x in spread] == \
+        [("igcv1", i, [0, 1]) for i in e2e.FT_MODES] + [("auto", "sequential", [0, 1])]
+    for x in spread[:-1]:  # the fine-tuned block kind: seed 0 is the fine-tuning table's own run
         first = next(r for r in runs if r["init"] == x["init"] and r["setting"] == "distil")
         assert x["accuracies"][0] == first["accuracy"] and len(x["accuracies"]) == 2
+    assert len(spread[-1]["accuracies"]) == 2  # the extra block kind runs every seed itself
     assert "per fine-tuning seed" in text
-    assert {s["name"] for s in report["stages"]} >= {"train dense", "total", "fine-tune 0.25 weight default distil seed 1"}
+    names = {s["name"] for s in report["stages"]}
+    assert names >= {"train dense", "total", "fine-tune 0.25 igcv1 weight default distil seed 1",
+                     "convert auto 0.25 sequential", "fine-tune 0.25 auto sequential default distil seed 0"}
     assert out_md.read_text().count("| budget |") == 3
 
 
