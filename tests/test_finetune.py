@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import subprocess
 import sys
@@ -151,6 +152,22 @@ def test_batchnorm_statistics_frozen_on_small_data_unless_asked(teacher, data):
                        config=FinetuneConfig(freeze_bn=False, **cfg)).model
     assert torch.equal(frozen.bn1.running_mean, teacher.bn1.running_mean)
     assert not torch.equal(updated.bn1.running_mean, teacher.bn1.running_mean)
+
+
+@pytest.mark.parametrize("noise, settings, hinted", [
+    (3.0, dict(), True),                            # far start, gentle defaults: say what to try
+    (3.0, dict(lr=1e-2, freeze_bn=False), False),   # far start, already the heavy-compression settings
+    (0.0, dict(), False),                           # a start that agrees with the teacher
+], ids=["far-gentle", "far-strong", "near-gentle"])
+def test_a_far_start_under_gentle_settings_gets_a_hint(teacher, data, caplog, noise, settings, hinted):
+    train, val = data
+    student = noisy_copy(teacher, noise) if noise else copy.deepcopy(teacher)
+    with caplog.at_level(logging.WARNING, logger="igc_convert.finetune"):
+        result = finetune(student, train, teacher=teacher, val_data=val,
+                          config=FinetuneConfig(epochs=1, progress=False, **settings))
+    assert (result.start.agreement < 0.9) == bool(noise)
+    hints = [r for r in caplog.records if "starts far from the teacher" in r.getMessage()]
+    assert len(hints) == int(hinted), [r.getMessage() for r in caplog.records]
 
 
 def test_callers_rng_state_is_restored(teacher, data):
