@@ -417,8 +417,10 @@ def _run(args: argparse.Namespace) -> int:
         spread_plan.append((args.spread_block, "sequential"))
     for block, init in spread_plan if args.ft_seeds > 1 else ():
         start = converted(args.budget, block, init).model
-        accs = [next(r.accuracy for r in runs if (r.budget, r.init, r.config, r.setting) ==
-                     (args.budget, init, name, "distil"))] if block == args.ft_block else []
+        accs = []
+        if block == args.ft_block:  # seed 0 is the fine-tuning table's own run
+            accs.append(next(r.accuracy for r in runs if (r.budget, r.init, r.config, r.setting) ==
+                             (args.budget, init, name, "distil")))
         for k in range(len(accs), args.ft_seeds):
             config = finetune_config(name, epochs=args.epochs, seed=args.seed + k)
             with clock.stage(f"fine-tune {args.budget:g} {block} {init} {name} distil seed {args.seed + k}"):

@@ -19,7 +19,7 @@ from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
 from igc_convert.digits import digits_resnet
 from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
-from igc_convert.finetune import (FinetuneConfig, _FeatureHooks, checkpoint_path, finetune, load_checkpoint)
+from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, checkpoint_path, finetune, load_checkpoint)
 
 TESTS = Path(__file__).parent
 
@@ -165,7 +165,7 @@ def test_a_far_start_under_gentle_settings_gets_a_hint(teacher, data, caplog, no
     with caplog.at_level(logging.WARNING, logger="igc_convert.finetune"):
         result = finetune(student, train, teacher=teacher, val_data=val,
                           config=FinetuneConfig(epochs=1, progress=False, **settings))
-    assert (result.start.agreement < 0.9) == bool(noise)
+    assert (result.start.agreement < FAR_AGREEMENT) == bool(noise)
     hints = [r for r in caplog.records if "starts far from the teacher" in r.getMessage()]
     assert len(hints) == int(hinted), [r.getMessage() for r in caplog.records]
 
