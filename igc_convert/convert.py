@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
+from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, allocate_fast_first, candidates, uniform)
 from .report import LayerRecord, Report
@@ -39,6 +40,13 @@ from .report import LayerRecord, Report
 log = logging.getLogger(__name__)
 
 BLOCK_CHOICES = ("igcv1", "igcv2", "igcv3", "auto")
+
+#: A layer whose input statistics ``Σ`` (``n × n`` float64, ``n = C_in·kh·kw``) would take more than this
+#: is fitted in weight space: its data-aware fit holds several such matrices (``Σ``, the sequential
+#: fit's paired ``Σ̃``, ``C``, ``Σ`` and a Cholesky factor) and factorises them, and VGG's 25088-wide
+#: classifier (with ``linear=True``) would need 4.7 GiB for each. 1 GiB is ``n`` up to 11585; every
+#: conv of the torchvision models is far below (ResNet-50's widest patch: 4608, 162 MiB).
+MAX_LAYER_STATS_BYTES = 1 << 30
 
 
 @dataclass
@@ -174,7 +182,9 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
     """Swap the convs named in ``plan`` for blocks of the recorded shapes, in place.
 
     Structure only by default (used to rebuild a saved converted model before loading its weights);
-    ``fit=True`` also fits each block to the conv it replaces (weight space).
+    ``fit=True`` also fits each block to the conv it replaces (weight space). An entry ``<linear>.conv``
+    whose parent is an ``nn.Linear`` (a Linear converted with ``linear=True``) first wraps that Linear
+    in a :class:`~igc_convert.linear.LinearAsConv`.
     """
     swaps = []  # build every block first: a bad entry must not leave the plan half-applied
     for entry in plan:
@@ -182,15 +192,21 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
             name, kind, shape = entry["name"], entry["block"], entry["shape"]
         except (KeyError, TypeError) as err:
             raise ConfigError(f"malformed plan entry {entry!r}") from err
+        linear = linear_site(model, name)
+        wrapper = LinearAsConv.from_linear(linear) if linear is not None else None
         try:
-            conv = model.get_submodule(name)
+            conv = wrapper.conv if wrapper is not None else model.get_submodule(name)
         except AttributeError as err:
             raise ConfigError(f"plan names layer {name!r}, which the model does not have") from err
         if not isinstance(conv, nn.Conv2d):
             raise ConfigError(f"plan names layer {name!r}, which is a {type(conv).__name__}, not a Conv2d")
-        swaps.append((name, make_block(kind, conv, shape, fit=fit, name=name)))
-    for name, block in swaps:
-        _set_submodule(model, name, block)
+        swaps.append((name, wrapper, make_block(kind, conv, shape, fit=fit, name=name)))
+    for name, wrapper, block in swaps:
+        if wrapper is not None:  # a Linear converted as a 1×1 conv: wrap it first, then swap its conv
+            wrapper.conv = block
+            _set_submodule(model, name.rpartition(".")[0], wrapper)
+        else:
+            _set_submodule(model, name, block)
     return model
 
 
@@ -215,7 +231,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             include: Sequence[str] | None = None, inplace: bool = False, sequential: bool = True,
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
-            allocation: str = "budget", bias_correction: bool = True, model_name: str = "") -> ConversionResult:
+            allocation: str = "budget", bias_correction: bool = True, linear: bool = False,
+            model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
@@ -224,7 +241,11 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (sequential
     mode) moves the mean of each fitted layer's output error into its bias, or into the running mean
-    of the BatchNorm that follows it.
+    of the BatchNorm that follows it. ``linear=True`` also converts every ``nn.Linear`` that gets a 2-D
+    input on the example, as a 1×1 conv named ``<linear>.conv`` (:mod:`igc_convert.linear`): it
+    then counts in the target's params/MACs like a conv. A layer whose input statistics would take
+    more than :data:`MAX_LAYER_STATS_BYTES` (e.g. VGG's 25088-wide classifier) is fitted in weight
+    space, with a warning.
 
     Example::
 
@@ -248,7 +269,6 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     _check_options(calibration_samples=calibration_samples, damping=damping, max_groups=max_groups,
                    fit_iters=fit_iters, plan_iters=plan_iters, max_positions=max_positions)
     original = model
-    guard_reference = copy.deepcopy(model) if inplace and isinstance(target, LatencyRatio) else model
     for name, p in original.named_parameters():
         if p.is_meta:
             raise ModelError(f"parameter {name!r} is on the meta device (not materialised); load real weights first")
@@ -265,7 +285,15 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if not isinstance(example, torch.Tensor) or example.dim() != 4:
             raise DataError(f"example inputs must be an N×C×H×W tensor, got "
                             f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+    owned = inplace  # whether convert may change ``original`` itself (the caller's model, or its own copy)
+    if linear:
+        working, wrapped = _with_linears_as_convs(original, example, inplace)
+        if wrapped:
+            original, owned = working, True
+            sites, path, path_reason = find_convs(original)
+    if example is not None:
         _record_input_sizes(original, sites, example)
+    guard_reference = copy.deepcopy(original) if owned and isinstance(target, LatencyRatio) else original
     if isinstance(target, (MacsRatio, LatencyRatio)) and example is None:
         raise ConfigError(f"a {TARGET_METRIC[type(target)]} target needs example inputs (or calibration images) "
                           "to know the input size")
@@ -294,11 +322,12 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     # statistics
     sigmas: dict[str, torch.Tensor] = {}
     row_weights: dict[str, torch.Tensor] = {}
+    too_wide = _too_wide_for_statistics(eligible) if batches is not None else set()
     if batches is not None and eligible:
         from . import calibrate
 
-        sigmas = calibrate.collect_input_stats(original, [s.name for s in eligible], batches,
-                                               max_positions=max_positions, seed=seed, progress=progress)
+        sigmas = calibrate.collect_input_stats(original, [s.name for s in eligible if s.name not in too_wide],
+                                               batches, max_positions=max_positions, seed=seed, progress=progress)
         bn_map = {s.name: s.batchnorm for s in eligible if s.batchnorm}
         row_weights = calibrate.bn_row_weights(original, bn_map) if bn_map else {}
 
@@ -344,8 +373,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
                                             dense_total)
 
     # fit and swap, in execution order
-    converted = original if inplace else copy.deepcopy(original)
-    reference = copy.deepcopy(original) if inplace and sequential and batches is not None else original
+    converted = original if owned else copy.deepcopy(original)
+    reference = copy.deepcopy(original) if owned and sequential and batches is not None else original
     plan: list[dict[str, Any]] = []
     records: dict[str, LayerRecord] = {}
     todo = [(s, spec, c) for s, spec, c in zip(eligible, specs, chosen) if c.kind != "dense"]
@@ -363,14 +392,15 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         del specs
         sigmas.clear()
         # Both models' forwards resumed layer after layer (when traceable and the activations fit).
-        resumable = calibrate.SequentialStats.create(reference, converted, [s.name for s, _, _ in todo if s.calls == 1],
-                                                     batches, max_positions=max_positions, seed=seed)
+        paired_layers = [s.name for s, _, _ in todo if s.calls == 1 and s.name not in too_wide]
+        resumable = calibrate.SequentialStats.create(reference, converted, paired_layers, batches,
+                                                     max_positions=max_positions, seed=seed) if paired_layers else None
     bar = tqdm(todo, desc="fitting", unit="layer", disable=not progress)
     for s, spec, c in bar:
         bar.set_postfix_str(s.name)
         w = spec.weight
         sigma_fit, target_w, paired = spec.sigma, w, None
-        if batches is not None and sequential and s.calls == 1:
+        if batches is not None and sequential and s.calls == 1 and s.name not in too_wide:
             paired = (resumable(s.name) if resumable is not None else
                       calibrate.collect_paired_stats(reference, converted, s.name, batches,
                                                      max_positions=max_positions, seed=seed, progress=False))
@@ -415,7 +445,38 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         from . import latency
 
         result = latency.enforce_not_slower(guard_reference, result, example, ratio=target.ratio)
+    if linear:
+        unwrap_dense(result.model)  # Linears left dense become plain nn.Linear again: the plan rebuilds the rest
     return result
+
+
+def _with_linears_as_convs(model: nn.Module, example: torch.Tensor | None, inplace: bool
+                           ) -> tuple[nn.Module, list[str]]:
+    """``model`` (itself when ``inplace``, else a copy) with its 2-D-input Linears wrapped as 1×1 convs,
+    and the names of those Linears."""
+    if example is None:
+        raise ConfigError("linear=True needs example inputs (or calibration images): the forward on them shows "
+                          "which Linear layers get 2-D inputs")
+    working = model if inplace else copy.deepcopy(model)
+    wrapped = wrap_linears(working, example)
+    if wrapped:
+        log.info("converting %d Linear layer(s) as 1x1 convs: %s", len(wrapped), ", ".join(wrapped))
+    else:
+        log.info("linear=True: no Linear layer gets a 2-D input; none is converted")
+    return working, wrapped
+
+
+def _too_wide_for_statistics(sites: Sequence[ConvSite]) -> set[str]:
+    """Names of layers whose input statistics ``Σ`` alone would exceed :data:`MAX_LAYER_STATS_BYTES`."""
+    out = set()
+    for s in sites:
+        m = s.module
+        n = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+        if n * n * 8 > MAX_LAYER_STATS_BYTES:
+            log.warning("%s: its input statistics would take %.1f GiB (%d x %d float64), more than %.1f GiB; "
+                        "it is fitted in weight space", s.name, n * n * 8 / 2**30, n, n, MAX_LAYER_STATS_BYTES / 2**30)
+            out.add(s.name)
+    return out
 
 
 def _measured_latency_plan(original: nn.Module, example: torch.Tensor, eligible: Sequence[ConvSite],

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from . import bench
 from .blocks import BLOCKS
 from .errors import ConfigError, IGCError
+from .linear import LinearAsConv, dense_conv
 from .plan import Candidate, LayerSpec, lower_hull
 
 if TYPE_CHECKING:  # convert imports this module lazily; avoid the cycle at import time
@@ -322,7 +323,7 @@ def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_
 
     for entry in result.plan:
         try:
-            dense = original.get_submodule(entry["name"])
+            dense = dense_conv(original, entry["name"])
         except AttributeError as err:
             raise ConfigError(f"the original model has no layer {entry['name']!r}") from err
         if not isinstance(dense, nn.Conv2d):
@@ -371,9 +372,11 @@ def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_
 
 
 def revert_layer(original: nn.Module, result: "ConversionResult", name: str, reason: str = REVERTED) -> None:
-    """Put a copy of ``original``'s conv ``name`` back into ``result.model``; drop it from the plan; mark its record."""
+    """Put a copy of ``original``'s conv ``name`` back into ``result.model``; drop it from the plan; mark its record.
+
+    A Linear converted as a 1×1 conv (``<linear>.conv``) goes back to a plain ``nn.Linear``."""
     try:
-        conv = original.get_submodule(name)
+        conv = dense_conv(original, name)
     except AttributeError as err:
         raise ConfigError(f"the original model has no layer {name!r}") from err
     if not isinstance(conv, nn.Conv2d):
@@ -387,6 +390,8 @@ def revert_layer(original: nn.Module, result: "ConversionResult", name: str, rea
     new.train(current.training)
     parent, _, attr = name.rpartition(".")
     setattr(result.model.get_submodule(parent) if parent else result.model, attr, new)
+    if parent and isinstance(result.model.get_submodule(parent), LinearAsConv):  # a Linear converted as a conv
+        result.model.set_submodule(parent, result.model.get_submodule(parent).to_linear())
     result.plan[:] = [e for e in result.plan if e.get("name") != name]
     for rec in result.report.records:
         if rec.name == name:
@@ -442,7 +447,7 @@ def _layer_ratios(original: nn.Module, result: "ConversionResult", x: torch.Tens
         if n not in sizes:  # not called: cannot be what makes the model slower
             continue
         block = copy.deepcopy(result.model.get_submodule(n)).float().cpu()
-        t_dense, t_block = layer_latencies([_timing_conv(original.get_submodule(n)), block], (batch, *sizes[n]),
+        t_dense, t_block = layer_latencies([_timing_conv(dense_conv(original, n)), block], (batch, *sizes[n]),
                                            threads=threads, runs=runs, cache_dir=cache_dir, seed=seed)
         out[n] = t_block / t_dense if t_dense > 0 else math.inf
     if not out:

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bias-correction", action="store_true",
                         help="keep each layer's bias as fitted (default: the mean of its output error moves into "
                              "the bias or the next BatchNorm)")
+    parser.add_argument("--linear", action="store_true",
+                        help="also convert the Linear layers that take 2-D input (e.g. a classifier), as 1x1 convs "
+                             "named LAYER.conv; they then count in the params/MACs ratios")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="layer names to keep dense")
     parser.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only convert these layers")
     parser.add_argument("--input-size", type=int, default=224, metavar="N", help="input height/width (default 224)")
@@ -96,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
                      sequential=not args.one_shot, bias_correction=not args.no_bias_correction, seed=args.seed,
-                     model_name=args.model)
+                     linear=args.linear, model_name=args.model)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
     print(result.report.table())
     if args.report:
