@@ -271,20 +271,27 @@ def _check_sources(cfg: FinetuneConfig, teacher: nn.Module | None, train: Datase
         raise DataError("the validation data has no labels and there is no teacher to compare with")
 
 
-def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, nn.Conv2d]:
-    """Map each converted block's qualified name to the teacher's original conv at the same name."""
-    pairs: dict[str, nn.Conv2d] = {}
+def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, nn.Conv2d | nn.Linear]:
+    """Map each converted block's qualified name to the teacher's original layer at the same name.
+
+    A converted ``nn.Linear`` (``convert(..., linear=True)``) sits at ``<linear>.conv`` in the student,
+    inside the wrapper that feeds it ``N × C × 1 × 1``; its original is the teacher's Linear at ``<linear>``.
+    """
+    pairs: dict[str, nn.Conv2d | nn.Linear] = {}
     teacher_modules = dict(teacher.named_modules()) if teacher is not None else {}
     for name, module in student.named_modules():
         # Detected by the class attribute, so this module needs no import of the blocks module.
         if not getattr(type(module), "is_igc_block", False):
             continue
-        conv = teacher_modules.get(name)
-        if not isinstance(conv, nn.Conv2d):
-            found = "nothing" if conv is None else type(conv).__name__
-            raise ModelError(f"feature matching needs the original nn.Conv2d in the teacher at this name; "
-                             f"found {found}", layer=name)
-        pairs[name] = conv
+        original = teacher_modules.get(name)
+        parent, _, leaf = name.rpartition(".")
+        if original is None and leaf == "conv" and type(teacher_modules.get(parent)) is nn.Linear:
+            original = teacher_modules[parent]
+        if not isinstance(original, (nn.Conv2d, nn.Linear)):
+            found = "nothing" if original is None else type(original).__name__
+            raise ModelError(f"feature matching needs the original nn.Conv2d (or nn.Linear) in the teacher at "
+                             f"this name; found {found}", layer=name)
+        pairs[name] = original
     if not pairs:
         log.warning("feature_weight > 0 but the student has no converted (IGC) blocks: no feature loss")
     return pairs
@@ -701,7 +708,7 @@ class _Trainer:
 class _FeatureHooks:
     """Records each converted block's input and output during the student's training forward."""
 
-    def __init__(self, pairs: dict[str, nn.Conv2d], student: nn.Module) -> None:
+    def __init__(self, pairs: dict[str, nn.Conv2d | nn.Linear], student: nn.Module) -> None:
         self.pairs, self.recording, self.seen = pairs, False, {}
         modules = dict(student.named_modules())
         self.handles = [modules[name].register_forward_hook(self._hook(name)) for name in pairs]
@@ -716,12 +723,15 @@ class _FeatureHooks:
         """Mean over blocks of ‖block(x) − conv(x)‖² / ‖conv(x)‖², ``conv`` the teacher's original."""
         terms = []
         for name, (x, out) in self.seen.items():
-            conv = self.pairs[name]
+            layer = self.pairs[name]
+            bias = None if layer.bias is None else layer.bias.float()
             with torch.no_grad():
                 # The block's own input, detached: the target must not pull earlier layers around.
-                target = F.conv2d(x.detach().float(), conv.weight.float(),
-                                  None if conv.bias is None else conv.bias.float(),
-                                  conv.stride, conv.padding, conv.dilation, conv.groups)
+                if isinstance(layer, nn.Linear):  # the block sees the Linear's input as N × C × 1 × 1
+                    target = F.conv2d(x.detach().float(), layer.weight.float()[:, :, None, None], bias)
+                else:
+                    target = F.conv2d(x.detach().float(), layer.weight.float(), bias,
+                                      layer.stride, layer.padding, layer.dilation, layer.groups)
             err = (out.float() - target).pow(2).mean()
             terms.append(err / target.pow(2).mean().clamp_min(1e-12))
         self.seen = {}

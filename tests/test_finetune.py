@@ -19,7 +19,9 @@ from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
 from igc_convert.digits import digits_resnet
 from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
-from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, checkpoint_path, finetune, load_checkpoint)
+from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path, finetune,
+                                  load_checkpoint)
+from igc_convert.linear import LinearAsConv
 
 TESTS = Path(__file__).parent
 
@@ -129,6 +131,24 @@ def test_feature_loss_is_zero_for_an_exact_block_and_positive_otherwise():
         losses.append(hooks.loss().item())
         hooks.remove()
     assert losses[0] < 1e-10 and losses[1] > 1e-3, losses
+
+
+def test_feature_loss_pairs_a_converted_linear_with_the_teachers_linear():
+    torch.manual_seed(0)
+    teacher = Tiny(dropout=0.0).eval()  # fc: 32 -> 10
+    losses = []
+    for shape in (dict(primary_groups=2, secondary_groups=2, rank=5), dict(primary_groups=2, secondary_groups=2, rank=1)):
+        student = copy.deepcopy(teacher)
+        student.fc = LinearAsConv.from_linear(teacher.fc)
+        student.fc.conv = IGCV1.from_conv(student.fc.conv, **shape)
+        pairs = _feature_pairs(student, teacher)
+        assert pairs == {"fc.conv": teacher.fc}
+        hooks = _FeatureHooks(pairs, student)
+        hooks.recording = True
+        student.eval()(torch.randn(4, 1, 8, 8))
+        losses.append(hooks.loss().item())
+        hooks.remove()
+    assert losses[0] < 1e-10 and losses[1] > 1e-3, losses  # full rank is the Linear exactly
 
 
 def test_never_worse_than_the_start_with_a_destructive_learning_rate(teacher, data):
