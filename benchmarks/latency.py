@@ -19,6 +19,11 @@ Variants:
 * ``params-0.25+guard`` — ``params-0.25`` then ``enforce_not_slower(ratio=1.0)``: the guard alone
   on a MAC-blind plan.
 
+With ``--linear`` every variant is also converted with ``linear=True`` (its ``nn.Linear`` layers on
+2-D inputs become IGC blocks too), as ``<variant>+linear``, timed in the same run; the MAC column
+and the params column count conv *and* linear layers of the whole model, for every row (so a row
+whose Linears stay dense has them in both numerator and denominator).
+
 Latency plans and guards are made at the batch size of the example input (1); the table also
 shows batch 32, where nothing was planned or guarded. Goals (the issue): latency ratio within
 1.25× of the MAC ratio; no ``latency-1.0`` model slower than its original.
@@ -30,6 +35,7 @@ Usage::
 
     python3 benchmarks/latency.py --models resnet18 vgg11_bn --batch-sizes 1 32 --runs 20
     python3 benchmarks/latency.py --quick     # resnet18 at 112x112, batch 1, 3 variants, few runs
+    python3 benchmarks/latency.py --models vgg11_bn --variants params-0.25 --linear   # with and without Linears
 """
 
 from __future__ import annotations
@@ -98,18 +104,50 @@ def build(name: str, seed: int) -> nn.Module:
     return getattr(torchvision.models, name)(weights=None).eval()
 
 
+def conv_linear_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every ``Conv2d`` (blocks' inner convs included) and ``nn.Linear`` per image of ``x``."""
+    total = 0
+
+    def count(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        else:
+            per_output = module.in_features
+        total += out.numel() // len(x) * per_output
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def conv_linear_params(model: nn.Module) -> int:
+    """Parameters of every ``Conv2d`` (blocks' inner convs included) and ``nn.Linear``."""
+    return sum(p.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+               for p in m.parameters(recurse=False))
+
+
 def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes: Sequence[int], runs: int,
-              big_runs: int, guard_runs: int, workdir: Path, seed: int) -> list[Row]:
-    """Convert ``name`` every way in ``variants``, export all, time all side by side."""
+              big_runs: int, guard_runs: int, workdir: Path, seed: int, linear: bool = False) -> list[Row]:
+    """Convert ``name`` every way in ``variants`` (each also with ``linear=True`` when ``linear``), export all,
+    time all side by side."""
     model = build(name, seed)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    original_macs = conv_linear_macs(model, x) if linear else None
+    original_params = conv_linear_params(model)
     rows, paths = [], []
-    for v in variants:
-        row = Row(name, v.name)
+    for v, with_linear in [(v, lin) for v in variants for lin in ((False, True) if linear else (False,))]:
+        row = Row(name, v.name + ("+linear" if with_linear else ""))
         rows.append(row)
         start = time.perf_counter()
         try:
-            result = igc_convert.convert(model, v.target, example_inputs=x, progress=False, model_name=name)
+            result = igc_convert.convert(model, v.target, example_inputs=x, progress=False, model_name=name,
+                                         linear=with_linear)
             if v.guard is not None:
                 result = latency.enforce_not_slower(model, result, x, ratio=v.guard, runs=guard_runs,
                                                     threads=THREADS)
@@ -121,11 +159,14 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
         t = result.report.totals()
         row.converted = f"{t['converted']}/{t['convs']}"
         row.macs_ratio, row.params_ratio = t["macs_ratio"], t["params_ratio"]
+        if original_macs:  # conv + linear layers of the whole model, the same count for every row
+            row.macs_ratio = conv_linear_macs(result.model, x) / original_macs
+            row.params_ratio = conv_linear_params(result.model) / original_params
         row.reverted = sum(r.reason == latency.REVERTED for r in result.records)
         path = workdir / f"{name}-{v.name}.onnx"
         export.export_onnx(result.model, path, x)
         paths.append((row, path))
-        log.info("%s %s: %s converted, MACs x%.3f, %.0f s", name, v.name, row.converted, row.macs_ratio or 1,
+        log.info("%s %s: %s converted, MACs x%.3f, %.0f s", name, row.variant, row.converted, row.macs_ratio or 1,
                  row.convert_s)
         del result
     original = workdir / f"{name}-original.onnx"
@@ -145,8 +186,8 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
     return rows
 
 
-def table(rows: Sequence[Row], batch_sizes: Sequence[int]) -> str:
-    head = ["model", "variant", "converted", "MACs", "params", *(f"lat b{b}" for b in batch_sizes),
+def table(rows: Sequence[Row], batch_sizes: Sequence[int], macs: str = "MACs", params: str = "params") -> str:
+    head = ["model", "variant", "converted", macs, params, *(f"lat b{b}" for b in batch_sizes),
             *(f"lat/MAC b{b}" for b in batch_sizes), "reverted", "convert s"]
     cells = [head]
     for r in rows:
@@ -178,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--guard-runs", type=int, default=20, help="runs of each whole-model check of the guard")
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--linear", action="store_true",
+                   help="also run every variant with nn.Linear layers converted (VARIANT+linear); the MAC and params "
+                        "columns then count conv and linear layers in every row")
     p.add_argument("--quick", action="store_true",
                    help="resnet18 at 112x112, batch 1, params/latency-1.0/latency-0.5, 5 runs")
     args = p.parse_args(argv)
@@ -197,17 +241,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="igc-latency-") as tmp:
         for name in args.models:
             rows += run_model(name, variants, size=args.size, batch_sizes=args.batch_sizes, runs=args.runs,
-                              big_runs=args.big_runs, guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed)
+                              big_runs=args.big_runs, guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed,
+                              linear=args.linear)
     load1 = os.getloadavg()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread; "
           f"torch {torch.__version__}; {platform.machine()} {bench._cpu_name()}, {os.cpu_count()} cores")
     print(f"input {args.size}x{args.size}, random weights (seed {args.seed}); latency plans and guards at batch 1; "
           f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; {time.perf_counter() - start:.0f} s in all")
-    print("lat bN = converted/original onnxruntime latency at batch N; lat/MAC = that over the conv-MAC ratio "
-          f"(goal <= {GOAL}); reverted = layers the guard put back to dense")
+    what = "conv+linear MACs" if args.linear else "conv MACs"
+    print(f"lat bN = converted/original onnxruntime latency at batch N; lat/MAC = that over the {what} ratio "
+          f"(goal <= {GOAL}); reverted = layers the guard put back to dense"
+          + ("; MACs and params count conv and linear layers in every row" if args.linear else ""))
     print()
-    print(table(rows, args.batch_sizes))
+    print(table(rows, args.batch_sizes, macs="conv+fc MACs" if args.linear else "MACs",
+                params="conv+fc params" if args.linear else "params"))
     return 0
 
 
