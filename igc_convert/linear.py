@@ -81,7 +81,7 @@ def wrap_linears(model: nn.Module, example: torch.Tensor) -> list[str]:
     ranks: dict[str, set[int]] = {}
     handles = []
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
+        if name and isinstance(module, nn.Linear):  # the model itself has no parent to be swapped in
             ranks[name] = set()
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, name=name: ranks[name].add(args[0].dim() if args and torch.is_tensor(args[0]) else -1)))
@@ -119,13 +119,9 @@ def unwrap_dense(model: nn.Module) -> list[str]:
     conv (not converted, or reverted); return their names. The converted model then differs from the
     original only where a block was swapped in, so its plan alone rebuilds it."""
     names = [name for name, m in model.named_modules()
-             if isinstance(m, LinearAsConv) and type(m.conv) is nn.Conv2d]
+             if name and isinstance(m, LinearAsConv) and type(m.conv) is nn.Conv2d]
     for name in names:
-        linear = model.get_submodule(name).to_linear()
-        if name:
-            model.set_submodule(name, linear)
-        else:
-            raise ConfigError("the model itself is a LinearAsConv; there is no parent to put an nn.Linear in")
+        model.set_submodule(name, model.get_submodule(name).to_linear())
     return names
 
 
