@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
-from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
+from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, allocate_fast_first, candidates, uniform)
@@ -107,20 +107,11 @@ def _record_input_sizes(model: nn.Module, sites: Sequence[ConvSite], example: to
     for s in sites:
         handles.append(s.module.register_forward_pre_hook(
             lambda m, args, name=s.name: seen[name].append(tuple(args[0].shape[-2:]))))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    except IGCError:
-        raise
-    except Exception as err:
-        raise ModelError(f"the model failed on an input of shape {tuple(example.shape)}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        call_model(model, example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     for s in sites:
         if seen[s.name]:
             s.input_hw = seen[s.name][0]

@@ -7,6 +7,8 @@ one line on stderr); library callers can catch ``IGCError`` to handle them all.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class IGCError(Exception):
     """Root of every error igc-convert raises on purpose."""
@@ -64,3 +66,22 @@ def one_line(message: object) -> str:
     'cannot read x: Weights only load failed. Check the documentation.'
     """
     return " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def call_model(model: Any, example: Any) -> None:
+    """Run ``model(example)`` once in eval mode without gradients (hooks on it see the forward), then
+    restore its mode; a failure of the model's own code becomes a :class:`ModelError`."""
+    import torch
+
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(example)
+    except IGCError:
+        raise
+    except Exception as err:
+        raise ModelError(f"the model failed on an input of shape {tuple(example.shape)}: "
+                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+    finally:
+        model.train(was_training)

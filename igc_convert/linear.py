@@ -19,7 +19,7 @@ import logging
 import torch
 from torch import nn
 
-from .errors import ConfigError, IGCError, ModelError
+from .errors import ConfigError, call_model
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +87,11 @@ def wrap_linears(model: nn.Module, example: torch.Tensor) -> list[str]:
                 lambda m, args, name=name: ranks[name].add(args[0].dim() if args and torch.is_tensor(args[0]) else -1)))
     if not handles:
         return []
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
-            model(example)
-    except IGCError:
-        raise
-    except Exception as err:
-        raise ModelError(f"the model failed on an input of shape {tuple(example.shape)}: "
-                         f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
+        call_model(model, example)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     shared = _shared_parameter_ids(model)
     wrapped = []
     for name, seen in ranks.items():
