@@ -226,22 +226,57 @@ def _tiles(m: Tensor, L: int, M: int) -> Tensor:
     return m.reshape(M, c_out // M, L, n // L).permute(0, 2, 1, 3)
 
 
+class PartitionProducts:
+    """``m_l m_lᵀ`` of ``diag(w)·W``'s column partitions, for several partition counts, from one product.
+
+    A coarser partition's block is a union of finer ones, so its Gram matrix is the sum of theirs: the
+    finest partition's are formed once (the flops of a single Gram matrix of the whole ``W``) and the
+    others summed from them. The planner asks for ``L = 1, 2, 4``; on VGG's 25088-wide classifier layer
+    (``--linear``) that is a third of the float64 products.
+
+    >>> W = torch.randn(8, 12)
+    >>> torch.allclose(PartitionProducts(W, None, [1, 2])(1)[0], W.double() @ W.double().T)
+    True
+    """
+
+    def __init__(self, weight: Tensor, row_weights: Tensor | None, counts: Sequence[int]) -> None:
+        self.m = _weighted_matrix(weight, row_weights)
+        finest = max(counts)
+        fits = self.m.shape[1] % finest == 0 and all(finest % L == 0 for L in counts)
+        self.finest = finest if fits else None
+        self._finest_grams: Tensor | None = None
+
+    def __call__(self, L: int) -> Tensor:
+        """``(L, C_out, C_out)``: the Gram matrix of each of ``L`` column partitions."""
+        if self.finest is None or self.finest % L:
+            return _plain_grams(self.m, L)
+        if self._finest_grams is None:
+            self._finest_grams = _plain_grams(self.m, self.finest)
+        g = self._finest_grams
+        return g if L == self.finest else g.reshape(L, self.finest // L, *g.shape[1:]).sum(1)
+
+
 def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups: Sequence[int] | int,
                           sigma: Tensor | None = None, row_weights: Tensor | None = None,
-                          damping: float = DEFAULT_DAMPING) -> dict[int, Tensor]:
+                          damping: float = DEFAULT_DAMPING, products: PartitionProducts | None = None
+                          ) -> dict[int, Tensor]:
     """Singular values of every (whitened, row-weighted) tile, ``{M: tensor (M, L, k)}``.
 
     ``sum over tiles of sum_{k >= r} s_k²`` divided by the sum of all ``s_k²`` is the closed-form
     fit's ``f`` at rank ``r``: the planner reads a whole error-versus-rank curve off one call. Tiles
     no taller than wide take the eigenvalues of their rows' Gram matrix, a diagonal block of
-    :func:`_partition_grams` (formed once for every ``M``, with no Cholesky factor).
+    :func:`_partition_grams` (formed once for every ``M``, with no Cholesky factor). ``products``
+    (of the same ``weight`` and ``row_weights``) shares the plain Gram matrices between calls.
     """
     L = primary_groups
     Ms = [secondary_groups] if isinstance(secondary_groups, int) else list(secondary_groups)
     c_out = weight.shape[0]
     n_in = weight[0].numel() // L
     wide = [M for M in Ms if c_out // M <= n_in]
-    grams = _partition_grams(_weighted_matrix(weight, row_weights), L, sigma, damping) if wide else None
+    grams = None
+    if wide:
+        m = products.m if products is not None else _weighted_matrix(weight, row_weights)
+        grams = _partition_grams(m, L, sigma, damping, plain=products(L) if products is not None else None)
     x = _igcv1_whitened_tiles(weight, L, 1, sigma, row_weights, damping)[1][0] if len(wide) < len(Ms) else None
     out: dict[int, Tensor] = {}
     for M in Ms:
@@ -262,18 +297,25 @@ def _weighted_matrix(weight: Tensor, row_weights: Tensor | None) -> Tensor:
     return m if w is None else w[:, None] * m
 
 
-def _partition_grams(m: Tensor, L: int, sigma: Tensor | None, damping: float) -> Tensor:
+def _plain_grams(m: Tensor, L: int) -> Tensor:
+    """``(L, C_out, C_out)``: ``m_l m_lᵀ`` for each of ``L`` equal column partitions of ``m``."""
+    parts = m.reshape(m.shape[0], L, m.shape[1] // L).transpose(0, 1)
+    return parts @ parts.mT
+
+
+def _partition_grams(m: Tensor, L: int, sigma: Tensor | None, damping: float, plain: Tensor | None = None) -> Tensor:
     """``(L, C_out, C_out)``: ``m_l R_l R_lᵀ m_lᵀ = m_l (Σ_ll / s_l + δ·I) m_lᵀ`` per column partition.
 
     The Gram matrix of partition ``l``'s whitened columns (``R_l`` = :func:`whitener` of its diagonal
     block ``Σ_ll`` of mean eigenvalue ``s_l``), formed from ``Σ_ll`` itself: no Cholesky factor and
     no ``m_l R_l`` product, about a third of the flops for a 4608-column partition. Its eigenvectors
-    give the closed-form fit (:func:`fit_igcv1`) and its eigenvalues the error curve.
+    give the closed-form fit (:func:`fit_igcv1`) and its eigenvalues the error curve. ``plain``:
+    :func:`_plain_grams` of ``m``, when already formed.
     """
     c_out, n = m.shape
     n_in = n // L
     parts = m.reshape(c_out, L, n_in).transpose(0, 1)         # (L, C_out, n_in) view
-    plain = parts @ parts.mT
+    plain = parts @ parts.mT if plain is None else plain
     if sigma is None:
         return plain
     if sigma.shape != (n, n):

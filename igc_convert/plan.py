@@ -168,9 +168,11 @@ def igcv1_candidates(layer: LayerSpec, *, max_groups: int = 4, damping: float = 
     """All IGCV1 shapes cheaper than the dense conv, each scored by its closed-form error."""
     dense = layer.dense()
     out = []
-    for L in _fast_groups(layer.c_in, max_groups):
+    Ls = _fast_groups(layer.c_in, max_groups)
+    products = fz.PartitionProducts(layer.weight, layer.row_weights, Ls) if Ls else None
+    for L in Ls:
         Ms = _fast_groups(layer.c_out, max_groups)
-        curves = fz.igcv1_singular_values(layer.weight, L, Ms, layer.sigma, layer.row_weights, damping)
+        curves = fz.igcv1_singular_values(layer.weight, L, Ms, layer.sigma, layer.row_weights, damping, products)
         for M in Ms:
             per_rank = M * layer.c_in * layer.taps + L * layer.c_out
             rmax = min(layer.c_out // M, layer.c_in // L * layer.taps)

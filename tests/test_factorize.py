@@ -162,3 +162,19 @@ def test_cross_partition_refinement_lowers_the_whitened_error(precision, monkeyp
     approx = fz.igcv1_weight(*refined.factors, 2, 2)
     assert refined.error == pytest.approx(fz.relative_error(w, approx, sigma), rel=1e-9)
     assert all(f.dtype == torch.float64 for f in refined.factors)
+
+
+@pytest.mark.parametrize("data_aware", [False, True])
+def test_shared_partition_products_give_the_same_error_curves(data_aware):
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    x = torch.randn(400, 72) @ torch.randn(72, 72)
+    sigma = (x.T @ x / 400).double() if data_aware else None
+    rows = torch.rand(16) + 0.5 if data_aware else None
+    products = fz.PartitionProducts(w, rows, [1, 2, 4])
+    for L in (1, 2, 4):
+        shared = fz.igcv1_singular_values(w, L, [1, 2, 4], sigma, rows, products=products)
+        alone = fz.igcv1_singular_values(w, L, [1, 2, 4], sigma, rows)
+        assert shared.keys() == alone.keys()
+        for M in alone:
+            torch.testing.assert_close(shared[M], alone[M], rtol=1e-10, atol=1e-10)
