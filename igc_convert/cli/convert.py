@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         result.report.plot(args.plot)
     t = result.report.totals()
-    print(f"\nwrote {args.output}: {t['converted']}/{t['convs']} convs converted, conv params x{t['params_ratio']:.3f}"
-          + (f", conv MACs x{t['macs_ratio']:.3f}" if t["macs_ratio"] is not None else ""), file=sys.stderr)
+    kind = "conv and linear layers" if args.linear else "convs"
+    print(f"\nwrote {args.output}: {t['converted']}/{t['convs']} {kind} converted, params x{t['params_ratio']:.3f}"
+          + (f", MACs x{t['macs_ratio']:.3f}" if t["macs_ratio"] is not None else ""), file=sys.stderr)
     return 0
