@@ -138,8 +138,8 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
     time all side by side."""
     model = build(name, seed)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
-    original_macs = conv_linear_macs(model, x) if linear else None
-    original_params = conv_linear_params(model)
+    if linear:  # conv + linear layers of the whole model, the same count for every row
+        original_macs, original_params = conv_linear_macs(model, x), conv_linear_params(model)
     rows, paths = [], []
     for v, with_linear in [(v, lin) for v in variants for lin in ((False, True) if linear else (False,))]:
         row = Row(name, v.name + ("+linear" if with_linear else ""))
@@ -159,7 +159,7 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
         t = result.report.totals()
         row.converted = f"{t['converted']}/{t['convs']}"
         row.macs_ratio, row.params_ratio = t["macs_ratio"], t["params_ratio"]
-        if original_macs:  # conv + linear layers of the whole model, the same count for every row
+        if linear:
             row.macs_ratio = conv_linear_macs(result.model, x) / original_macs
             row.params_ratio = conv_linear_params(result.model) / original_params
         row.reverted = sum(r.reason == latency.REVERTED for r in result.records)

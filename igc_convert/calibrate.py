@@ -419,6 +419,11 @@ class _LayerStats:
         return sigma
 
 
+def stats_bytes(conv: nn.Conv2d) -> int:
+    """Bytes of one float64 ``n × n`` input-statistics matrix of ``conv`` (``n = C_in/groups · kh · kw``)."""
+    return _Geometry.of(conv).size ** 2 * 8
+
+
 def _groups(names: Sequence[str], sizes: Mapping[str, int], budget: int) -> list[list[str]]:
     """First-fit decreasing: few passes, each holding accumulators of at most ``budget`` bytes."""
     bins: list[tuple[int, list[str]]] = []
@@ -464,7 +469,7 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
     convs = {name: _conv(model, name) for name in names}
     if not names:
         return {}
-    sizes = {name: _Geometry.of(conv).size ** 2 * 8 for name, conv in convs.items()}
+    sizes = {name: stats_bytes(conv) for name, conv in convs.items()}
     groups = _groups(names, sizes, int(memory_budget))
     _passes_possible(batches, len(groups))
     if len(groups) > 1:

@@ -459,13 +459,15 @@ def _with_linears_as_convs(model: nn.Module, example: torch.Tensor | None, inpla
 
 def _too_wide_for_statistics(sites: Sequence[ConvSite]) -> set[str]:
     """Names of layers whose input statistics ``Σ`` alone would exceed :data:`MAX_LAYER_STATS_BYTES`."""
+    from .calibrate import stats_bytes
+
     out = set()
     for s in sites:
-        m = s.module
-        n = m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        if n * n * 8 > MAX_LAYER_STATS_BYTES:
+        size = stats_bytes(s.module)
+        if size > MAX_LAYER_STATS_BYTES:
+            n = math.isqrt(size // 8)
             log.warning("%s: its input statistics would take %.1f GiB (%d x %d float64), more than %.1f GiB; "
-                        "it is fitted in weight space", s.name, n * n * 8 / 2**30, n, n, MAX_LAYER_STATS_BYTES / 2**30)
+                        "it is fitted in weight space", s.name, size / 2**30, n, n, MAX_LAYER_STATS_BYTES / 2**30)
             out.add(s.name)
     return out
 

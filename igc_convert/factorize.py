@@ -275,8 +275,8 @@ def igcv1_singular_values(weight: Tensor, primary_groups: int, secondary_groups:
     wide = [M for M in Ms if c_out // M <= n_in]
     grams = None
     if wide:
-        m = products.m if products is not None else _weighted_matrix(weight, row_weights)
-        grams = _partition_grams(m, L, sigma, damping, plain=products(L) if products is not None else None)
+        products = products or PartitionProducts(weight, row_weights, [L])
+        grams = _partition_grams(products.m, L, sigma, damping, plain=products(L))
     x = _igcv1_whitened_tiles(weight, L, 1, sigma, row_weights, damping)[1][0] if len(wide) < len(Ms) else None
     out: dict[int, Tensor] = {}
     for M in Ms:

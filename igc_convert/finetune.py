@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import collate, has_labels, make_loader, resolve_source
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .files import atomic_write, remove_stale_temporaries
+from .linear import linear_site
 
 log = logging.getLogger(__name__)
 
@@ -284,9 +285,8 @@ def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, n
         if not getattr(type(module), "is_igc_block", False):
             continue
         original = teacher_modules.get(name)
-        parent, _, leaf = name.rpartition(".")
-        if original is None and leaf == "conv" and type(teacher_modules.get(parent)) is nn.Linear:
-            original = teacher_modules[parent]
+        if original is None and teacher is not None:  # a converted Linear: its site is <linear>.conv
+            original = linear_site(teacher, name)
         if not isinstance(original, (nn.Conv2d, nn.Linear)):
             found = "nothing" if original is None else type(original).__name__
             raise ModelError(f"feature matching needs the original nn.Conv2d (or nn.Linear) in the teacher at "
