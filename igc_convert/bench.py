@@ -13,6 +13,7 @@ count, so a plan over many layers is measured once per machine.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,6 +21,7 @@ import math
 import os
 import platform
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -295,11 +297,53 @@ def default_cache_path() -> Path:
 
 
 def machine_fingerprint(threads: int) -> str:
-    """What a latency depends on besides the module: CPU, core count, onnxruntime version, threads."""
+    """What a latency depends on besides the module: CPU, core count, onnxruntime version, threads.
+
+    The NCHWc block size is in it too: CPUs sold under one model name (e.g. "AMD EPYC" in a VM)
+    differ in it, and it decides which grouped convs take onnxruntime's fast path.
+    """
     import onnxruntime as ort
 
     return (f"{platform.system()}/{platform.machine()}/{_cpu_name()}/cpus={os.cpu_count()}"
-            f"/ort={ort.__version__}/threads={int(threads)}")
+            f"/ort={ort.__version__}/nchwc={nchwc_block_size() or 0}/threads={int(threads)}")
+
+
+@functools.lru_cache(maxsize=None)
+def nchwc_block_size() -> int | None:
+    """Channel block of onnxruntime's NCHWc kernels on this CPU (8 with AVX2, 16 with AVX-512), or ``None``.
+
+    onnxruntime's CPU provider rewrites a grouped conv into its blocked NCHWc layout only when the
+    channels of every group are a multiple of this block (``MlasNchwcGetBlockSize``); other grouped
+    convs fall back to a slower path and force layout reorders around them. Measured, not guessed
+    from CPU flags: a one-conv model per candidate block is optimised by onnxruntime itself and the
+    result inspected. ``None`` when no candidate is rewritten (e.g. on ARM, where MLAS has no NCHWc).
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    for block in (8, 16):
+        c = 2 * block  # two groups of `block` channels each, in and out
+        w = numpy_helper.from_array(np.zeros((c, block, 1, 1), np.float32), "w")
+        graph = helper.make_graph(
+            [helper.make_node("Conv", ["x", "w"], ["y"], group=2)], "probe",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], [w])
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        proto.ir_version = 8
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        with tempfile.TemporaryDirectory() as tmp:
+            opts.optimized_model_filepath = os.path.join(tmp, "probe.onnx")
+            try:
+                ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+                optimised = onnx.load(opts.optimized_model_filepath)
+            except Exception as err:  # onnxruntime's errors are untyped; no answer is not fatal
+                logger.debug("NCHWc probe failed: %s", err)
+                return None
+        if any(n.op_type == "Conv" and n.domain == "com.microsoft.nchwc" for n in optimised.graph.node):
+            return block
+    return None
 
 
 def _cpu_name() -> str:

@@ -35,6 +35,7 @@ from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLay
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, allocate_fast_first, candidates, uniform)
+from .plan import channel_multiple as channel_multiple_of
 from .report import LayerRecord, Report
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
             allocation: str = "budget", bias_correction: bool = True, linear: bool = False,
-            model_name: str = "") -> ConversionResult:
+            channel_multiple: int | None = None, model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
@@ -236,7 +237,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     input on the example, as a 1×1 conv named ``<linear>.conv`` (:mod:`igc_convert.linear`): it
     then counts in the target's params/MACs like a conv. A layer whose input statistics would take
     more than :data:`MAX_LAYER_STATS_BYTES` (e.g. VGG's 25088-wide classifier) is fitted in weight
-    space, with a warning.
+    space, with a warning. ``channel_multiple`` is the multiple that block shapes prefer for the
+    channels of each group (:func:`igc_convert.plan.channel_multiple`; default: onnxruntime's NCHWc
+    block on this CPU, 16 with AVX-512, 8 with AVX2); give the deployment CPU's when it differs.
 
     Example::
 
@@ -259,6 +262,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
 
     _check_options(calibration_samples=calibration_samples, damping=damping, max_groups=max_groups,
                    fit_iters=fit_iters, plan_iters=plan_iters, max_positions=max_positions)
+    multiple = channel_multiple_of(channel_multiple)
     original = model
     for name, p in original.named_parameters():
         if p.is_meta:
@@ -323,13 +327,16 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         row_weights = calibrate.bn_row_weights(original, bn_map) if bn_map else {}
 
     # plan
+    log.info("block shapes prefer multiples of %d channels per group (onnxruntime's NCHWc fast path%s)",
+             multiple, "" if channel_multiple is not None else " on this CPU")
     specs = [LayerSpec(s.name, s.module.weight.detach().to(torch.float64), s.module.bias is not None,
                        s.module.stride, s.module.padding, s.module.dilation, s.input_hw,
                        sigmas.get(s.name), row_weights.get(s.name)) for s in eligible]
     per_layer = []
     for spec in tqdm(specs, desc="planning", unit="layer", disable=not progress or len(specs) < 2, leave=False):
         try:
-            per_layer.append(candidates(spec, kinds, max_groups=max_groups, fit_iters=plan_iters, damping=damping))
+            per_layer.append(candidates(spec, kinds, max_groups=max_groups, fit_iters=plan_iters, damping=damping,
+                                        multiple=multiple))
         except IGCError as err:
             raise err.in_layer(spec.name)
     metric = TARGET_METRIC.get(type(target), "params")

@@ -222,3 +222,42 @@ def test_cli_bench(pair, tmp_path, capsys):
 def test_cli_bench_missing_file(pair, tmp_path):
     with pytest.raises(FileFormatError):
         _cli([str(pair[0]), str(tmp_path / "nope.onnx")])
+
+
+# ------------------------------------------------------------------------- NCHWc block of this CPU
+def _nchwc_convs(module: nn.Module, shape) -> tuple[int, int]:
+    """(NCHWc convs, all convs) in onnxruntime's optimised graph of ``module`` exported at ``shape``."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    from igc_convert.export import to_onnx_model
+
+    proto, _ = to_onnx_model(module.eval(), torch.randn(*shape), dynamic_batch=False, reference=False)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = f"{tmp}/opt.onnx"
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        nodes = onnx.load(opts.optimized_model_filepath).graph.node
+    convs = [n for n in nodes if n.op_type in ("Conv", "FusedConv")]
+    return sum(n.domain == "com.microsoft.nchwc" for n in convs), len(convs)
+
+
+def test_nchwc_block_size_is_what_onnxruntime_rewrites():
+    """The probe's answer is real: an IGCV1 block whose groups hold multiples of the block runs
+    entirely in NCHWc; one with half the block per group (AVX-512) does not."""
+    from igc_convert.blocks import IGCV1
+
+    block = bench.nchwc_block_size()
+    assert block in (None, 8, 16)
+    assert bench.nchwc_block_size() == block  # cached
+    assert f"/nchwc={block or 0}/" in bench.machine_fingerprint(2)
+    if block is None:
+        pytest.skip("onnxruntime has no NCHWc kernels on this CPU")
+    on_path = IGCV1(4 * block, 4 * block, 3, padding=1, primary_groups=2, secondary_groups=2, rank=block)
+    assert _nchwc_convs(on_path, (1, 4 * block, 8, 8)) == (2, 2)
+    if block == 16:
+        off_path = IGCV1(64, 64, 3, padding=1, primary_groups=2, secondary_groups=1, rank=8)  # 8 per group
+        nchwc, total = _nchwc_convs(off_path, (1, 64, 8, 8))
+        assert total == 2 and nchwc < 2

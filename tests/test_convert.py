@@ -128,26 +128,43 @@ def test_macs_target():
     assert result.report.totals()["macs_ratio"] <= 0.6 + 1e-9
 
 
-def _fast(shape):
+def _fast(shape, multiple):
     L, M, r = shape["primary_groups"], shape["secondary_groups"], shape["rank"]
-    return (M * r) % 8 == 0 and (L * r) % 8 == 0
+    return (M * r) % multiple == 0 and (L * r) % multiple == 0
 
 
-def test_macs_target_prefers_shapes_on_the_fast_path_and_falls_back_when_it_must():
-    """Channels per group in multiples of 8 when the MAC budget allows (a params target at the same
-    ratio picks rank-1 shapes here); a tighter budget is still met, with whatever shapes it takes."""
+@pytest.mark.parametrize("multiple", [8, 16])
+def test_macs_target_prefers_shapes_on_the_fast_path_and_falls_back_when_it_must(multiple):
+    """Channels per group in multiples of the channel multiple when the MAC budget allows (a params
+    target at the same ratio picks rank-1 shapes here); a tighter budget is still met, with whatever
+    shapes it takes."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(16, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(),
-                        nn.Conv2d(64, 64, 3, padding=1)).eval()
+    w = 8 * multiple  # four groups of twice the multiple
+    net = nn.Sequential(nn.Conv2d(16, w, 3, padding=1), nn.ReLU(), nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(w, w, 3, padding=1)).eval()
     x = torch.randn(1, 16, 16, 16)
-    by_macs = ic.convert(net, ic.MacsRatio(0.15), example_inputs=x, progress=False)
-    by_params = ic.convert(net, ic.ParamsRatio(0.15), example_inputs=x, progress=False)
-    assert by_macs.plan and all(_fast(e["shape"]) for e in by_macs.plan)
+    kw = dict(example_inputs=x, progress=False, channel_multiple=multiple)
+    by_macs = ic.convert(net, ic.MacsRatio(0.15), **kw)
+    by_params = ic.convert(net, ic.ParamsRatio(0.15), **kw)
+    assert by_macs.plan and all(_fast(e["shape"], multiple) for e in by_macs.plan)
     assert by_macs.report.totals()["macs_ratio"] <= 0.15
-    assert not all(_fast(e["shape"]) for e in by_params.plan)
-    tight = ic.convert(net, ic.MacsRatio(0.05), example_inputs=x, progress=False)
+    assert not all(_fast(e["shape"], multiple) for e in by_params.plan)
+    tight = ic.convert(net, ic.MacsRatio(0.05), **kw)
     assert tight.report.totals()["macs_ratio"] <= 0.05
-    assert not all(_fast(e["shape"]) for e in tight.plan)
+    assert not all(_fast(e["shape"], multiple) for e in tight.plan)
+
+
+def test_channel_multiple_defaults_to_this_cpus_nchwc_block_and_is_checked(monkeypatch):
+    from igc_convert import bench
+    from igc_convert.plan import DEFAULT_CHANNEL_MULTIPLE, channel_multiple
+
+    assert channel_multiple() == (bench.nchwc_block_size() or DEFAULT_CHANNEL_MULTIPLE)
+    monkeypatch.setattr(bench, "nchwc_block_size", lambda: None)
+    assert channel_multiple() == DEFAULT_CHANNEL_MULTIPLE
+    assert channel_multiple(32) == 32
+    for bad in (0, 12, -8, True, 8.0):
+        with pytest.raises(ConfigError, match="channel_multiple"):
+            ic.convert(_net(), ic.ParamsRatio(0.5), example_inputs=X, progress=False, channel_multiple=bad)
 
 
 @pytest.mark.parametrize("kind", ["igcv2", "igcv3", pytest.param("auto", marks=pytest.mark.slow)])
