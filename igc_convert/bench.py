@@ -296,6 +296,10 @@ def default_cache_path() -> Path:
     return Path(base) / "igc-convert" / "latency.json"
 
 
+#: The operator domain of onnxruntime's NCHWc kernels.
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+
+
 def machine_fingerprint(threads: int) -> str:
     """What a latency depends on besides the module: CPU, core count, onnxruntime version, threads.
 
@@ -318,7 +322,6 @@ def nchwc_block_size() -> int | None:
     from CPU flags: a one-conv model per candidate block is optimised by onnxruntime itself and the
     result inspected. ``None`` when no candidate is rewritten (e.g. on ARM, where MLAS has no NCHWc).
     """
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     for block in (8, 16):
@@ -330,20 +333,32 @@ def nchwc_block_size() -> int | None:
             [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 4, 4])], [w])
         proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
         proto.ir_version = 8
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        with tempfile.TemporaryDirectory() as tmp:
-            opts.optimized_model_filepath = os.path.join(tmp, "probe.onnx")
-            try:
-                ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-                optimised = onnx.load(opts.optimized_model_filepath)
-            except Exception as err:  # onnxruntime's errors are untyped; no answer is not fatal
-                logger.debug("NCHWc probe failed: %s", err)
-                return None
-        if any(n.op_type == "Conv" and n.domain == "com.microsoft.nchwc" for n in optimised.graph.node):
+        try:
+            optimised = onnxruntime_optimised(proto)
+        except Exception as err:  # onnxruntime's errors are untyped; no answer is not fatal
+            logger.debug("NCHWc probe failed: %s", err)
+            return None
+        if any(is_nchwc_conv(n) for n in optimised.graph.node):
             return block
     return None
+
+
+def is_nchwc_conv(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` of an onnxruntime-optimised graph is a conv in the blocked NCHWc layout."""
+    return node.op_type == "Conv" and node.domain == NCHWC_DOMAIN
+
+
+def onnxruntime_optimised(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph onnxruntime's CPU provider runs for ``proto`` (every optimisation level on)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    with tempfile.TemporaryDirectory() as tmp:
+        opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
+        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return onnx.load(opts.optimized_model_filepath)
 
 
 def _cpu_name() -> str:

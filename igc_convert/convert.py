@@ -35,7 +35,7 @@ from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLay
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, allocate_fast_first, candidates, uniform)
-from .plan import channel_multiple as channel_multiple_of
+from .plan import channel_multiple as resolve_channel_multiple
 from .report import LayerRecord, Report
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
 
     _check_options(calibration_samples=calibration_samples, damping=damping, max_groups=max_groups,
                    fit_iters=fit_iters, plan_iters=plan_iters, max_positions=max_positions)
-    multiple = channel_multiple_of(channel_multiple)
+    multiple = resolve_channel_multiple(channel_multiple)
     original = model
     for name, p in original.named_parameters():
         if p.is_meta:

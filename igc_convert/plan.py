@@ -163,8 +163,8 @@ def channel_multiple(value: int | None = None) -> int:
     onnxruntime runs a grouped conv in its fast blocked layout only when every group's channels are
     a multiple of its NCHWc block (:func:`igc_convert.bench.nchwc_block_size`: 8 with AVX2, 16 with
     AVX-512). MAC targets plan with fast shapes first (:func:`allocate_fast_first`), so planning for
-    the wrong block costs dearly: ResNet-50 at 0.26 of the MACs measured 0.515 of the dense latency
-    at batch 1 planned for 8 on an AVX-512 machine, 0.382 planned for 16. The shapes enumerated do
+    the wrong block costs dearly: on an AVX-512 machine, ResNet-50 at 0.26 of the MACs measured 0.542
+    of the dense latency at batch 1 planned for 8 and 0.374 planned for 16 (one alternating run). The shapes enumerated do
     not depend on it (params and error targets plan the same on every CPU). Give ``value`` to plan
     for a deployment CPU other than this one.
     """
@@ -175,6 +175,11 @@ def channel_multiple(value: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value & (value - 1):
         raise ConfigError(f"channel_multiple must be a power of two >= 1, got {value!r}")
     return value
+
+
+def _rank_step(multiple: int, L: int, M: int) -> int:
+    """Smallest rank step keeping an IGCV1 block's ``L·r`` and ``M·r`` multiples of ``multiple``."""
+    return math.lcm(multiple // math.gcd(multiple, L), multiple // math.gcd(multiple, M))
 
 
 def _fast_groups(channels: int, max_groups: int, multiple: int = DEFAULT_CHANNEL_MULTIPLE) -> list[int]:
@@ -212,10 +217,10 @@ def igcv1_candidates(layer: LayerSpec, *, max_groups: int = 4, damping: float = 
             # Ranks in multiples of a step keep M·r and L·r multiples of `base` (onnxruntime's NCHWc
             # fast path on AVX2); small layers get every rank so that tight budgets stay reachable.
             # A shape is `fast` when every group also holds a multiple of `multiple`, this CPU's block.
-            fast_step = math.lcm(multiple // math.gcd(multiple, L), multiple // math.gcd(multiple, M))
+            fast_step = _rank_step(multiple, L, M)
             groups_fast = ((L == 1 or (layer.c_in // L) % multiple == 0)
                            and (M == 1 or (layer.c_out // M) % multiple == 0))
-            step = 1 if rmax <= 32 else math.lcm(base // math.gcd(base, L), base // math.gcd(base, M))
+            step = 1 if rmax <= 32 else _rank_step(base, L, M)
             for r in range(step, rmax + 1, step):
                 params = r * per_rank + layer.c_out * layer.has_bias
                 if params >= dense.params:
@@ -384,9 +389,9 @@ def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target
     """:func:`allocate` over the candidates on onnxruntime's fast path; over all when the target needs them.
 
     For MAC targets, which are speed targets: a block whose channels per group are not multiples of
-    onnxruntime's NCHWc block (:func:`channel_multiple`) runs far slower per MAC (a grouped conv with 2 outputs per group ran at 4.8 GMAC/s where the dense
-    convs of the same ResNet-50 ran at 43–64), so such shapes are taken only when the budget cannot be
-    met without them.
+    onnxruntime's NCHWc block (:func:`channel_multiple`) runs far slower per MAC (a grouped conv with
+    2 outputs per group ran at 4.8 GMAC/s where the dense convs of the same ResNet-50 ran at 43–64),
+    so such shapes are taken only when the budget cannot be met without them.
     """
     try:
         return allocate([[c for c in cands if c.fast] for cands in per_layer], target, fixed_cost=fixed_cost,

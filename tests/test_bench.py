@@ -227,21 +227,11 @@ def test_cli_bench_missing_file(pair, tmp_path):
 # ------------------------------------------------------------------------- NCHWc block of this CPU
 def _nchwc_convs(module: nn.Module, shape) -> tuple[int, int]:
     """(NCHWc convs, all convs) in onnxruntime's optimised graph of ``module`` exported at ``shape``."""
-    import tempfile
-
-    import onnxruntime as ort
-
     from igc_convert.export import to_onnx_model
 
     proto, _ = to_onnx_model(module.eval(), torch.randn(*shape), dynamic_batch=False, reference=False)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    with tempfile.TemporaryDirectory() as tmp:
-        opts.optimized_model_filepath = f"{tmp}/opt.onnx"
-        ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        nodes = onnx.load(opts.optimized_model_filepath).graph.node
-    convs = [n for n in nodes if n.op_type in ("Conv", "FusedConv")]
-    return sum(n.domain == "com.microsoft.nchwc" for n in convs), len(convs)
+    convs = [n for n in bench.onnxruntime_optimised(proto).graph.node if n.op_type in ("Conv", "FusedConv")]
+    return sum(map(bench.is_nchwc_conv, convs)), len(convs)
 
 
 def test_nchwc_block_size_is_what_onnxruntime_rewrites():
