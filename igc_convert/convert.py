@@ -364,7 +364,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if allocation == "uniform" and per_layer and not isinstance(target, MaxError):
         chosen = uniform(per_layer, target.ratio, metric)
     else:
-        pick = allocate_fast_first if metric == "macs" else allocate  # a MAC target is a speed target
+        # MAC and latency targets are speed targets: shapes off the fast path only when they must
+        pick = allocate_fast_first if metric in ("macs", "latency") else allocate
         chosen = pick(per_layer, target, fixed_cost=fixed, dense_total=dense_total)
         if metric == "latency":
             chosen = _measured_latency_plan(guard_reference, example, eligible, per_layer, chosen, target, fixed,
@@ -506,7 +507,7 @@ def _measured_latency_plan(original: nn.Module, example: torch.Tensor, eligible:
             break
         internal *= target.ratio / measured
         try:
-            chosen = allocate(per_layer, LatencyRatio(internal), fixed_cost=fixed, dense_total=dense_total)
+            chosen = allocate_fast_first(per_layer, LatencyRatio(internal), fixed_cost=fixed, dense_total=dense_total)
         except ConfigError:  # nothing cheaper exists: the final guard reports the miss
             break
     return chosen

@@ -388,10 +388,12 @@ def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target
                         dense_total: float | None = None) -> list[Candidate]:
     """:func:`allocate` over the candidates on onnxruntime's fast path; over all when the target needs them.
 
-    For MAC targets, which are speed targets: a block whose channels per group are not multiples of
-    onnxruntime's NCHWc block (:func:`channel_multiple`) runs far slower per MAC (a grouped conv with
-    2 outputs per group ran at 4.8 GMAC/s where the dense convs of the same ResNet-50 ran at 43–64),
-    so such shapes are taken only when the budget cannot be met without them.
+    For MAC and latency targets, which are speed targets: a block whose channels per group are not
+    multiples of onnxruntime's NCHWc block (:func:`channel_multiple`) runs far slower per MAC (a grouped
+    conv with 2 outputs per group ran at 4.8 GMAC/s where the dense convs of the same ResNet-50 ran at
+    43–64), so such shapes are taken only when the budget cannot be met without them. Timed alone, such
+    a block even looks better than it is: it skips the NCHWc reorders a lone dense conv pays, which it
+    adds inside a model whose other convs run in NCHWc.
     """
     try:
         return allocate([[c for c in cands if c.fast] for cands in per_layer], target, fixed_cost=fixed_cost,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -20,7 +21,7 @@ import igc_convert
 from igc_convert import bench, latency
 from igc_convert.blocks import IGCBlock
 from igc_convert.errors import ConfigError
-from igc_convert.plan import Candidate, LayerSpec, candidates
+from igc_convert.plan import Candidate, LayerSpec, _rank_step, candidates, lower_hull
 from igc_convert.latency import REVERTED, attach_latencies, enforce_not_slower
 
 
@@ -117,28 +118,44 @@ def test_attach_latencies_keeps_dense_only_when_every_block_is_slower(scripted_m
 
 
 @pytest.mark.parametrize("k", [1, 3, 6], ids=lambda k: f"k{k}")
-def test_measured_candidates_are_hull_points_spread_over_params(k):
+def test_measured_candidates_are_hull_points_spread_over_log_params(k):
     # error falls convexly with params: every point is on the lower hull
-    cands = [Candidate("dense", {}, 1000, error=0.0)] + [
-        Candidate("igcv1", {"rank": p}, p * 10, error=(1 - p / 100) ** 2) for p in range(1, 100)]
+    cands = [Candidate("dense", {}, 10000, error=0.0)] + [
+        Candidate("igcv1", {"rank": p}, p * 10, error=(1 - p / 1000) ** 2) for p in range(1, 1000)]
     picked = latency._to_measure(cands, k)
     assert len(picked) == k and all(c.kind == "igcv1" for c in picked)
     params = [c.params for c in picked]
     assert params == sorted(params)
     if k > 1:
-        assert params[0] == 10 and params[-1] == 990  # both ends of the range
-        gaps = [b - a for a, b in zip(params, params[1:])]
-        assert max(gaps) - min(gaps) <= 10  # evenly spread
+        assert params[0] == 10 and params[-1] == 9990  # both ends of the range
+        steps = [math.log(b / a) for a, b in zip(params, params[1:])]
+        assert max(steps) - min(steps) < 0.05  # evenly spread in log(params): 10, 40, 160, 630, ... for k=6
+    if k == 3:
+        assert params[1] == pytest.approx(math.sqrt(10 * 9990), rel=0.03)
+
+
+def test_only_shapes_on_the_fast_path_are_measured_when_a_layer_has_any():
+    # the error-best hull is all slow shapes; the fast ones are worse per param but are what runs fast
+    slow = [Candidate("igcv1", {"rank": r}, r * 10, error=1 / (r + 1), fast=False) for r in range(1, 64)]
+    fast = [Candidate("igcv1", {"rank": r}, r * 10, error=1.5 / (r + 1), fast=True) for r in range(8, 64, 8)]
+    dense = Candidate("dense", {}, 1000, error=0.0)
+    *picked, smallest = latency._to_measure([dense, *slow, *fast], 4)
+    assert len(picked) == 4 and all(c.fast for c in picked)
+    # ... and the smallest shape of all, below every fast one, so that tight targets stay reachable
+    assert smallest is slow[0]
+    assert latency._to_measure([dense, *fast], 4) == picked
+    # a layer with no fast shape at all still gets measured candidates
+    assert len(latency._to_measure([dense, *slow], 4)) == 4
 
 
 def test_measurements_come_from_the_cache_the_second_time(tmp_path, monkeypatch):
-    conv = nn.Conv2d(8, 16, 3, padding=1)
+    conv = nn.Conv2d(16, 32, 3, padding=1)
     spec = _layer(conv, "c", hw=(6, 6))
     cands = candidates(spec, ["igcv1"])
     first, _ = attach_latencies([spec], [cands], [conv], [], batch_size=1, runs=2, cache_dir=tmp_path,
                                 progress=False, max_measured=2)
     entries = json.loads((tmp_path / "latency.json").read_text())["entries"]
-    assert len(entries) == 3  # dense + two blocks
+    assert len(entries) == 1 + len(latency._to_measure(cands, 2)) >= 3  # dense + the blocks timed
 
     monkeypatch.setattr(bench, "_module_proto", _no_export)
     second, _ = attach_latencies([spec], [cands], [conv], [], batch_size=1, runs=2, cache_dir=tmp_path,
@@ -188,6 +205,31 @@ def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(
     assert all(b < a for a, b in zip(seen, seen[1:]))  # ... and each re-plan cut deeper
     assert seen[-1] <= 0.5 * (1 + latency.DEFAULT_NOISE_MARGIN / 2)
     assert result.plan == plans[-1]  # the plan that measured within the target is the one fitted
+
+
+@pytest.mark.parametrize("ratio", [0.6, 0.35], ids=lambda r: f"latency{r}")
+def test_latency_plans_take_shapes_off_the_fast_path_only_when_they_must(scripted_modules, monkeypatch, ratio):
+    """Timed alone, a block costs the same per parameter whatever its groups (scripted here, and nearly so
+    in onnxruntime), so the error-best shapes, few channels per group, would win; inside a model they
+    run far slower. A target the fast shapes reach gets fast shapes only."""
+    model = _cnn(width=32)
+    x = torch.randn(1, 3, 16, 16)
+    monkeypatch.setattr(latency, "plan_latency_ratio", lambda *a, **k: 0.0)
+    monkeypatch.setattr(latency, "rest_of_model_latency", lambda *a, **k: 0.0)
+    monkeypatch.setattr(latency, "enforce_not_slower", lambda original, result, *a, **k: result)
+    scripted_modules.speed = 1.0
+    result = igc_convert.convert(model, igc_convert.LatencyRatio(ratio), example_inputs=x, progress=False,
+                                 block="igcv1", channel_multiple=16)
+    assert result.plan
+    for entry in result.plan:
+        conv = model.get_submodule(entry["name"])
+        L, M, r = (entry["shape"][k] for k in ("primary_groups", "secondary_groups", "rank"))
+        assert L == 1 or (conv.in_channels // L) % 16 == 0, entry
+        assert M == 1 or (conv.out_channels // M) % 16 == 0, entry
+        assert r % _rank_step(16, L, M) == 0, entry
+    # the error-best shapes of the same layers include slow ones: the fast ones were chosen, not the only ones
+    spec = _layer(model[3], "3", hw=(16, 16))
+    assert any(not c.fast for c in lower_hull(candidates(spec, ["igcv1"], multiple=16), "params"))
 
 
 # ------------------------------------------------------------------------------------- guard
