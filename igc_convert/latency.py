@@ -63,9 +63,9 @@ def attach_latencies(specs: Sequence[LayerSpec], per_layer: Sequence[Sequence[Ca
 
     For each layer the dense conv and at most ``max_measured`` candidates — the lower convex hull of
     (params, error) of the shapes on onnxruntime's fast path, thinned to points spread evenly over
-    log(params), and the smallest shape of all when it is smaller (:func:`_to_measure`) — are timed side by side
-    (:func:`layer_latencies`: alternating runs, so load on a shared machine hits them alike) at input
-    ``(batch_size, C_in, *spec.input_hw)``, with random weights (weights do not change the time).
+    log(params), and the smallest shape of all when it is smaller (:func:`_to_measure`) — are timed
+    side by side (:func:`layer_latencies`: alternating runs, so load on a shared machine hits them
+    alike) at input ``(batch_size, C_in, *spec.input_hw)``, with random weights (weights do not change the time).
     Returned per layer: the dense candidate (always) and the measured candidates that were faster
     than it, each with ``latency`` set (seconds × ``calls`` of that layer). The second value is the
     latency of each of ``fixed_sites`` (objects with ``.module`` and ``.input_hw``; 0 for a conv
@@ -226,16 +226,20 @@ def _to_measure(cands: Sequence[Candidate], k: int) -> list[Candidate]:
 
     Only shapes on onnxruntime's fast path (:attr:`Candidate.fast`) are measured when the layer has
     any: the error-best hull of all shapes is mostly made of shapes with a few channels per group
-    (ranks 2-7), which run so far below the dense conv's speed per MAC that a plan built on them must
-    cut ResNet-50 to 0.105 of its MACs to reach 0.33 of its latency (0.26 of the MACs is enough with
-    fast shapes). The smallest shape of all is measured too when no fast one is as small.
+    (ranks 2-7), which run so far below the dense conv's speed per MAC inside a model that a plan
+    built on them cut ResNet-50 to 0.105 of its MACs to reach 0.33 of its latency (with fast shapes:
+    0.22 of its MACs at 0.28). The smallest shape of all is measured too when no fast one is as small.
     """
-    every = [c for c in lower_hull(cands, "params") if c.kind != "dense"]
-    hull = [c for c in lower_hull([c for c in cands if c.fast], "params") if c.kind != "dense"]
+    blocks = [c for c in cands if c.kind != "dense"]
+    if not blocks:
+        return []
+    fast = [c for c in cands if c.fast]  # the dense candidate is fast: it bounds the hull from above
+    pool = fast if any(c.kind != "dense" for c in fast) else cands
+    hull = [c for c in lower_hull(pool, "params") if c.kind != "dense"]
     # The smallest shape of all as well, when it is smaller than every fast one: tight targets on
     # narrow layers stay reachable (measured, so the allocation sees what it really costs).
-    extra = [every[0]] if hull and every[0].params < hull[0].params else []
-    return _spread(hull or every, k) + extra
+    smallest = min(blocks, key=lambda c: (c.params, c.error))
+    return _spread(hull, k) + ([smallest] if smallest.params < hull[0].params else [])
 
 
 def _spread(hull: Sequence[Candidate], k: int) -> list[Candidate]:
@@ -246,13 +250,12 @@ def _spread(hull: Sequence[Candidate], k: int) -> list[Candidate]:
         return [hull[len(hull) // 2]]
     # Evenly spread over log(params): latency targets worth converting for sit in the lower part of
     # the range, where one step of an even spread in params would halve or double a layer's cost.
-    lo, hi = math.log(max(hull[0].params, 1)), math.log(max(hull[-1].params, 1))
+    logs = [math.log(max(c.params, 1)) for c in hull]
     chosen: list[int] = []
     for j in range(k):
-        target = lo + (hi - lo) * j / (k - 1)
+        target = logs[0] + (logs[-1] - logs[0]) * j / (k - 1)
         # nearest hull point not taken yet (hull is sorted by params)
-        best = min((i for i in range(len(hull)) if i not in chosen),
-                   key=lambda i: abs(math.log(max(hull[i].params, 1)) - target))
+        best = min((i for i in range(len(hull)) if i not in chosen), key=lambda i: abs(logs[i] - target))
         chosen.append(best)
     return [hull[i] for i in sorted(chosen)]
 
