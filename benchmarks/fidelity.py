@@ -34,7 +34,11 @@ Data (no download): random crops of scikit-learn's two sample photos. By default
 come from one photo (china.jpg) and the evaluation crops from the other (flower.jpg); ``--both-directions``
 also runs the reverse. ``--data crops`` uses the ``sample-images`` train/val crop splits (crops of both
 photos, different crops) and ``--calib SOURCE [--eval SOURCE]`` any source ``resolve_source`` accepts
-(train split for calibration, val split for evaluation).
+(train split for calibration, val split for evaluation). Two more use the 18 photos of the
+``photos`` source (scikit-image installed): ``--data scenes`` calibrates on crops of 14–15 of them
+and evaluates on the others (unseen scenes), ``--data scene-halves`` calibrates on one half of every
+photo and evaluates on the other halves (the same scenes, as the calibration and test images of one
+data set share a distribution, but no shared pixel).
 
 ``--resnet50-speed`` instead times the data-aware conversion of torchvision's ResNet-50 (random
 weights) with N calibration crops at 224² (each mode in a fresh process: its peak RSS is its own).
@@ -75,6 +79,7 @@ log = logging.getLogger("fidelity")
 Tensor = torch.Tensor
 
 PHOTOS = ("china.jpg", "flower.jpg")  # the order of sklearn.datasets.load_sample_images
+DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves")
 DEFAULT_METHODS = ("weight", "data", "sequential", "svd-uniform", "svd-budget", "tucker2")
 ALL_METHODS = DEFAULT_METHODS + ("svd-sequential",)
 #: Methods that read the calibration images (converted once per calibration set).
@@ -179,6 +184,32 @@ def photo_crops(photo: int, count: int, image_size: int, channels: int, seed: in
     return torch.stack([crops[i][0] for i in range(len(crops))])
 
 
+def scene_halves(half: int) -> list[tuple[str, Tensor]]:
+    """Half ``half`` (0 or 1, cut across the long side) of every photo of the ``"photos"`` source."""
+    from igc_convert.data import all_photos
+
+    halves = []
+    for name, photo in all_photos():
+        dim = 2 if photo.shape[2] >= photo.shape[1] else 1
+        cut = photo.shape[dim] // 2
+        part = photo.narrow(dim, 0, cut) if half == 0 else photo.narrow(dim, cut, photo.shape[dim] - cut)
+        halves.append((f"{name}[{half}]", part))
+    return halves
+
+
+def scene_half_crops(half: int, count: int, image_size: int, channels: int, seed: int) -> Tensor:
+    """``count`` seeded crops of :func:`scene_halves` ``(half)``, ImageNet-normalised.
+
+    Calibration takes one half of each photo and evaluation the other: the same scenes (as calibration
+    and test images of one data set share a distribution) but never a shared pixel.
+    """
+    from igc_convert.data import PhotoCrops
+
+    gen = torch.Generator().manual_seed(seed * 7919 + 31 * (half + 1))
+    crops = PhotoCrops(count, image_size, channels, gen, scene_halves(half), "photo halves")
+    return torch.stack([crops[i][0] for i in range(len(crops))])
+
+
 def source_images(source: str, split: str, count: int, image_size: int, channels: int, seed: int) -> Tensor:
     """Up to ``count`` images of ``split`` of any source :func:`igc_convert.data.resolve_source` accepts."""
     from igc_convert.data import resolve_source
@@ -200,8 +231,16 @@ def make_splits(data: str, calib: str | None, eval_source: str | None, both: boo
         return [DataSplit("sample-images train crops -> val crops",
                           source_images("sample-images", "train", n_c, image_size, channels, seed),
                           source_images("sample-images", "val", n_e, image_size, channels, seed))]
+    if data == "scenes":  # the photos source's own split: whole photos held out
+        return [DataSplit("photos[train] -> photos[val] (other photos)",
+                          source_images("photos", "train", n_c, image_size, channels, seed),
+                          source_images("photos", "val", n_e, image_size, channels, seed))]
+    if data == "scene-halves":
+        return [DataSplit("photos: one half of each of 18 photos -> the other half",
+                          scene_half_crops(0, n_c, image_size, channels, seed),
+                          scene_half_crops(1, n_e, image_size, channels, seed))]
     if data != "photos":
-        raise ConfigError(f"--data must be 'photos' or 'crops', got {data!r}")
+        raise ConfigError(f"--data must be one of {', '.join(DATA_CHOICES)}, got {data!r}")
     pairs = [(0, 1), (1, 0)] if both else [(0, 1)]
     return [DataSplit(f"{PHOTOS[a]} -> {PHOTOS[b]}", photo_crops(a, n_c, image_size, channels, seed),
                       photo_crops(b, n_e, image_size, channels, seed + 1)) for a, b in pairs]
@@ -737,9 +776,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--budgets", type=float, nargs="+", default=[0.9, 0.75, 0.5],
                    help="total conv-parameter ratios")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS)
-    p.add_argument("--data", default="photos", choices=("photos", "crops"),
+    p.add_argument("--data", default="photos", choices=DATA_CHOICES,
                    help="photos: calibrate on china.jpg crops, evaluate on flower.jpg crops; "
-                        "crops: sample-images train/val crop splits")
+                        "crops: sample-images train/val crop splits; scenes: crops of 14 of the 18 photos of "
+                        "the 'photos' source, evaluate on the other 3-4; scene-halves: one half of each of the 18 "
+                        "photos, evaluate on the other halves (the last two need scikit-image)")
     p.add_argument("--both-directions", action="store_true", help="with --data photos, also flower -> china")
     p.add_argument("--calib", default=None, help="any resolve_source data source (train split calibrates)")
     p.add_argument("--eval", dest="eval_source", default=None,

@@ -8,7 +8,13 @@ Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H
     resized (bilinear) to ``image_size``, replicated to ``channels``, normalised with fixed statistics.
 ``"sample-images"``
     scikit-learn's two bundled photos, cut into ``samples`` seeded random crops (default 64) resized
-    to ``image_size`` and normalised with the ImageNet statistics. Unlabelled.
+    to ``image_size`` and normalised with the ImageNet statistics. Unlabelled. Train and val crops
+    differ but come from the same two photos.
+``"photos"``
+    the same kind of crops from 18 real photos that packages ship: scikit-learn's two, matplotlib's
+    ``grace_hopper.jpg`` and scikit-image's 15 (install ``igc-convert[photos]``): people, animals,
+    objects, textures, astronomy, microscopy. Train and val take **disjoint photos** (a seeded 80/20
+    split of the photos), so val crops are truly unseen scenes.
 a folder path
     class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled.
     ImageNet preprocessing: resize the short side to ``1.14·image_size``, centre crop, normalise.
@@ -116,23 +122,62 @@ class DigitsImages(SourceDataset):
         return x[0].expand(self.channels, -1, -1).contiguous(), int(self.labels[index])
 
 
+#: scikit-image's bundled photographs (``skimage.data`` loaders; grey ones are replicated to RGB).
+SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry",
+                  "retina", "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock")
+
+
+def sample_photos() -> list[tuple[str, Tensor]]:
+    """scikit-learn's two sample photos as ``(name, 3×H×W float in [0, 1])``."""
+    from sklearn.datasets import load_sample_images
+
+    bunch = load_sample_images()
+    return [(Path(f).name, torch.tensor(img).permute(2, 0, 1).float().div_(255.0))
+            for f, img in zip(bunch.filenames, bunch.images)]
+
+
+def all_photos() -> list[tuple[str, Tensor]]:
+    """Every real photo the installed packages ship (:func:`sample_photos`, matplotlib's, scikit-image's)."""
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise DataError("data source 'photos' needs scikit-image: pip install 'igc-convert[photos]'") from e
+    import matplotlib.cbook
+    import numpy as np
+    from PIL import Image
+
+    photos = sample_photos()
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        rgb = np.asarray(img.convert("RGB"))
+    photos.append(("grace_hopper.jpg", torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)))
+    for name in SKIMAGE_PHOTOS:
+        img = getattr(skimage.data, name)()
+        img = img[0] if name == "stereo_motorcycle" else img  # (left, right, disparity): the left view
+        x = torch.from_numpy(img).float().div_(255.0)
+        photos.append((name, x.permute(2, 0, 1).contiguous() if x.ndim == 3 else x.expand(3, -1, -1).contiguous()))
+    return photos
+
+
 class PhotoCrops(SourceDataset):
-    """Seeded random square crops of scikit-learn's two sample photos, ImageNet-normalised."""
+    """Seeded random square crops of photos (default: scikit-learn's two), ImageNet-normalised."""
 
     source = "sample-images"
 
-    def __init__(self, count: int, image_size: int, channels: int, generator: torch.Generator) -> None:
-        from sklearn.datasets import load_sample_images
-
-        photos = [torch.tensor(img).permute(2, 0, 1).float().div_(255.0) for img in load_sample_images().images]
+    def __init__(self, count: int, image_size: int, channels: int, generator: torch.Generator,
+                 photos: Sequence[tuple[str, Tensor]] | None = None, source: str | None = None) -> None:
+        named = list(photos) if photos is not None else sample_photos()
+        if not named:
+            raise DataError(f"data source {source or self.source!r} has no photos to crop")
+        self.source = source or self.source
+        self.names = [name for name, _ in named]
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
-        self.photos = [(p - mean) / std for p in photos]
+        self.photos = [(p - mean) / std for _, p in named]
         self.image_size, self.channels = image_size, channels
         # Crop side between 20% and 100% of the photo's short side: a mix of close-ups and wide views.
         self.boxes = []
         for _ in range(count):
-            which = int(torch.randint(len(photos), (1,), generator=generator))
-            h, w = photos[which].shape[1:]
+            which = int(torch.randint(len(self.photos), (1,), generator=generator))
+            h, w = self.photos[which].shape[1:]
             side = int(min(h, w) * (0.2 + 0.8 * float(torch.rand((), generator=generator))))
             top = int(torch.randint(h - side + 1, (1,), generator=generator))
             left = int(torch.randint(w - side + 1, (1,), generator=generator))
@@ -235,7 +280,7 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
     the source's own, 1 for digits, 3 for photos); Python objects are not resized, and their channels
     are checked when ``channels`` is given. ``labels=True`` requires
     labels (:class:`DataError` otherwise). ``samples`` caps the number of items (a seeded random
-    subset; for ``"sample-images"`` it is the number of crops).
+    subset; for ``"sample-images"`` and ``"photos"`` it is the number of crops).
 
     >>> train = resolve_source("digits", image_size=16, channels=1, split="train")
     >>> x, y = train[0]; x.shape, len(train)
@@ -259,10 +304,20 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
             gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
             crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen)
             return _require_labels(crops, labels)
+        elif name == "photos":
+            photos = all_photos()
+            if split != "all":  # disjoint photos: val crops come from scenes calibration never saw
+                grey = torch.tensor([bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for _, p in photos])
+                train, val = split_indices(len(photos), grey.long(), seed)  # colour and grey in both
+                photos = [photos[i] for i in (train if split == "train" else val)]
+            gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
+            crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen, photos, "photos")
+            return _require_labels(crops, labels)
         elif Path(name).exists():
             dataset = _folder(Path(name), image_size, channels or 3)
         else:
-            raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images' or an existing folder")
+            raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos' "
+                            "or an existing folder")
     else:
         dataset = _from_object(source, channels)
 

@@ -149,6 +149,20 @@ def test_photo_crops_come_from_one_photo(fd):
     assert not torch.allclose(china.mean((0, 2, 3)), flower.mean((0, 2, 3)), atol=0.05)
 
 
+def test_scene_halves_share_no_pixel(fd):
+    pytest.importorskip("skimage")
+    from igc_convert.data import all_photos
+
+    first, second = fd.scene_halves(0), fd.scene_halves(1)
+    for (name, photo), (_, a), (_, b) in zip(all_photos(), first, second):
+        dim = 2 if photo.shape[2] >= photo.shape[1] else 1  # cut across the long side
+        assert torch.equal(torch.cat([a, b], dim), photo), name
+        assert min(a.shape[dim], b.shape[dim]) >= photo.shape[dim] // 2
+    calib = fd.scene_half_crops(0, 6, 16, 3, seed=0)
+    held_out = fd.scene_half_crops(1, 6, 16, 3, seed=0)
+    assert calib.shape == held_out.shape == (6, 3, 16, 16) and not torch.allclose(calib, held_out)
+
+
 def test_bad_budget_is_a_user_error(fd, capsys):
     assert fd.main(["--model", "tiny", "--budgets", "1.5"], builders={"tiny": tiny_cnn}) == 2
     assert "budgets must be in (0, 1)" in capsys.readouterr().err

@@ -73,6 +73,33 @@ def test_sample_images_are_seeded_crops():
     assert -3 < x.mean() < 3 and x.std() > 0.3  # ImageNet-normalised photos, not constant
 
 
+def test_photos_split_holds_out_whole_photos_of_both_kinds():
+    pytest.importorskip("skimage")
+    train = resolve_source("photos", image_size=24, samples=300, split="train")
+    val = resolve_source("photos", image_size=24, samples=12, split="val")
+    everything = resolve_source("photos", image_size=24, samples=8)
+    assert len(everything.names) == 18 and {"china.jpg", "grace_hopper.jpg", "astronaut"} <= set(everything.names)
+    assert not set(train.names) & set(val.names) and len(train.names) + len(val.names) == 18
+    assert len(train) == 300 and len(val) == 12 and train[0][0].shape == (3, 24, 24) and train[0][1] == -1
+
+    def grey(ds):
+        return {n for n, p in zip(ds.names, ds.photos) if torch.allclose(p[0] * 0.229 + 0.485, p[1] * 0.224 + 0.456, atol=1e-5)}
+
+    # Stratified by colour: both splits hold colour and grey photos (the val split is not all grey).
+    assert grey(val) and set(val.names) - grey(val) and grey(train) and set(train.names) - grey(train)
+    assert {box[0] for box in train.boxes} == set(range(len(train.names)))  # crops spread over the photos
+    assert resolve_source("photos", image_size=24, samples=12, split="val", seed=1).names != val.names
+
+
+def test_photos_without_scikit_image_is_a_data_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    with pytest.raises(DataError, match=r"igc-convert\[photos\]"):
+        resolve_source("photos")
+
+
 def test_labels_requested_on_unlabelled_sources_is_a_data_error():
     with pytest.raises(DataError, match="sample-images.*none"):
         resolve_source("sample-images", labels=True)
