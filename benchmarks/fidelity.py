@@ -466,39 +466,17 @@ class _Sums:
         return {k: math.sqrt(self.err[k][i] / self.ref[k][i]) if self.ref[k][i] > 0 else 0.0 for k in self.err}
 
 
-def bn_scales(model: nn.Module, layers: Sequence[str], example: Tensor) -> dict[str, Tensor]:
+def bn_scales(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
     """``|γ|/sqrt(var + eps)`` of the BatchNorm that directly consumes each layer's output (if any).
 
-    Found by running ``example`` and matching tensors, not by tracing: timm's ``BatchNormAct2d`` is
-    traced through by torch.fx, so graph matching misses it (see the report of this benchmark).
+    The converter's own graph analysis (timm's ``BatchNormAct2d`` included) and row weights, so the
+    BN-weighted error is the one the data-aware fits minimise.
     """
-    produced: dict[int, str] = {}
-    found: dict[str, nn.BatchNorm2d] = {}
+    from igc_convert.calibrate import bn_row_weights
 
-    def conv_hook(name: str) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            produced[id(output)] = name
-        return hook
-
-    def bn_hook(module: nn.Module, args: tuple) -> None:
-        name = produced.get(id(args[0]))
-        if name is not None and name not in found:
-            found[name] = module
-
-    handles = [model.get_submodule(n).register_forward_hook(conv_hook(n)) for n in layers]
-    handles += [m.register_forward_pre_hook(bn_hook) for m in model.modules()
-                if isinstance(m, nn.BatchNorm2d) and m.running_var is not None]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for name, bn in found.items():
-        gamma = bn.weight.detach().abs() if bn.weight is not None else torch.ones_like(bn.running_var)
-        out[name] = (gamma / torch.sqrt(bn.running_var + bn.eps)).double()
-    return out
+    wanted = set(layers)
+    sites, _, _ = find_convs(model)
+    return bn_row_weights(model, {s.name: s.batchnorm for s in sites if s.batchnorm and s.name in wanted})
 
 
 def _unchanged(module: nn.Module, reference: nn.Module) -> bool:
@@ -519,7 +497,7 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
     come plain (conv output) and ``_bn`` weighted by the following BatchNorm's scale (what the next
     layer sees, and what the data-aware fit minimises).
     """
-    scales = bn_scales(original, layers, images[:1])
+    scales = bn_scales(original, layers)
     orig_in: dict[str, Tensor] = {}
     orig_out: dict[str, Tensor] = {}
     conv_out: dict[str, Tensor] = {}

@@ -103,7 +103,7 @@ def test_bn_scales_find_the_following_batchnorm(fd):
     with torch.no_grad():
         model.features[1].weight.fill_(-2.0)
         model.features[1].running_var.fill_(4.0 - model.features[1].eps)
-    scales = fd.bn_scales(model, fd.convertible_layers(model), torch.zeros(1, 1, 12, 12))
+    scales = fd.bn_scales(model, fd.convertible_layers(model))
     assert set(scales) == {"features.0", "features.3"}  # features.8 feeds a ReLU, not a BatchNorm
     torch.testing.assert_close(scales["features.0"], torch.ones(16, dtype=torch.float64))  # |-2| / sqrt(4)
 

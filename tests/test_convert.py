@@ -260,6 +260,47 @@ def test_bias_correction_matches_output_means_through_bias_and_batchnorm():
     assert on.records[0].output_error < off.records[0].output_error
 
 
+class _BatchNormAct(nn.BatchNorm2d):
+    """Like timm's ``BatchNormAct2d``: a BatchNorm that applies its activation too (torch.fx traces into it)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+def test_batchnorm_subclasses_weight_the_fit_and_take_the_bias_correction():
+    """A conv feeding a BatchNorm subclass (timm's BatchNormAct2d) is seen to feed a BatchNorm."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1), _BatchNormAct(16), nn.Conv2d(16, 32, 3, padding=1, bias=False),
+                        _BatchNormAct(32), nn.Conv2d(32, 8, 1)).eval()
+    for bn in (net[1], net[3]):
+        bn.running_mean.normal_()
+        bn.weight.data.uniform_(0.1, 3.0)
+    sites, path, _ = find_convs(net)
+    assert path == "fx" and [s.batchnorm for s in sites] == ["1", "3", None]
+    x = torch.rand(16, 8, 10, 10) + 0.5
+    kw = dict(calibration=x, calibration_samples=None, max_positions=10_000, progress=False, damping=1e-6,
+              allocation="uniform")
+    before = net[3].running_mean.clone()
+    on = ic.convert(net, ic.ParamsRatio(0.3), **kw)
+    off = ic.convert(net, ic.ParamsRatio(0.3), bias_correction=False, **kw)
+    assert [r.block for r in on.records] == ["igcv1"] * 3
+
+    def normalised(model):  # the second BatchNorm's output before its activation
+        with torch.no_grad():
+            return nn.BatchNorm2d.forward(model[3], model[2](model[1](model[0](x)))).mean((0, 2, 3))
+
+    torch.testing.assert_close(normalised(on.model), normalised(net), atol=1e-4, rtol=1e-4)
+    assert (normalised(off.model) - normalised(net)).abs().max() > 1e-3
+    assert not torch.equal(on.model[3].running_mean, before)  # the correction went there
+    assert torch.equal(net[3].running_mean, before)  # and the user's model is untouched
+
+
+def test_timm_efficientnet_convs_all_find_their_batchnorm():
+    timm = pytest.importorskip("timm")
+    sites, path, _ = find_convs(timm.create_model("efficientnet_lite0").eval())
+    assert path == "fx" and len(sites) == 49 and all(s.batchnorm for s in sites)
+
+
 BAD = [
     ("ratio zero", lambda: ic.ParamsRatio(0.0), ConfigError),
     ("ratio above one", lambda: ic.MacsRatio(1.5), ConfigError),
