@@ -756,7 +756,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=ALL_METHODS)
     p.add_argument("--data", default="photos", choices=DATA_CHOICES,
                    help="photos: calibrate on china.jpg crops, evaluate on flower.jpg crops; "
-                        "crops: sample-images train/val crop splits; scenes: crops of 14 of the 18 photos of "
+                        "crops: sample-images train/val crop splits; scenes: crops of 14-15 of the 18 photos of "
                         "the 'photos' source, evaluate on the other 3-4; scene-halves: one half of each of the 18 "
                         "photos, evaluate on the other halves (the last two need scikit-image)")
     p.add_argument("--both-directions", action="store_true", help="with --data photos, also flower -> china")

@@ -14,7 +14,7 @@ Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H
     the same kind of crops from 18 real photos that packages ship: scikit-learn's two, matplotlib's
     ``grace_hopper.jpg`` and scikit-image's 15 (install ``igc-convert[photos]``): people, animals,
     objects, textures, astronomy, microscopy. Train and val take **disjoint photos** (a seeded 80/20
-    split of the photos), so val crops are truly unseen scenes.
+    split of the photos, stratified colour/grey), so val crops are truly unseen scenes.
 a folder path
     class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled.
     ImageNet preprocessing: resize the short side to ``1.14·image_size``, centre crop, normalise.
