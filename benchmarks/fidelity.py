@@ -172,6 +172,11 @@ class MethodResult:
 
 
 # ------------------------------------------------------------------------------------------ data
+def _images(ds: Any) -> Tensor:
+    """Every image of a data set of ``(image, label)`` items, stacked."""
+    return torch.stack([ds[i][0] for i in range(len(ds))])
+
+
 def photo_crops(photo: int, count: int, image_size: int, channels: int, seed: int) -> Tensor:
     """``count`` seeded random crops (ImageNet-normalised) of one sample photo (0 china, 1 flower)."""
     from igc_convert.data import PhotoCrops
@@ -181,7 +186,7 @@ def photo_crops(photo: int, count: int, image_size: int, channels: int, seed: in
     crops.boxes = [b for b in crops.boxes if b[0] == photo][:count]
     if len(crops.boxes) < count:  # astronomically unlikely with 4x over-drawing; never silently fewer
         raise DataError(f"drew only {len(crops.boxes)} crops of {PHOTOS[photo]}, wanted {count}")
-    return torch.stack([crops[i][0] for i in range(len(crops))])
+    return _images(crops)
 
 
 def scene_halves(half: int) -> list[tuple[str, Tensor]]:
@@ -207,7 +212,7 @@ def scene_half_crops(half: int, count: int, image_size: int, channels: int, seed
 
     gen = torch.Generator().manual_seed(seed * 7919 + 31 * (half + 1))
     crops = PhotoCrops(count, image_size, channels, gen, scene_halves(half), "photo halves")
-    return torch.stack([crops[i][0] for i in range(len(crops))])
+    return _images(crops)
 
 
 def source_images(source: str, split: str, count: int, image_size: int, channels: int, seed: int) -> Tensor:
@@ -215,7 +220,7 @@ def source_images(source: str, split: str, count: int, image_size: int, channels
     from igc_convert.data import resolve_source
 
     ds = resolve_source(source, image_size=image_size, channels=channels, split=split, samples=count, seed=seed)
-    return torch.stack([ds[i][0] for i in range(len(ds))])
+    return _images(ds)
 
 
 def make_splits(data: str, calib: str | None, eval_source: str | None, both: bool, settings: Settings,

@@ -16,27 +16,24 @@ Run::
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from sklearn.datasets import load_sample_images
 from timm.data import ImageNetInfo
 
 import igc_convert as ic
-from igc_convert.data import IMAGENET_MEAN, IMAGENET_STD, resolve_source
+from igc_convert.data import IMAGENET_MEAN, IMAGENET_STD, resolve_source, sample_photos
 from igc_convert.models import build_model
 from igc_convert.serialize import save
 
 
 def photos(size: int) -> tuple[list[str], torch.Tensor]:
     """The two sample photos, preprocessed as for ImageNet: short side to 1.14×size, centre crop, normalise."""
-    data = load_sample_images()
-    images = [torch.tensor(img).permute(2, 0, 1) / 255 for img in data.images]  # H×W×3 uint8 -> 3×H×W
+    names, images = zip(*sample_photos())
     images = [TF.normalize(TF.center_crop(TF.resize(x, round(size * 256 / 224), antialias=True), [size, size]),
                            IMAGENET_MEAN, IMAGENET_STD) for x in images]
-    return [Path(f).name for f in data.filenames], torch.stack(images)
+    return list(names), torch.stack(images)
 
 
 def top5(logits: torch.Tensor, info: ImageNetInfo) -> str:

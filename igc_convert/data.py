@@ -127,13 +127,18 @@ SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field
                   "retina", "stereo_motorcycle", "camera", "brick", "grass", "gravel", "moon", "coins", "clock")
 
 
+def _chw(image: Any) -> Tensor:
+    """A uint8 ``H×W×3`` or grey ``H×W`` array as a ``3×H×W`` float tensor in [0, 1] (grey replicated)."""
+    x = torch.tensor(image).float().div_(255.0)  # a copy: the arrays packages hand out may be read-only
+    return x.permute(2, 0, 1).contiguous() if x.ndim == 3 else x.expand(3, -1, -1).contiguous()
+
+
 def sample_photos() -> list[tuple[str, Tensor]]:
     """scikit-learn's two sample photos as ``(name, 3×H×W float in [0, 1])``."""
     from sklearn.datasets import load_sample_images
 
     bunch = load_sample_images()
-    return [(Path(f).name, torch.tensor(img).permute(2, 0, 1).float().div_(255.0))
-            for f, img in zip(bunch.filenames, bunch.images)]
+    return [(Path(f).name, _chw(img)) for f, img in zip(bunch.filenames, bunch.images)]
 
 
 def all_photos() -> list[tuple[str, Tensor]]:
@@ -148,14 +153,20 @@ def all_photos() -> list[tuple[str, Tensor]]:
 
     photos = sample_photos()
     with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
-        rgb = np.asarray(img.convert("RGB"))
-    photos.append(("grace_hopper.jpg", torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)))
+        photos.append(("grace_hopper.jpg", _chw(np.asarray(img.convert("RGB")))))
     for name in SKIMAGE_PHOTOS:
         img = getattr(skimage.data, name)()
-        img = img[0] if name == "stereo_motorcycle" else img  # (left, right, disparity): the left view
-        x = torch.from_numpy(img).float().div_(255.0)
-        photos.append((name, x.permute(2, 0, 1).contiguous() if x.ndim == 3 else x.expand(3, -1, -1).contiguous()))
+        photos.append((name, _chw(img[0] if name == "stereo_motorcycle" else img)))  # (left, right, disparity)
     return photos
+
+
+def _photo_split(photos: list[tuple[str, Tensor]], split: str, seed: int) -> list[tuple[str, Tensor]]:
+    """Whole photos per split (seeded 80/20, stratified colour/grey): val crops come from unseen scenes."""
+    if split == "all":
+        return photos
+    grey = torch.tensor([bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for _, p in photos])
+    train, val = split_indices(len(photos), grey.long(), seed)
+    return [photos[i] for i in (train if split == "train" else val)]
 
 
 class PhotoCrops(SourceDataset):
@@ -299,19 +310,12 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
         name = os.fspath(source)
         if name == "digits":
             dataset: SourceDataset = DigitsImages(image_size, channels or 1)
-        elif name == "sample-images":
-            # Each split gets its own crops (own seed stream), so train and val crops differ.
+        elif name in ("sample-images", "photos"):
+            # sample-images: every split crops both photos (its own seed stream, so the crops differ);
+            # photos: each split has its own photos.
+            photos = sample_photos() if name == "sample-images" else _photo_split(all_photos(), split, seed)
             gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
-            crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen)
-            return _require_labels(crops, labels)
-        elif name == "photos":
-            photos = all_photos()
-            if split != "all":  # disjoint photos: val crops come from scenes calibration never saw
-                grey = torch.tensor([bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for _, p in photos])
-                train, val = split_indices(len(photos), grey.long(), seed)  # colour and grey in both
-                photos = [photos[i] for i in (train if split == "train" else val)]
-            gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
-            crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen, photos, "photos")
+            crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen, photos, name)
             return _require_labels(crops, labels)
         elif Path(name).exists():
             dataset = _folder(Path(name), image_size, channels or 3)
