@@ -207,6 +207,36 @@ def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(
     assert result.plan == plans[-1]  # the plan that measured within the target is the one fitted
 
 
+def test_latency_plan_is_loosened_when_the_whole_model_measures_well_under_target(scripted_modules, monkeypatch):
+    """Per-layer timings promise 0.5; the whole model measures 0.8x the conv-parameter ratio, far under
+    the target: the plan is made again with a larger budget, keeping more of the model, and the one
+    fitted is the slowest plan that measured within the target."""
+    from igc_convert.convert import apply_plan
+
+    model = _cnn(width=32)
+    x = torch.randn(1, 3, 32, 32)
+    dense_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    seen, plans = [], []
+
+    def measured(original, plan, example, **kw):
+        plans.append([dict(e) for e in plan])
+        built = apply_plan(copy.deepcopy(original), plan)
+        convs = sum(_params(built.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+        seen.append(0.8 * convs / dense_params)
+        return seen[-1]
+
+    monkeypatch.setattr(latency, "plan_latency_ratio", measured)
+    monkeypatch.setattr(latency, "rest_of_model_latency", lambda *a, **k: 0.0)
+    monkeypatch.setattr(latency, "enforce_not_slower", lambda original, result, *a, **k: result)
+    result = igc_convert.convert(model, igc_convert.LatencyRatio(0.5), example_inputs=x, progress=False)
+    within = 0.5 * (1 + latency.DEFAULT_NOISE_MARGIN / 2)
+    assert len(seen) >= 2 and seen[0] < 0.5 * (1 - latency.DEFAULT_NOISE_MARGIN), seen  # far under the target ...
+    assert seen[1] > seen[0]  # ... so the next plan kept more
+    best = max(m for m in seen if m <= within)
+    assert best > seen[0]
+    assert result.plan == plans[seen.index(best)]  # the slowest plan within the target is the one fitted
+
+
 @pytest.mark.parametrize("ratio", [0.6, 0.35], ids=lambda r: f"latency{r}")
 def test_latency_plans_take_shapes_off_the_fast_path_only_when_they_must(scripted_modules, monkeypatch, ratio):
     """Timed alone, a block costs the same per parameter whatever its groups (scripted here, and nearly so
