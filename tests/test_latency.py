@@ -181,8 +181,9 @@ def test_layer_latencies_times_meta_modules_with_real_weights(tmp_path):
         latency.layer_latencies([probe], (0, 4))
 
 
-def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(scripted_modules, monkeypatch):
-    """Per-layer timings promise 0.5; the whole model measures 3x the conv-parameter ratio: re-plan."""
+def _plan_measured_as(monkeypatch, measure, ratio: float = 0.5):
+    """Convert at ``LatencyRatio(ratio)`` where the whole model measures ``measure(r)``, ``r`` its
+    conv-parameter ratio; returns the result and every plan timed, with what it measured."""
     from igc_convert.convert import apply_plan
 
     model = _cnn(width=32)
@@ -194,13 +195,19 @@ def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(
         plans.append([dict(e) for e in plan])
         built = apply_plan(copy.deepcopy(original), plan)
         convs = sum(_params(built.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-        seen.append(3 * convs / dense_params)
+        seen.append(measure(convs / dense_params))
         return seen[-1]
 
     monkeypatch.setattr(latency, "plan_latency_ratio", measured)
     monkeypatch.setattr(latency, "rest_of_model_latency", lambda *a, **k: 0.0)
     monkeypatch.setattr(latency, "enforce_not_slower", lambda original, result, *a, **k: result)
-    result = igc_convert.convert(model, igc_convert.LatencyRatio(0.5), example_inputs=x, progress=False)
+    result = igc_convert.convert(model, igc_convert.LatencyRatio(ratio), example_inputs=x, progress=False)
+    return result, seen, plans
+
+
+def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(scripted_modules, monkeypatch):
+    """Per-layer timings promise 0.5; the whole model measures 3x the conv-parameter ratio: re-plan."""
+    result, seen, plans = _plan_measured_as(monkeypatch, lambda r: 3 * r)
     assert len(seen) >= 2 and seen[0] > 0.5  # the first plan measured too slow ...
     assert all(b < a for a, b in zip(seen, seen[1:]))  # ... and each re-plan cut deeper
     assert seen[-1] <= 0.5 * (1 + latency.DEFAULT_NOISE_MARGIN / 2)
@@ -211,30 +218,27 @@ def test_latency_plan_is_loosened_when_the_whole_model_measures_well_under_targe
     """Per-layer timings promise 0.5; the whole model measures 0.8x the conv-parameter ratio, far under
     the target: the plan is made again with a larger budget, keeping more of the model, and the one
     fitted is the slowest plan that measured within the target."""
-    from igc_convert.convert import apply_plan
-
-    model = _cnn(width=32)
-    x = torch.randn(1, 3, 32, 32)
-    dense_params = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
-    seen, plans = [], []
-
-    def measured(original, plan, example, **kw):
-        plans.append([dict(e) for e in plan])
-        built = apply_plan(copy.deepcopy(original), plan)
-        convs = sum(_params(built.get_submodule(n)) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
-        seen.append(0.8 * convs / dense_params)
-        return seen[-1]
-
-    monkeypatch.setattr(latency, "plan_latency_ratio", measured)
-    monkeypatch.setattr(latency, "rest_of_model_latency", lambda *a, **k: 0.0)
-    monkeypatch.setattr(latency, "enforce_not_slower", lambda original, result, *a, **k: result)
-    result = igc_convert.convert(model, igc_convert.LatencyRatio(0.5), example_inputs=x, progress=False)
+    result, seen, plans = _plan_measured_as(monkeypatch, lambda r: 0.8 * r)
     within = 0.5 * (1 + latency.DEFAULT_NOISE_MARGIN / 2)
     assert len(seen) >= 2 and seen[0] < 0.5 * (1 - latency.DEFAULT_NOISE_MARGIN), seen  # far under the target ...
     assert seen[1] > seen[0]  # ... so the next plan kept more
     best = max(m for m in seen if m <= within)
     assert best > seen[0]
     assert result.plan == plans[seen.index(best)]  # the slowest plan within the target is the one fitted
+
+
+def test_a_loosened_plan_that_measures_too_slow_is_not_fitted(scripted_modules, monkeypatch):
+    """The first plan measures far under the target; anything larger measures far above it: after the
+    re-plans, the plan fitted is the first one, the only one within the target."""
+    first = []
+
+    def measure(r):
+        first.append(first[0] if first else r)
+        return 0.2 if r <= first[0] else 0.9
+
+    result, seen, plans = _plan_measured_as(monkeypatch, measure)
+    assert seen[0] == 0.2 and len(seen) >= 2 and max(seen) == 0.9  # loosened, then too slow
+    assert result.plan == plans[0]
 
 
 @pytest.mark.parametrize("ratio", [0.6, 0.35], ids=lambda r: f"latency{r}")
