@@ -871,6 +871,177 @@ def output_shift(weight: Tensor, approx: Tensor, stats: PairedStats) -> Tensor |
     return wm @ stats.mean_original.to(torch.float64) - am @ stats.mean_actual.to(torch.float64)
 
 
+# ------------------------------------------------------------------------------------ linear layers
+class _RowCapture:
+    """Pre-hook that takes one ``nn.Linear``'s input (2-D only), then stops the forward."""
+
+    def __init__(self) -> None:
+        self.rows: Tensor | None = None
+
+    def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("input")
+        self.rows = x if torch.is_tensor(x) and x.dim() == 2 else None
+        raise _StopForward
+
+
+def collect_linear_pairs(original: nn.Module, converted: nn.Module, layer: str, batches: BatchSource, *,
+                         folds: int = 2, device: torch.device | str | None = None) -> list[PairedStats] | None:
+    """:class:`PairedStats` of the rows an ``nn.Linear`` gets in ``original`` and in ``converted``.
+
+    The Linear's input rows play the part of a 1×1 conv's patches (every row is one image). Row ``i``
+    of the calibration data goes to fold ``i mod folds``: one statistics object per fold, so that a
+    fit made on some folds can be checked on another (:func:`linear_refit`). ``None`` when the layer
+    is not called on a calibration batch or gets anything but an ``N×C`` input (a token sequence,
+    say): its rows are then not one sample per image.
+
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    >>> a, b = collect_linear_pairs(net, net, "1", [torch.randn(5, 3, 2, 2)])
+    >>> a.count, b.count, bool(torch.equal(a.cross, a.sigma_original))
+    (3, 2, True)
+    """
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ConfigError(f"folds must be a positive integer, got {folds!r}")
+    modules = _module(original, layer), _module(converted, layer, "layer of the converted model")
+    if not all(isinstance(m, nn.Linear) for m in modules):
+        raise ConfigError("is not an nn.Linear in both models", layer=layer)
+    geom = _Geometry.of(nn.Conv2d(modules[0].in_features, 1, 1, device="meta"))
+    _passes_possible(batches, 1)
+    dev, dtype = _placement(original, device)
+    converted_dtype = _placement(converted, dev)[1]
+    sums = [_PairedSums(layer, geom, dev) for _ in range(folds)]
+    seen = 0
+    with torch.no_grad(), _Modes(original, converted):
+        for x in _iterate(batches, dtype, dev, False, ""):
+            rows = []
+            for model, module, xx in ((original, modules[0], x), (converted, modules[1], x.to(converted_dtype))):
+                capture = _RowCapture()
+                handle = module.register_forward_pre_hook(capture.hook, with_kwargs=True)
+                try:
+                    _forward(model, xx)
+                finally:
+                    handle.remove()
+                if capture.rows is None:
+                    return None
+                rows.append(capture.rows)
+            if rows[0].shape != rows[1].shape:
+                raise ModelError(f"the converted model feeds this layer an input of shape {tuple(rows[1].shape)}, "
+                                 f"the original one of shape {tuple(rows[0].shape)}", layer=layer)
+            p, pt = (r.to(_matmul_dtype(rows[0])) for r in rows)
+            fold = (torch.arange(len(p), device=p.device) + seen) % folds
+            for k, acc in enumerate(sums):
+                if bool((fold == k).any()):
+                    acc.add(p[fold == k], pt[fold == k])
+            seen += len(p)
+    return [acc.result() for acc in sums if acc.count]
+
+
+def merge_stats(parts: Sequence[PairedStats]) -> PairedStats:
+    """The statistics of all the rows of ``parts`` (count-weighted means of theirs)."""
+    total = sum(p.count for p in parts)
+
+    def mean(field: str) -> Tensor | None:
+        values = [getattr(p, field) for p in parts]
+        if any(v is None for v in values):
+            return None
+        return sum(v.to(torch.float64) * (p.count / total) for v, p in zip(values, parts))
+
+    return PairedStats(mean("sigma_actual"), mean("cross"), mean("sigma_original"), total,
+                       mean("mean_actual"), mean("mean_original"))
+
+
+#: Ridge strengths (relative to the mean variance of the rows) that :func:`linear_refit` chooses from.
+RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+class _LinearMoments:
+    """Float64 moments of one set of paired rows, centred or not: what every ridge fit and check needs."""
+
+    def __init__(self, st: PairedStats, centred: bool) -> None:
+        n = st.sigma_actual.shape[0]
+        zero = torch.zeros(n, dtype=torch.float64)
+        self.mu_o = st.mean_original.to(torch.float64).cpu() if centred else zero
+        self.mu_a = st.mean_actual.to(torch.float64).cpu() if centred else zero
+        sa = st.sigma_actual.to(torch.float64).cpu()
+        self.sa = 0.5 * (sa + sa.T) - torch.outer(self.mu_a, self.mu_a)
+        self.cross = st.cross.to(torch.float64).cpu() - torch.outer(self.mu_o, self.mu_a)
+        self.so = st.sigma_original.to(torch.float64).cpu() - torch.outer(self.mu_o, self.mu_o)
+        if not all(finite(t) for t in (self.sa, self.cross, self.so, self.mu_o, self.mu_a)):
+            raise ConfigError("paired statistics contain NaN or Inf")
+
+    def fit(self, w: Tensor, delta: float) -> Tensor | None:
+        """``Ŵ = (W C + λ W)(Σ̃ + λ I)⁻¹``, ``λ = δ·tr Σ̃ / n``; None when there is no signal."""
+        scale = float(self.sa.diagonal().mean())
+        if not scale > 0:
+            return None
+        lam = delta * scale
+        r, info = torch.linalg.cholesky_ex(self.sa + lam * torch.eye(len(self.sa), dtype=torch.float64))
+        if int(info) != 0:
+            return None
+        return torch.cholesky_solve((w @ self.cross + lam * w).T.contiguous(), r).T
+
+    def error2(self, w: Tensor, new: Tensor) -> float:
+        """``E‖W(p − μ) − Ŵ(p̃ − μ̃)‖²`` on these rows: the output error left once the bias takes the mean."""
+        return float((w @ self.so * w).sum() - 2 * (w @ self.cross * new).sum() + (new @ self.sa * new).sum())
+
+    def energy(self, w: Tensor) -> float:
+        return float((w @ self.so * w).sum())
+
+
+def linear_refit(weight: Tensor, bias: Tensor | None, folds: Sequence[PairedStats], *,
+                 grid: Sequence[float] = RIDGE_GRID) -> tuple[Tensor, Tensor | None, float, float, float | None]:
+    """Least-squares ``(Ŵ, b̂)`` of a dense layer that maps the rows it now gets onto its original outputs.
+
+    Minimises ``E‖W p + b − Ŵ p̃ − b̂‖² + λ‖Ŵ − W‖²``: the ridge pulls towards the original weights,
+    not towards zero, so directions the calibration rows never excite keep them (``Ŵ = W`` exactly
+    when ``p̃ = p``). ``Ŵ = (W C + λ W)(Σ̃ + λ I)⁻¹`` on centred moments and
+    ``b̂ = b + W E[p] − Ŵ E[p̃]`` (without a bias, uncentred moments and no intercept).
+
+    ``λ = δ·tr Σ̃ / n`` with ``δ`` from ``grid`` chosen by cross-validation over ``folds`` (each
+    fold's rows predicted by a fit on the others; :func:`collect_linear_pairs`), against keeping
+    ``W`` as it is: with few calibration images and a wide layer an unchecked fit would interpolate
+    them. Returns float64 ``Ŵ, b̂``, the relative output error on the held-out folds before and after
+    (of the centred outputs when there is a bias: the bias takes the mean error in either case), and
+    the ``δ`` chosen (None: ``W`` kept, its bias corrected; with a single fold, which nothing can
+    check, the layer is returned as it is).
+
+    >>> w, s = torch.randn(3, 4), torch.eye(4, dtype=torch.float64)
+    >>> new, _, before, after, delta = linear_refit(w, None, [PairedStats(s, s, s, 50)] * 2)
+    >>> torch.allclose(new, w.double()), before < 1e-12
+    (True, True)
+    """
+    w = weight.detach().to(torch.float64).cpu()
+    old_bias = None if bias is None else bias.detach().to(torch.float64).cpu()
+    centred = bias is not None and all(f.mean_actual is not None and f.mean_original is not None for f in folds)
+    if any(tuple(f.sigma_actual.shape) != (w.shape[1],) * 2 for f in folds):
+        raise ConfigError(f"statistics of shape {tuple(folds[0].sigma_actual.shape)} do not match a weight of "
+                          f"shape {tuple(w.shape)}")
+    if len(folds) < 2:
+        return w, old_bias, 0.0, 0.0, None
+    parts = [_LinearMoments(f, centred) for f in folds]
+    rests = [_LinearMoments(merge_stats([g for j, g in enumerate(folds) if j != k]), centred)
+             for k in range(len(folds))]
+    energy = sum(p.energy(w) for p in parts)
+    kept = sum(p.error2(w, w) for p in parts)
+    best, best_error = None, kept
+    for delta in grid:
+        fits = [rest.fit(w, delta) for rest in rests]
+        if any(f is None for f in fits):
+            continue
+        e = sum(part.error2(w, f) for part, f in zip(parts, fits))
+        if e < best_error:
+            best, best_error = delta, e
+
+    def relative(e2: float) -> float:
+        return math.sqrt(max(e2, 0.0) / energy) if energy > 0 else 0.0
+
+    whole = _LinearMoments(merge_stats(folds), centred)
+    new = whole.fit(w, best) if best is not None else None
+    if new is None:  # W kept: the bias still takes the mean of the error, as after every conv
+        best, best_error, new = None, kept, w
+    new_bias = None if old_bias is None else old_bias + w @ whole.mu_o - new @ whole.mu_a
+    return new, new_bias, relative(kept), relative(best_error), best
+
+
 # ------------------------------------------------------------------------------------ BatchNorm weights
 def bn_row_weights(model: nn.Module, conv_to_bn: Mapping[str, str]) -> dict[str, Tensor]:
     """Per-output-channel scale ``|γ| / sqrt(running_var + eps)`` (float64) of the BatchNorm after each conv.

@@ -241,7 +241,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
             allocation: str = "budget", bias_correction: bool = True, linear: bool = False,
-            channel_multiple: int | None = None, model_name: str = "") -> ConversionResult:
+            channel_multiple: int | None = None, refit_linears: bool = True, model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
@@ -250,7 +250,12 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (sequential
     mode) moves the mean of each fitted layer's output error into its bias, or into the running mean
-    of the BatchNorm that follows it. ``linear=True`` also converts every ``nn.Linear`` that gets a 2-D
+    of the BatchNorm that follows it. ``refit_linears`` (sequential mode) then re-fits every dense
+    ``nn.Linear`` left in the model, a classifier head say, by least squares to map the features the
+    converted layers now give it onto its original outputs (:func:`igc_convert.calibrate.linear_refit`,
+    ridge chosen on held-out calibration images): the head is where the drift left by every converted
+    layer can be taken out in closed form.
+    ``linear=True`` also converts every ``nn.Linear`` that gets a 2-D
     input on the example, as a 1×1 conv named ``<linear>.conv`` (:mod:`igc_convert.linear`): it
     then counts in the target's params/MACs like a conv. A layer whose input statistics would take
     more than :data:`MAX_LAYER_STATS_BYTES` (e.g. VGG's 25088-wide classifier) is fitted in weight
@@ -448,10 +453,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
                 rec.output_error = math.sqrt(max(err2 - float(shift.pow(2).sum()), 0.0) / ref)
         records[s.name] = rec
         plan.append(dict(name=s.name, block=c.kind, shape=c.shape))
+    refitted = (_refit_linears(reference, converted, batches, progress)
+                if batches is not None and sequential and refit_linears and plan else [])
     for s in sites:
         if s.name not in records:
             records[s.name] = _record(s, None, "dense", {}, reasons.get(s.name, "kept dense"))
     mode = "weight" if batches is None else ("data-aware, sequential" if sequential else "data-aware")
+    if refitted:
+        mode += f" (re-fitted: {', '.join(refitted)})"
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)
     log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
     result = ConversionResult(converted, plan, report)
@@ -464,6 +473,46 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if linear:
         unwrap_dense(result.model)  # Linears left dense become plain nn.Linear again: the plan rebuilds the rest
     return result
+
+
+def _refit_linears(reference: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor],
+                   progress: bool) -> list[str]:
+    """Re-fit every dense ``nn.Linear`` of ``converted`` (in definition order) to its original outputs.
+
+    Each gets the least-squares weights and bias, ridge towards its own weights with the ridge chosen
+    on held-out calibration images, that map the rows it gets in ``converted`` onto what it gave in
+    ``reference`` (:func:`calibrate.linear_refit`); where no ridge predicts held-out images better,
+    it keeps its weights and only its bias takes the mean error. Linears whose statistics would exceed
+    :data:`MAX_LAYER_STATS_BYTES`, or that get anything but ``N×C`` input (token sequences), are left
+    as they are. Returns the names re-fitted.
+    """
+    from . import calibrate
+
+    names = [n for n, m in converted.named_modules() if type(m) is nn.Linear]
+    done = []
+    for name in tqdm(names, desc="re-fitting linears", unit="layer", disable=not progress or len(names) < 2,
+                     leave=False):
+        layer = converted.get_submodule(name)
+        if 4 * 8 * layer.in_features**2 > MAX_LAYER_STATS_BYTES:
+            log.info("%s: %d inputs, too wide to re-fit from statistics; left as it is", name, layer.in_features)
+            continue
+        folds = calibrate.collect_linear_pairs(reference, converted, name, batches)
+        if folds is None or len(folds) < 2:
+            continue
+        weight, bias, before, after, delta = calibrate.linear_refit(reference.get_submodule(name).weight,
+                                                                    reference.get_submodule(name).bias, folds)
+        with torch.no_grad():
+            layer.weight.copy_(weight.to(layer.weight))
+            if bias is not None:
+                layer.bias.copy_(bias.to(layer.bias))
+        if delta is None:
+            log.info("%s: a re-fit did not predict held-out calibration images better (relative output error "
+                     "%.3f); weights kept%s", name, before, ", bias corrected" if bias is not None else "")
+            continue
+        log.info("%s re-fitted to the converted layers' features (ridge %g, chosen on held-out calibration "
+                 "images): relative output error there %.3f -> %.3f", name, delta, before, after)
+        done.append(name)
+    return done
 
 
 def _with_linears_as_convs(model: nn.Module, example: torch.Tensor | None, inplace: bool

@@ -551,3 +551,99 @@ def test_resumable_statistics_decline_what_they_cannot_do(caplog):
     resumed("head")
     with pytest.raises(ConfigError, match="order"):
         resumed("b")
+
+
+# ------------------------------------------------------------------------------------- linear re-fit
+def _heads(drift: nn.Module, n=12, k=5, seed=0):
+    """On N×16×1×1 images. original: features → Linear (named "2"); converted: the same Linear behind
+    ``drift``, a feature layer that differs from the original's."""
+    torch.manual_seed(seed)
+    feat, head = nn.Linear(16, n), nn.Linear(n, k)
+    original = nn.Sequential(nn.Flatten(), feat, head).eval()
+    converted = nn.Sequential(nn.Flatten(), drift, copy.deepcopy(head)).eval()
+    return original, converted
+
+
+def _images(n, seed=0):
+    return torch.randn(n, 16, 1, 1, generator=torch.Generator().manual_seed(seed))
+
+
+def test_linear_refit_is_the_least_squares_map_from_drifted_rows_to_original_outputs():
+    torch.manual_seed(1)
+    drift = nn.Linear(16, 12).double()  # other features: the original outputs are not a function of these rows
+    original, converted = _heads(drift)
+    original, converted, x = original.double(), converted.double(), _images(300).double()  # float64 statistics
+    folds = cal.collect_linear_pairs(original, converted, "2", [x[:100], x[100:]])
+    assert [f.count for f in folds] == [150, 150]
+    w, b, before, after, delta = cal.linear_refit(original[2].weight, original[2].bias, folds, grid=(1e-12,))
+    assert delta == 1e-12 and 0 < after < before
+    with torch.no_grad():
+        p_t, target = drift(x.flatten(1)).double(), original(x).double()
+    ones = torch.ones(len(x), 1, dtype=torch.float64)
+    sol = torch.linalg.lstsq(torch.cat([p_t, ones], 1), target).solution  # [Ŵᵀ; b̂ᵀ]
+    torch.testing.assert_close(w, sol[:-1].T, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(b, sol[-1], rtol=1e-8, atol=1e-8)
+
+
+def test_linear_refit_changes_nothing_without_drift():
+    original, _ = _heads(nn.Identity())
+    folds = cal.collect_linear_pairs(original, original, "2", [_images(50)])
+    w, b, before, after, delta = cal.linear_refit(original[2].weight, original[2].bias, folds)
+    torch.testing.assert_close(w, original[2].weight.double())
+    torch.testing.assert_close(b, original[2].bias.double())
+    assert before == pytest.approx(0, abs=1e-6) and after == pytest.approx(0, abs=1e-6) and delta is None
+
+
+class _Mask(nn.Module):
+    def __init__(self, mask):
+        super().__init__()
+        self.register_buffer("mask", mask)
+
+    def forward(self, x):
+        return x * self.mask
+
+
+def test_linear_refit_keeps_the_original_weights_where_the_rows_never_go():
+    """Rows confined to the first 4 of 12 dims: the ridge pulls towards W, so Ŵ v = W v off that span."""
+    mask = torch.zeros(12)
+    mask[:4] = 1
+    original, converted = _heads(nn.Sequential(nn.Linear(16, 12), _Mask(mask)))
+    folds = cal.collect_linear_pairs(original, converted, "2", [_images(200)])
+    w, _, before, after, delta = cal.linear_refit(original[2].weight, None, folds)
+    torch.testing.assert_close(w[:, 4:], original[2].weight.double()[:, 4:], rtol=1e-9, atol=1e-9)
+    assert delta is not None and after < before
+
+
+def test_linear_refit_keeps_the_weights_and_corrects_the_bias_when_no_ridge_wins():
+    """No candidate ridge (an empty grid): W is kept and the bias takes the mean output error."""
+    torch.manual_seed(5)  # not _heads' seed: other features than the original's
+    original, converted = _heads(nn.Linear(16, 12))
+    folds = cal.collect_linear_pairs(original, converted, "2", [_images(40)])
+    w, b, before, after, delta = cal.linear_refit(original[2].weight, original[2].bias, folds, grid=())
+    assert delta is None and after == before > 0
+    w64 = original[2].weight.double()
+    torch.testing.assert_close(w, w64)
+    st = cal.merge_stats(folds)
+    torch.testing.assert_close(b, original[2].bias.double() + w64 @ (st.mean_original - st.mean_actual))
+    # the same data with the default ridges: a fit predicts held-out rows better, so it is taken
+    assert cal.linear_refit(original[2].weight, original[2].bias, folds)[4] is not None
+
+
+class _Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):  # N×C×H×W -> N×(H·W)×C tokens
+        return self.proj(x.flatten(2).transpose(1, 2))
+
+
+def test_linear_pairs_are_none_for_token_sequences_and_need_linears():
+    net = _Tokens().eval()
+    assert cal.collect_linear_pairs(net, net, "proj", [torch.randn(2, 4, 3, 3)]) is None
+    other = nn.Module()
+    other.proj = nn.Conv2d(4, 4, 1)
+    with pytest.raises(ConfigError, match="nn.Linear"):
+        cal.collect_linear_pairs(net, other, "proj", [torch.randn(2, 4, 3, 3)])
+    with pytest.raises(ConfigError, match="folds"):
+        cal.collect_linear_pairs(net, net, "proj", [torch.randn(2, 4, 3, 3)], folds=0)

@@ -207,6 +207,35 @@ def test_data_aware_sequential_beats_one_shot_and_weight_space_on_outputs(digits
     assert seq < one_shot < weight
 
 
+def test_sequential_mode_refits_the_linear_head_to_the_converted_features(digits):
+    """The classifier of a trained model (real digits) is re-fitted by least squares on the calibration
+    images: the converted model's logits get closer to the original's there, and on held-out images."""
+    model, train, val = digits
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calib = torch.stack([x for x, _ in train])
+
+    def run(**kw):
+        r = ic.convert(model, ic.ParamsRatio(0.1), example_inputs=val[:1], calibration=train, max_positions=48,
+                       progress=False, **kw)
+        with torch.no_grad():
+            errs = [float((r.model(x) - model(x)).norm() / model(x).norm()) for x in (calib, val)]
+        return r, errs
+
+    kept, (calib_kept, val_kept) = run(refit_linears=False)
+    refit, (calib_refit, val_refit) = run()
+    assert refit.report.mode == "data-aware, sequential (re-fitted: fc)"
+    assert kept.report.mode == "data-aware, sequential"
+    assert calib_refit < 0.9 * calib_kept and val_refit < val_kept
+    assert not torch.equal(refit.model.fc.weight, model.fc.weight)
+    for k, v in model.state_dict().items():  # the user's model is untouched
+        assert torch.equal(v, before[k]), k
+    torch.testing.assert_close(kept.model.fc.weight, model.fc.weight, rtol=0, atol=0)
+    one_shot = ic.convert(model, ic.ParamsRatio(0.1), example_inputs=val[:1], calibration=train, sequential=False,
+                          max_positions=48, progress=False)
+    assert one_shot.report.mode == "data-aware"  # one-shot fits layers alone: no re-fit
+    torch.testing.assert_close(one_shot.model.fc.weight, model.fc.weight, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("make", [SmallNet, Untraceable])
 def test_sequential_conversion_is_the_same_resumed_or_rerun(make, monkeypatch):
     """Resuming both forwards layer by layer is a speed-up only: same fits as rerunning them per layer."""
