@@ -373,6 +373,28 @@ def test_cli_convert_report_round_trip(tmp_path, capsys):
     assert loaded.model(x).shape == (2, 10)
 
 
+@pytest.mark.parametrize("flag,mode", [([], "data-aware, sequential (re-fitted: fc)"),
+                                       (["--no-refit-linears"], "data-aware, sequential")], ids=["refit", "kept"])
+def test_cli_convert_refits_the_head_unless_told_not_to(tmp_path, flag, mode):
+    out, rep = tmp_path / "m.safetensors", tmp_path / "r.json"
+    code = main(["convert", "igc_convert.digits:digits_resnet", "-o", str(out), "--params-ratio", "0.1",
+                 "--calib", "digits", "--calib-samples", "64", "--report", str(rep), *flag])
+    assert code == 0 and json.loads(rep.read_text())["mode"] == mode
+    from igc_convert.serialize import load
+
+    fc = load(out).model.fc.weight
+    assert torch.equal(fc, digits_resnet_weights().fc.weight) == bool(flag)  # saved as fitted
+
+
+def digits_resnet_weights():
+    """The weights the CLI builds ``igc_convert.digits:digits_resnet`` with: it seeds torch with --seed (default 0)."""
+    from igc_convert.digits import digits_resnet
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return digits_resnet()
+
+
 @pytest.mark.parametrize("argv,expected", [
     (["convert", "resnet9000", "-o", "{tmp}/x.safetensors"], "resnet9000"),
     (["convert", "resnet18", "-o", "{tmp}/x.safetensors", "--params-ratio", "0"], "params ratio"),
