@@ -17,7 +17,9 @@ were not used for calibration:
 * ``tucker2``        Tucker-2 (tensorly's ``partial_tucker`` on the output/input modes, HOOI, weight
   space) as ``1×1 → k×k core → 1×1`` convs, uniform per layer; only when tensorly is installed;
 * ``svd-sequential`` (optional, ``--methods``) truncated SVD fitted sequentially on the calibration
-  data: separates the gain of the data from that of the IGC structure.
+  data: separates the gain of the data from that of the IGC structure;
+* ``sequential+head`` (optional, ``--methods``) (c) with the dense Linear layers re-fitted to the
+  converted features (``convert(..., refit_linears=True)``).
 
 Uniform methods give every convertible layer the ratio ``b' = (b·total − fixed) / convertible`` so
 that the whole model lands on ``b`` (the achieved ratio is printed for every method).
@@ -81,9 +83,9 @@ Tensor = torch.Tensor
 PHOTOS = ("china.jpg", "flower.jpg")  # the order of sklearn.datasets.load_sample_images
 DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves")
 DEFAULT_METHODS = ("weight", "data", "sequential", "svd-uniform", "svd-budget", "tucker2")
-ALL_METHODS = DEFAULT_METHODS + ("svd-sequential",)
+ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential")
 #: Methods that read the calibration images (converted once per calibration set).
-DATA_METHODS = ("data", "sequential", "svd-sequential")
+DATA_METHODS = ("data", "sequential", "sequential+head", "svd-sequential")
 #: The peers (c) must beat on logit KL.
 BASELINES = ("weight", "data", "svd-uniform", "svd-budget", "tucker2")
 
@@ -434,6 +436,9 @@ def build(method: str, model: nn.Module, layers: Sequence[str], budget: float, c
         result = convert(model, ParamsRatio(budget), calibration=calib, sequential=False, **common)
     elif method == "sequential":
         result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, **common)
+    elif method == "sequential+head":  # (c) with the classifier re-fitted to the converted features
+        result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, refit_linears=True,
+                         **common)
     elif method == "svd-uniform":
         result = convert(model, ParamsRatio(uniform_ratio(model, layers, budget)), example_inputs=example,
                          max_groups=1, allocation="uniform", **common)

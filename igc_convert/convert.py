@@ -241,7 +241,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
             allocation: str = "budget", bias_correction: bool = True, linear: bool = False,
-            channel_multiple: int | None = None, refit_linears: bool = True, model_name: str = "") -> ConversionResult:
+            channel_multiple: int | None = None, refit_linears: bool = False, model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
@@ -254,7 +254,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``nn.Linear`` left in the model, a classifier head say, by least squares to map the features the
     converted layers now give it onto its original outputs (:func:`igc_convert.calibrate.linear_refit`,
     ridge chosen on held-out calibration images): the head is where the drift left by every converted
-    layer can be taken out in closed form.
+    layer can be taken out in closed form. It is for models used as converted: on the digits model it
+    lifts zero-shot accuracy a lot (0.05 of the conv parameters: 35% to 91%), but distillation from
+    that start with the aggressive ``tuned`` setting ended lower than from the original head.
     ``linear=True`` also converts every ``nn.Linear`` that gets a 2-D
     input on the example, as a 1×1 conv named ``<linear>.conv`` (:mod:`igc_convert.linear`): it
     then counts in the target's params/MACs like a conv. A layer whose input statistics would take

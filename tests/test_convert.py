@@ -208,8 +208,9 @@ def test_data_aware_sequential_beats_one_shot_and_weight_space_on_outputs(digits
 
 
 def test_sequential_mode_refits_the_linear_head_to_the_converted_features(digits):
-    """The classifier of a trained model (real digits) is re-fitted by least squares on the calibration
-    images: the converted model's logits get closer to the original's there, and on held-out images."""
+    """Asked to, sequential mode re-fits the classifier of a trained model (real digits) by least squares
+    on the calibration images: the converted model's logits get closer to the original's there, and on
+    held-out images. By default, and in one-shot mode, the head is left alone."""
     model, train, val = digits
     before = {k: v.clone() for k, v in model.state_dict().items()}
     calib = torch.stack([x for x, _ in train])
@@ -221,8 +222,8 @@ def test_sequential_mode_refits_the_linear_head_to_the_converted_features(digits
             errs = [float((r.model(x) - model(x)).norm() / model(x).norm()) for x in (calib, val)]
         return r, errs
 
-    kept, (calib_kept, val_kept) = run(refit_linears=False)
-    refit, (calib_refit, val_refit) = run()
+    kept, (calib_kept, val_kept) = run()
+    refit, (calib_refit, val_refit) = run(refit_linears=True)
     assert refit.report.mode == "data-aware, sequential (re-fitted: fc)"
     assert kept.report.mode == "data-aware, sequential"
     assert calib_refit < 0.9 * calib_kept and val_refit < val_kept
@@ -231,7 +232,7 @@ def test_sequential_mode_refits_the_linear_head_to_the_converted_features(digits
         assert torch.equal(v, before[k]), k
     torch.testing.assert_close(kept.model.fc.weight, model.fc.weight, rtol=0, atol=0)
     one_shot = ic.convert(model, ic.ParamsRatio(0.1), example_inputs=val[:1], calibration=train, sequential=False,
-                          max_positions=48, progress=False)
+                          max_positions=48, progress=False, refit_linears=True)
     assert one_shot.report.mode == "data-aware"  # one-shot fits layers alone: no re-fit
     torch.testing.assert_close(one_shot.model.fc.weight, model.fc.weight, rtol=0, atol=0)
 
@@ -373,9 +374,9 @@ def test_cli_convert_report_round_trip(tmp_path, capsys):
     assert loaded.model(x).shape == (2, 10)
 
 
-@pytest.mark.parametrize("flag,mode", [([], "data-aware, sequential (re-fitted: fc)"),
-                                       (["--no-refit-linears"], "data-aware, sequential")], ids=["refit", "kept"])
-def test_cli_convert_refits_the_head_unless_told_not_to(tmp_path, flag, mode):
+@pytest.mark.parametrize("flag,mode", [(["--refit-linears"], "data-aware, sequential (re-fitted: fc)"),
+                                       ([], "data-aware, sequential")], ids=["refit", "kept"])
+def test_cli_convert_refits_the_head_when_asked(tmp_path, flag, mode):
     out, rep = tmp_path / "m.safetensors", tmp_path / "r.json"
     code = main(["convert", "igc_convert.digits:digits_resnet", "-o", str(out), "--params-ratio", "0.1",
                  "--calib", "digits", "--calib-samples", "64", "--report", str(rep), *flag])
@@ -383,7 +384,7 @@ def test_cli_convert_refits_the_head_unless_told_not_to(tmp_path, flag, mode):
     from igc_convert.serialize import load
 
     fc = load(out).model.fc.weight
-    assert torch.equal(fc, digits_resnet_weights().fc.weight) == bool(flag)  # saved as fitted
+    assert torch.equal(fc, digits_resnet_weights().fc.weight) == (not flag)  # saved as fitted
 
 
 def digits_resnet_weights():

@@ -45,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bias-correction", action="store_true",
                         help="keep each layer's bias as fitted (default: the mean of its output error moves into "
                              "the bias or the next BatchNorm)")
-    parser.add_argument("--no-refit-linears", action="store_true",
-                        help="keep the dense Linear layers (a classifier head) as they are (default, sequential "
-                             "mode: re-fit them by least squares to the converted layers' features, the ridge "
-                             "chosen on held-out calibration images)")
+    parser.add_argument("--refit-linears", action="store_true",
+                        help="sequential mode: also re-fit the dense Linear layers (a classifier head) by least "
+                             "squares to the converted layers' features, the ridge chosen on held-out calibration "
+                             "images; for models used without fine-tuning")
     parser.add_argument("--linear", action="store_true",
                         help="also convert the Linear layers that take 2-D input (e.g. a classifier), as 1x1 convs "
                              "named LAYER.conv; they then count in the params/MACs ratios")
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
                      sequential=not args.one_shot, bias_correction=not args.no_bias_correction,
-                     refit_linears=not args.no_refit_linears, seed=args.seed,
+                     refit_linears=args.refit_linears, seed=args.seed,
                      linear=args.linear, channel_multiple=args.channel_multiple, model_name=args.model)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
     print(result.report.table())
