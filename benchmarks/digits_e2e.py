@@ -39,6 +39,7 @@ Usage::
 
     python3 benchmarks/digits_e2e.py --threads 1 --json e2e.json --markdown e2e.md
     python3 benchmarks/digits_e2e.py --quick                  # one budget, two settings, ~2 CPU-minutes
+    python3 benchmarks/digits_e2e.py --refit-linears          # sequential inits with the classifier re-fitted
 """
 
 from __future__ import annotations
@@ -173,13 +174,14 @@ class FinetuneRun:
 
 
 def convert_digits(dense: nn.Module, budget: float, block: str, mode: str, calibration: SourceDataset,
-                   seed: int) -> Any:
-    """Convert ``dense`` at ``budget`` of its conv parameters with an init ``mode`` from :data:`MODES`."""
+                   seed: int, refit_linears: bool = False) -> Any:
+    """Convert ``dense`` at ``budget`` of its conv parameters with an init ``mode`` from :data:`MODES`
+    (``refit_linears``: the sequential mode also re-fits the classifier, ``--refit-linears``)."""
     example = torch.zeros(1, CHANNELS, IMAGE_SIZE, IMAGE_SIZE)
     return convert(dense, ParamsRatio(budget), block=block, example_inputs=example,
                    calibration=None if mode == "weight" else calibration, calibration_samples=len(calibration),
                    sequential=mode == "sequential", max_positions=IMAGE_SIZE * IMAGE_SIZE,  # small: every position
-                   progress=False, seed=seed)
+                   progress=False, seed=seed, refit_linears=refit_linears)
 
 
 def run_finetune(init: nn.Module, dense: nn.Module, data: Data, config: FinetuneConfig,
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run those seeds from the sequential init of this block kind (default auto; none = skip)")
     p.add_argument("--subset-fraction", type=float, default=0.1, help="small-data fraction (default 0.1)")
     p.add_argument("--train-samples", type=int, default=None, help="cap the fine-tuning images (smoke tests)")
+    p.add_argument("--refit-linears", action="store_true",
+                   help="sequential conversions also re-fit the classifier to the converted features "
+                        "(convert(..., refit_linears=True)): zero-shot rows and fine-tuning inits")
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--markdown", default=None, help="also write the tables as Markdown to this file")
     return p
@@ -376,7 +381,8 @@ def _run(args: argparse.Namespace) -> int:
         key = (budget, block, mode)
         if key not in conversions:
             with clock.stage(f"convert {block} {budget:g} {mode}"):
-                conversions[key] = convert_digits(dense, budget, block, mode, data.calibration, args.seed)
+                conversions[key] = convert_digits(dense, budget, block, mode, data.calibration, args.seed,
+                                                  refit_linears=args.refit_linears)
         return conversions[key]
 
     zero_shot: list[ZeroShot] = []
