@@ -57,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NCHWc block on this CPU, 16 with AVX-512, 8 with AVX2; give the deployment CPU's)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="layer names to keep dense")
     parser.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only convert these layers")
-    parser.add_argument("--input-size", type=int, default=224, metavar="N", help="input height/width (default 224)")
+    parser.add_argument("--input-size", type=int, default=None, metavar="N",
+                        help="input height/width (default: the size the model declares, timm's pretrained_cfg, "
+                             "else 224)")
     parser.add_argument("--report", metavar="JSON", help="also write the per-layer report as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also write a plot of error vs compression per layer")
     parser.add_argument("--seed", type=int, default=0, help="seed for random init and calibration sampling")
@@ -80,10 +82,10 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..models import build_model
     from ..serialize import save
-    from .export import input_channels
+    from .finetune import input_shape
 
     target = _target(args)  # validates the ratio before any work
-    if args.input_size < 1:
+    if args.input_size is not None and args.input_size < 1:
         raise ConfigError(f"--input-size must be positive, got {args.input_size}")
     if args.calib_samples < 1:
         raise ConfigError(f"--calib-samples must be positive, got {args.calib_samples}")
@@ -95,14 +97,14 @@ def run(args: argparse.Namespace) -> int:
     model, origin = build_model(args.model, weights, num_classes=args.num_classes)
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         raise ModelError(f"{args.model} has no Conv2d layers to convert")
-    channels = input_channels(model)
-    example = torch.randn(1, channels, args.input_size, args.input_size,
+    channels, size = input_shape(model, args.input_size)
+    example = torch.randn(1, channels, size, size,
                           generator=torch.Generator().manual_seed(args.seed))
     calibration = None
     if args.calib:
         from ..data import resolve_source
 
-        calibration = resolve_source(args.calib, image_size=args.input_size, channels=channels, split="train",
+        calibration = resolve_source(args.calib, image_size=size, channels=channels, split="train",
                                      samples=args.calib_samples, seed=args.seed)
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
