@@ -545,12 +545,17 @@ class _Capture:
         raise _StopForward
 
 
-def _capture(model: nn.Module, module: nn.Module, x: Tensor, capture: _Capture, channels_last: bool) -> Tensor:
-    handle = module.register_forward_pre_hook(capture.hook, with_kwargs=True)
+def _run_to(model: nn.Module, module: nn.Module, x: Tensor, hook: Callable, channels_last: bool = False) -> None:
+    """Run ``model(x)`` with ``hook`` as a pre-hook of ``module`` (a capture that stops the forward)."""
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         _forward(model, x, channels_last)
     finally:
         handle.remove()
+
+
+def _capture(model: nn.Module, module: nn.Module, x: Tensor, capture: _Capture, channels_last: bool) -> Tensor:
+    _run_to(model, module, x, capture.hook, channels_last)
     if capture.patches is None:
         raise ConfigError("never ran during the model's forward pass (is it used by forward()?)",
                           layer=capture.layer)
@@ -915,11 +920,7 @@ def collect_linear_pairs(original: nn.Module, converted: nn.Module, layer: str, 
             rows = []
             for model, module, xx in ((original, modules[0], x), (converted, modules[1], x.to(converted_dtype))):
                 capture = _RowCapture()
-                handle = module.register_forward_pre_hook(capture.hook, with_kwargs=True)
-                try:
-                    _forward(model, xx)
-                finally:
-                    handle.remove()
+                _run_to(model, module, xx, capture.hook)
                 if capture.rows is None:
                     return None
                 rows.append(capture.rows)

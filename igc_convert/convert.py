@@ -501,8 +501,8 @@ def _refit_linears(reference: nn.Module, converted: nn.Module, batches: Sequence
         folds = calibrate.collect_linear_pairs(reference, converted, name, batches)
         if folds is None or len(folds) < 2:
             continue
-        weight, bias, before, after, delta = calibrate.linear_refit(reference.get_submodule(name).weight,
-                                                                    reference.get_submodule(name).bias, folds)
+        original = reference.get_submodule(name)
+        weight, bias, before, after, delta = calibrate.linear_refit(original.weight, original.bias, folds)
         with torch.no_grad():
             layer.weight.copy_(weight.to(layer.weight))
             if bias is not None:

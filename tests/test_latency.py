@@ -230,10 +230,10 @@ def test_latency_plan_is_loosened_when_the_whole_model_measures_well_under_targe
 def test_a_loosened_plan_that_measures_too_slow_is_not_fitted(scripted_modules, monkeypatch):
     """The first plan measures far under the target; anything larger measures far above it: after the
     re-plans, the plan fitted is the first one, the only one within the target."""
-    first = []
+    first = []  # the first plan's parameter ratio
 
     def measure(r):
-        first.append(first[0] if first else r)
+        first[:] = first or [r]
         return 0.2 if r <= first[0] else 0.9
 
     result, seen, plans = _plan_measured_as(monkeypatch, measure)

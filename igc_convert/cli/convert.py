@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..models import build_model
     from ..serialize import save
-    from .finetune import input_shape
+    from .export import input_shape
 
     target = _target(args)  # validates the ratio before any work
     if args.input_size is not None and args.input_size < 1:

@@ -15,6 +15,9 @@ EXAMPLE = "igc-convert export resnet18-igc.safetensors -o resnet18-igc.onnx --or
 
 log = logging.getLogger(__name__)
 
+#: Input height/width of a model that does not declare its own (``pretrained_cfg``).
+DEFAULT_IMAGE_SIZE = 224
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("converted", metavar="CONVERTED", help="converted model file (from igc-convert convert)")
@@ -46,6 +49,16 @@ def input_channels(model: nn.Module) -> int:
         if isinstance(channels, int) and channels > 0:
             return channels
     raise ConfigError("cannot tell the model's input channels (no conv found); pass --channels")
+
+
+def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
+    """``(channels, image size)`` the model takes: its declared input size (timm's ``pretrained_cfg``
+    convention, also used by the digits model), else its first conv's channels and ``image_size``."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
+    declared = cfg.get("input_size") if isinstance(cfg, dict) else None
+    if declared is not None and len(declared) == 3:
+        return int(declared[0]), image_size or int(declared[-1])
+    return input_channels(model), image_size or DEFAULT_IMAGE_SIZE
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,18 +10,15 @@ import argparse
 import logging
 from typing import Any
 
-from torch import nn
-
 from ..errors import ConfigError, IGCError, ModelError
 from ..finetune import OPTIMIZERS, FinetuneConfig, FinetuneResult
+from .export import DEFAULT_IMAGE_SIZE, input_shape
 
 HELP = "fine-tune a converted model by distillation from the original (resumable, runs under torchrun)"
 EXAMPLE = ("igc-convert finetune resnet18-igc.safetensors -o resnet18-igc-ft.safetensors --data train/ "
            "--val-data val/ --epochs 3 --checkpoint-dir ckpt --resume")
 
 log = logging.getLogger(__name__)
-
-DEFAULT_IMAGE_SIZE = 224
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,18 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of data order, split and init (default 0)")
     parser.add_argument("--workers", type=int, default=d.num_workers, metavar="N",
                         help="data-loading worker processes per training process (default 0: load in-process)")
-
-
-def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
-    """``(channels, image size)`` the model takes: its declared input size (timm's ``pretrained_cfg``
-    convention, also used by the digits model), else its first conv's channels and ``image_size``."""
-    from .export import input_channels
-
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
-    declared = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if declared is not None and len(declared) == 3:
-        return int(declared[0]), image_size or int(declared[-1])
-    return input_channels(model), image_size or DEFAULT_IMAGE_SIZE
 
 
 def run(args: argparse.Namespace) -> int:
