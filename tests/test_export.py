@@ -372,3 +372,21 @@ def test_cli_input_channels():
     assert input_channels(nn.Sequential(nn.ReLU(), nn.Conv2d(5, 2, 1))) == 5
     with pytest.raises(ConfigError, match="--channels"):
         input_channels(nn.Sequential(nn.ReLU()))
+
+
+def test_cli_export_uses_the_input_size_the_model_declares(tmp_path):
+    """Without --input-size the digits model (it declares 1×12×12, timm's convention) exports at 12×12,
+    not 224×224; --input-size still overrides it."""
+    from igc_convert.cli import main
+
+    converted = tmp_path / "m.safetensors"
+    assert main(["convert", "igc_convert.digits:digits_resnet", "-o", str(converted), "--params-ratio", "0.3"]) == 0
+
+    def spatial(path):
+        dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+        return [d.dim_value for d in dims[1:]]
+
+    assert main(["export", str(converted), "-o", str(tmp_path / "a.onnx")]) == 0
+    assert spatial(tmp_path / "a.onnx") == [1, 12, 12]
+    assert main(["export", str(converted), "-o", str(tmp_path / "b.onnx"), "--input-size", "16", "20"]) == 0
+    assert spatial(tmp_path / "b.onnx") == [1, 16, 20]

@@ -22,8 +22,9 @@ DEFAULT_IMAGE_SIZE = 224
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("converted", metavar="CONVERTED", help="converted model file (from igc-convert convert)")
     parser.add_argument("-o", "--output", required=True, help="ONNX file to write")
-    parser.add_argument("--input-size", type=int, nargs="+", default=[224], metavar="N",
-                        help="input height and width (one value for square inputs; default 224)")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
+                        help="input height and width (one value for square inputs; default: the size the model "
+                             "declares, timm's pretrained_cfg, else 224)")
     parser.add_argument("--batch-size", type=int, default=1, help="batch size of the example input (default 1)")
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--dynamic-batch", dest="dynamic_batch", action="store_true", default=True,
@@ -67,17 +68,18 @@ def run(args: argparse.Namespace) -> int:
     from ..serialize import load
 
     size = args.input_size
-    if len(size) not in (1, 2) or min(size) < 1:
+    if size is not None and (len(size) not in (1, 2) or min(size) < 1):
         raise ConfigError(f"--input-size takes one or two positive integers, got {size}")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
-    h, w = (size[0], size[0]) if len(size) == 1 else size
     # Fail on an unwritable destination before minutes of export.
     check_writable(args.output)
     if args.original:
         check_writable(args.original)
     converted = load(args.converted)
-    channels = args.channels or input_channels(converted.model)
+    declared_channels, side = input_shape(converted.model, None)
+    h, w = (side, side) if size is None else (size[0], size[-1])
+    channels = args.channels or declared_channels
     x = torch.randn(args.batch_size, channels, h, w, generator=torch.Generator().manual_seed(args.seed))
     options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter)
     results = [("converted", export_onnx(converted.model, args.output, x, **options))]
