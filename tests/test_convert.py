@@ -411,3 +411,20 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys, argv, expected):
     assert code == 2
     assert len([line for line in err if line.startswith("igc-convert")]) == 1 and expected in err[-1]
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_igcv1_ranks_keep_fast_steps_only_where_enough_ranks_remain():
+    """A 64-channel 3x3 layer gets every rank (steps of 8 left 8 ranks per shape and cost the digits
+    model 5 points zero-shot at 0.1); a 512-channel 1x1 layer keeps ranks in multiples of 8."""
+    from igc_convert.plan import LayerSpec, igcv1_candidates
+
+    def ranks(c, k, L, M):
+        spec = LayerSpec("conv", torch.randn(c, c, k, k, dtype=torch.float64), False, (1, 1), (k // 2, k // 2), (1, 1))
+        return sorted(x.shape["rank"] for x in igcv1_candidates(spec, max_groups=4)
+                      if (x.shape["primary_groups"], x.shape["secondary_groups"]) == (L, M))
+
+    # every rank below the dense conv's 36,864 parameters: r x (576 + 4 x 64), r x (576 + 64)
+    assert ranks(64, 3, 4, 1) == list(range(1, 45))
+    assert ranks(64, 3, 1, 1) == list(range(1, 58))
+    big = ranks(512, 1, 4, 1)
+    assert big == list(range(8, 97, 8))  # 104 x (512 + 4 x 512) > 512 x 512
