@@ -75,7 +75,9 @@ class _Geometry:
     pad_mode: str                    # F.pad mode
 
     @classmethod
-    def of(cls, conv: nn.Conv2d) -> "_Geometry":
+    def of(cls, conv: nn.Conv2d | nn.Linear) -> "_Geometry":
+        if isinstance(conv, nn.Linear):  # its input rows are the patches of a 1×1 conv
+            return cls(conv.in_features, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), "constant")
         kh, kw = conv.kernel_size
         dh, dw = conv.dilation
         if isinstance(conv.padding, str):
@@ -419,8 +421,9 @@ class _LayerStats:
         return sigma
 
 
-def stats_bytes(conv: nn.Conv2d) -> int:
-    """Bytes of one float64 ``n × n`` input-statistics matrix of ``conv`` (``n = C_in/groups · kh · kw``)."""
+def stats_bytes(conv: nn.Conv2d | nn.Linear) -> int:
+    """Bytes of one float64 ``n × n`` input-statistics matrix of ``conv`` (``n = C_in/groups · kh · kw``,
+    ``in_features`` for a Linear)."""
     return _Geometry.of(conv).size ** 2 * 8
 
 
@@ -909,7 +912,7 @@ def collect_linear_pairs(original: nn.Module, converted: nn.Module, layer: str, 
     modules = _module(original, layer), _module(converted, layer, "layer of the converted model")
     if not all(isinstance(m, nn.Linear) for m in modules):
         raise ConfigError("is not an nn.Linear in both models", layer=layer)
-    geom = _Geometry.of(nn.Conv2d(modules[0].in_features, 1, 1, device="meta"))
+    geom = _Geometry.of(modules[0])
     _passes_possible(batches, 1)
     dev, dtype = _placement(original, device)
     converted_dtype = _placement(converted, dev)[1]

@@ -495,7 +495,7 @@ def _refit_linears(reference: nn.Module, converted: nn.Module, batches: Sequence
     for name in tqdm(names, desc="re-fitting linears", unit="layer", disable=not progress or len(names) < 2,
                      leave=False):
         layer = converted.get_submodule(name)
-        if 4 * 8 * layer.in_features**2 > MAX_LAYER_STATS_BYTES:
+        if 4 * calibrate.stats_bytes(layer) > MAX_LAYER_STATS_BYTES:  # Σ̃, Σ, C per fold, and their moments
             log.info("%s: %d inputs, too wide to re-fit from statistics; left as it is", name, layer.in_features)
             continue
         folds = calibrate.collect_linear_pairs(reference, converted, name, batches)
