@@ -31,6 +31,7 @@ import collections.abc
 import copy
 import logging
 import math
+import operator
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
@@ -513,6 +514,13 @@ class PairedStats:
     (original × converted), ``sigma_original = E[p pᵀ]``; ``count`` patches were averaged.
     ``mean_actual = E[p̃]`` and ``mean_original = E[p]`` (unfold order) give the bias correction
     :func:`output_shift`; ``None`` where they were not collected.
+
+    ``merge_cross = E[e p̃ᵀ]`` (``C_out × n``) and ``merge_mean = E[e]``: where the layer's output
+    reaches a residual addition (through its BatchNorm, if any), ``e`` is what the *other* addend of
+    the partly converted model misses, ``(s − s̃) / a`` in the layer's output units (``a`` the
+    BatchNorm's per-channel scale), at the same positions. The sequential fit then aims at ``W p + e``,
+    so that the sum matches the original's (:func:`sequential_target`). ``merge_original = E[e pᵀ]``
+    and ``merge_energy = E‖e‖²`` complete the error at the sum (:func:`merged_error`). ``None`` elsewhere.
     """
 
     sigma_actual: Tensor
@@ -521,6 +529,10 @@ class PairedStats:
     count: int
     mean_actual: Tensor | None = None
     mean_original: Tensor | None = None
+    merge_cross: Tensor | None = None
+    merge_mean: Tensor | None = None
+    merge_original: Tensor | None = None
+    merge_energy: float | None = None
 
 
 class _Capture:
@@ -613,7 +625,27 @@ class _PairedSums:
         self.cross = torch.zeros(n, n, dtype=torch.float64, device=device)
         self.sum_actual = torch.zeros(n, dtype=torch.float64, device=device)
         self.sum_original = torch.zeros(n, dtype=torch.float64, device=device)
+        self.merge_cross: Tensor | None = None
+        self.merge_original: Tensor | None = None
+        self.merge_sum: Tensor | None = None
+        self.merge_energy = 0.0
         self.count = 0
+
+    def add_merge(self, e: Tensor, p: Tensor, pt: Tensor) -> None:
+        """The other addend's miss ``e`` (``S × C_out``) at the positions of the patches ``p`` / ``pt``."""
+        e = e.to(device=pt.device, dtype=pt.dtype)
+        if self.merge_cross is None:
+            self.merge_cross = torch.zeros(e.shape[1], pt.shape[1], dtype=torch.float64, device=pt.device)
+            self.merge_original = torch.zeros_like(self.merge_cross)
+            self.merge_sum = torch.zeros(e.shape[1], dtype=torch.float64, device=pt.device)
+        (es, s), (ps, so), (pts, st) = _unit_scale(e), _unit_scale(p), _unit_scale(pt)
+        self.merge_cross.add_(es.T @ pts, alpha=s * st)
+        self.merge_original.add_(es.T @ ps, alpha=s * so)
+        self.merge_sum += e.sum(0, dtype=torch.float64)
+        self.merge_energy += float(e.to(torch.float64).pow(2).sum())
+
+    def drop_merge(self) -> None:
+        self.merge_cross = self.merge_original = self.merge_sum = None
 
     def add(self, p: Tensor, pt: Tensor) -> None:
         """Original patches ``p`` and the converted model's ``pt`` at the same images and positions."""
@@ -636,7 +668,18 @@ class _PairedSums:
         means = [geom.vector_to_unfold_order(v.cpu()) / count for v in (self.sum_actual, self.sum_original)]
         if not all(finite(v) for v in means):
             raise DataError("paired input means are not finite (activations overflowed)", layer=self.layer)
-        return PairedStats(out["actual"], out["cross"], out["original"], count, *means)
+        merge: tuple = ()
+        if self.merge_cross is not None:
+            (kh, kw), c = geom.kernel_size, geom.in_channels
+
+            def columns_in_unfold_order(m: Tensor) -> Tensor:
+                return m.cpu().reshape(-1, kh, kw, c).permute(0, 3, 1, 2).reshape(-1, geom.size) / count
+
+            merge = (columns_in_unfold_order(self.merge_cross), self.merge_sum.cpu() / count,
+                     columns_in_unfold_order(self.merge_original), self.merge_energy / count)
+            if not all(finite(torch.as_tensor(m)) for m in merge):
+                raise DataError("residual statistics are not finite (activations overflowed)", layer=self.layer)
+        return PairedStats(out["actual"], out["cross"], out["original"], count, *means, *merge)
 
 
 class _Runner(torch.fx.Interpreter):
@@ -690,6 +733,83 @@ def _storage_bytes(values: Iterable[Any]) -> int:
     return sum(seen.values())
 
 
+_ADDITIONS = (operator.add, operator.iadd, torch.add)
+_IN_PLACE_OPERATORS = frozenset(getattr(operator, f"i{op}") for op in (
+    "add", "sub", "mul", "matmul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift"))
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """Where a layer's output, through its BatchNorm if any, is added to another branch."""
+
+    inverse_scale: Tensor                 # 1 / a per output channel (0 where a ≈ 0), float64
+    other: torch.fx.Node                  # the other addend
+    nodes: tuple[torch.fx.Node, ...]      # nodes after the layer that the other addend needs, in order
+
+
+def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str, nn.Module]) -> _Merge | None:
+    """The residual addition ``nodes[index]`` (a conv) feeds, if its output goes nowhere else.
+
+    The path is conv → (BatchNorm2d with running statistics) → add, each the only user of the one
+    before (``nn.Identity`` modules on the way are passed over); ``a = γ / sqrt(var + eps)`` of that BatchNorm (1 without one) converts the other addend's
+    miss into the conv's output units.
+    """
+    chain = nodes[index]
+    conv = modules[str(chain.target)]
+    scale = torch.ones(conv.out_channels, dtype=torch.float64)
+    seen_bn = False
+    while True:
+        users = list(chain.users)
+        if len(users) != 1:
+            return None
+        user = users[0]
+        module = modules.get(str(user.target)) if user.op == "call_module" else None
+        if isinstance(module, nn.Identity):  # e.g. a drop-path that is off
+            chain = user
+        elif type(module) in _BATCHNORMS and not seen_bn:  # subclasses may add an activation
+            if user.args[:1] != (chain,) or module.running_var is None or module.num_features != conv.out_channels:
+                return None
+            scale = 1 / torch.sqrt(module.running_var.detach().to(torch.float64).cpu() + module.eps)
+            if module.weight is not None:
+                scale = scale * module.weight.detach().to(torch.float64).cpu()
+            chain, seen_bn = user, True
+        else:
+            break
+    add = user
+    if not ((add.op == "call_function" and add.target in _ADDITIONS)
+            or (add.op == "call_method" and add.target in ("add", "add_"))):
+        return None
+    others = [a for a in add.args if a is not chain]
+    if add.kwargs or len(add.args) != 2 or len(others) != 1 or not isinstance(others[0], torch.fx.Node):
+        return None
+    position = {n: i for i, n in enumerate(nodes)}
+    needed, stack = set(), [others[0]]
+    while stack:  # what the other addend needs that is computed after the conv
+        n = stack.pop()
+        if position[n] > index and n not in needed:
+            needed.add(n)
+            stack.extend(n.all_input_nodes)
+    if not torch.isfinite(scale).all() or any(_mutates_input(n, modules) and n.args and n.args[0] not in needed
+                                               for n in needed):
+        return None  # running ahead would change a value the resumed forward still needs
+    big = scale.abs() > 1e-6 * float(scale.abs().max())
+    inverse = torch.where(big, 1 / torch.where(big, scale, torch.ones_like(scale)), torch.zeros_like(scale))
+    return _Merge(inverse, others[0], tuple(sorted(needed, key=position.__getitem__)))
+
+
+def _mutates_input(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
+    """Whether ``node`` may write into its first argument (``relu_``, ``x += y``, ``ReLU(inplace=True)``)."""
+    if node.kwargs.get("inplace"):
+        return True
+    if node.op == "call_module":
+        return bool(getattr(modules.get(str(node.target)), "inplace", False))
+    if node.op == "call_method":
+        return str(node.target).endswith("_")
+    name = getattr(node.target, "__name__", "")
+    return node.op == "call_function" and (name.endswith("_") and not name.endswith("__")
+                                           or node.target in _IN_PLACE_OPERATORS)
+
+
 class SequentialStats:
     """Paired statistics (:func:`collect_paired_stats`) of layers fitted one after another, each forward
     resumed where the previous layer's stopped.
@@ -703,6 +823,11 @@ class SequentialStats:
     swapped in before the next request is what the later layers see. Positions and generators are
     those of :func:`collect_paired_stats`: the statistics are the same.
 
+    Where a layer's output is added to another branch (a residual block's last conv), the other
+    addend is computed in both models too, and what the converted one misses is collected as
+    ``merge_cross`` / ``merge_mean`` (:class:`PairedStats`): the fit then makes up for the shortcut's
+    error as well as its own, so the *sum* matches the original's (``residual=False`` turns this off).
+
     Layers must be asked for in graph order, each a ``Conv2d`` called once. :meth:`create` returns
     None (and logs why) when the model cannot be traced, or when the kept values would exceed
     ``memory_budget`` bytes (estimated on the first batch; default: half the memory available on the
@@ -710,10 +835,11 @@ class SequentialStats:
     """
 
     def __init__(self, original: nn.Module, converted: nn.Module, graph_module: torch.fx.GraphModule,
-                 batches: Sequence[Tensor], *, max_positions: int, seed: int) -> None:
+                 batches: Sequence[Tensor], *, max_positions: int, seed: int, residual: bool = True) -> None:
         self.original, self.converted = original, converted
         self.nodes = list(graph_module.graph.nodes)
         self.index = {str(n.target): i for i, n in enumerate(self.nodes) if n.op == "call_module"}
+        self.residual = residual
         self.runners = (_Runner(graph_module, original), _Runner(graph_module, converted))
         self.k, self.seed = int(max_positions), seed
         self.device = batches[0].device
@@ -727,7 +853,7 @@ class SequentialStats:
     @classmethod
     def create(cls, original: nn.Module, converted: nn.Module, layers: Sequence[str], batches: Sequence[Tensor], *,
                max_positions: int = 64, seed: int = 0, memory_budget: int | None = None,
-               device: torch.device | str | None = None) -> "SequentialStats | None":
+               device: torch.device | str | None = None, residual: bool = True) -> "SequentialStats | None":
         """The resumable statistics for ``layers`` (in graph order), or None where they do not apply."""
         if int(max_positions) < 1:
             raise ConfigError(f"max_positions must be >= 1, got {max_positions}")
@@ -767,7 +893,7 @@ class SequentialStats:
             logger.warning("sequential statistics rerun the forward per layer: keeping both models' activations "
                         "would take %.1f GiB (budget %.1f GiB)", need / 2**30, memory_budget / 2**30)
             return None
-        self = cls(original, converted, gm, xs, max_positions=max_positions, seed=seed)
+        self = cls(original, converted, gm, xs, max_positions=max_positions, seed=seed, residual=residual)
         self.last = layers[-1] if layers else None
         return self
 
@@ -783,6 +909,7 @@ class SequentialStats:
         gen = _layer_generator(self.seed, layer)
         node = self.nodes[stop]
         sums = _PairedSums(layer, geom, self.device)
+        merge = _find_merge(self.nodes, stop, dict(self.original.named_modules())) if self.residual else None
         with torch.no_grad(), _Modes(self.original, self.converted):
             for env_o, env_c in tqdm(list(zip(*self.envs)), desc=f"paired statistics {layer}", unit="batch",
                                      disable=not progress, leave=False):
@@ -799,15 +926,52 @@ class SequentialStats:
                 if xt.shape != x.shape:
                     raise ModelError(f"the converted model feeds this layer an input of shape {tuple(xt.shape)}, "
                                      f"the original one of shape {tuple(x.shape)}", layer=layer)
-                positions = _sample_positions(x.shape[0], geom.output_hw(x.shape[2], x.shape[3]), self.k, gen)
+                hw = geom.output_hw(x.shape[2], x.shape[3])
+                positions = _sample_positions(x.shape[0], hw, self.k, gen)
                 dtype = _matmul_dtype(x)
-                sums.add(geom.gather(geom.pad_input(x), *positions).to(dtype),
-                         geom.gather(geom.pad_input(xt), *positions).to(dtype))
+                p = geom.gather(geom.pad_input(x), *positions).to(dtype)
+                pt = geom.gather(geom.pad_input(xt), *positions).to(dtype)
+                sums.add(p, pt)
+                if merge is not None:
+                    miss = self._merge_miss(merge, env_o, env_c, positions, (conv.out_channels, *hw), layer)
+                    if miss is None:
+                        merge = None  # the addition broadcasts: no correction for this layer
+                        sums.drop_merge()
+                    else:
+                        sums.add_merge(miss.to(dtype), p, pt)
         self.position = stop
         self.done.add(layer)
         if layer == self.last:
             self.envs = ([], [])
         return sums.result()
+
+
+    def _merge_miss(self, merge: _Merge, env_o: dict, env_c: dict, positions: tuple, shape: tuple[int, int, int],
+                    layer: str) -> Tensor | None:
+        """``(s − s̃) / a`` at ``positions`` (``S × C_out``), or None when the addend is not conv-output shaped."""
+        values = []
+        for runner, env in zip(self.runners, (env_o, env_c)):
+            local = dict(env)  # run ahead on a copy: the resumed forward must not see these values
+            runner.env = local
+            try:
+                for n in merge.nodes:
+                    local[n] = runner.run_node(n)
+            except IGCError:
+                raise
+            except Exception as exc:
+                raise DataError(f"the model failed on a calibration batch: {type(exc).__name__}: {exc}",
+                                layer=layer) from exc
+            values.append(local[merge.other])
+        s, st = values
+        img, oy, ox = positions
+        if not (isinstance(s, Tensor) and isinstance(st, Tensor)) or s.dim() != 4 or tuple(s.shape[1:]) != shape \
+                or st.shape != s.shape:
+            logger.info("%s: its residual addition broadcasts; no shortcut correction", layer)
+            return None
+        dev = s.device
+        img, oy, ox = img.to(dev), oy.to(dev), ox.to(dev)
+        diff = (s[img, :, oy, ox] - st.to(s.dtype)[img, :, oy, ox]).to(torch.float64)
+        return diff * merge.inverse_scale.to(dev)
 
 
 def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAULT_DAMPING
@@ -850,7 +1014,13 @@ def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAU
         return w, sa
     # whitener(Σ̃) is chol(Σ̃/m + δ'I) (δ' = δ, escalated if needed): (Σ̃ + δ'mI)⁻¹ = (R Rᵀ)⁻¹ / m.
     r = whitener(sa, n, damping)
-    target = torch.cholesky_solve((wm @ cross / scale).T.contiguous(), r).T
+    aim = wm @ cross
+    if stats.merge_cross is not None:
+        if tuple(stats.merge_cross.shape) != (wm.shape[0], n):
+            raise ConfigError(f"stats.merge_cross has shape {tuple(stats.merge_cross.shape)}, expected "
+                              f"({wm.shape[0]}, {n})")
+        aim = aim + stats.merge_cross.detach().to(torch.float64).cpu()
+    target = torch.cholesky_solve((aim / scale).T.contiguous(), r).T
     if not torch.isfinite(target).all():  # cannot happen with a valid factor; never hand NaN to a fit
         return w, sa
     return target.reshape(w.shape).contiguous(), sa
@@ -876,7 +1046,10 @@ def output_shift(weight: Tensor, approx: Tensor, stats: PairedStats) -> Tensor |
     if am.shape != wm.shape or stats.mean_actual.numel() != n or stats.mean_original.numel() != n:
         raise ConfigError(f"output_shift: kernels {tuple(weight.shape)} / {tuple(approx.shape)} do not match "
                           f"means of length {stats.mean_original.numel()}")
-    return wm @ stats.mean_original.to(torch.float64) - am @ stats.mean_actual.to(torch.float64)
+    shift = wm @ stats.mean_original.to(torch.float64) - am @ stats.mean_actual.to(torch.float64)
+    if stats.merge_mean is not None:
+        shift = shift + stats.merge_mean.to(torch.float64).cpu()
+    return shift
 
 
 # ------------------------------------------------------------------------------------ linear layers

@@ -241,7 +241,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             damping: float = fz.DEFAULT_DAMPING, max_groups: int = 4, fit_iters: int = 100,
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
             allocation: str = "budget", bias_correction: bool = True, linear: bool = False,
-            channel_multiple: int | None = None, refit_linears: bool = False, model_name: str = "") -> ConversionResult:
+            channel_multiple: int | None = None, refit_linears: bool = False, residual_correction: bool = True,
+            model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
@@ -250,7 +251,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (sequential
     mode) moves the mean of each fitted layer's output error into its bias, or into the running mean
-    of the BatchNorm that follows it. ``refit_linears`` (sequential mode) then re-fits every dense
+    of the BatchNorm that follows it. ``residual_correction`` (sequential mode, traceable models) fits
+    a layer whose output (through its BatchNorm) is added to a shortcut so that the *sum* matches the
+    original's: the layer also makes up for what the converted shortcut branch misses
+    (:class:`igc_convert.calibrate.SequentialStats`). ``refit_linears`` (sequential mode) then re-fits every dense
     ``nn.Linear`` left in the model, a classifier head say, by least squares to map the features the
     converted layers now give it onto its original outputs (:func:`igc_convert.calibrate.linear_refit`,
     ridge chosen on held-out calibration images): the head is where the drift left by every converted
@@ -417,7 +421,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         # Both models' forwards resumed layer after layer (when traceable and the activations fit).
         paired_layers = [s.name for s, _, _ in todo if s.calls == 1 and s.name not in too_wide]
         resumable = calibrate.SequentialStats.create(reference, converted, paired_layers, batches,
-                                                     max_positions=max_positions, seed=seed) if paired_layers else None
+                                                     max_positions=max_positions, seed=seed,
+                                                     residual=residual_correction) if paired_layers else None
     bar = tqdm(todo, desc="fitting", unit="layer", disable=not progress)
     for s, spec, c in bar:
         bar.set_postfix_str(s.name)
@@ -443,8 +448,12 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         rec.weight_error = fz.relative_error(w, approx)
         if paired is not None:
             ref = _quadratic(w, paired.sigma_original)
-            cross = float(((w.reshape(w.shape[0], -1) @ paired.cross) * approx.reshape(w.shape[0], -1)).sum())
+            wm, am = w.reshape(w.shape[0], -1), approx.reshape(w.shape[0], -1)
+            cross = float(((wm @ paired.cross) * am).sum())
             err2 = ref - 2 * cross + _quadratic(approx, paired.sigma_actual)
+            if paired.merge_cross is not None:  # the error at the residual sum: E‖W p + e − Ŵ p̃‖²
+                err2 += (2 * float((wm * paired.merge_original).sum()) + paired.merge_energy
+                         - 2 * float((am * paired.merge_cross).sum()))
             rec.output_error = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
         elif spec.sigma is not None:
             ref = _quadratic(w, spec.sigma)

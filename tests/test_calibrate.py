@@ -647,3 +647,126 @@ def test_linear_pairs_are_none_for_token_sequences_and_need_linears():
         cal.collect_linear_pairs(net, other, "proj", [torch.randn(2, 4, 3, 3)])
     with pytest.raises(ConfigError, match="folds"):
         cal.collect_linear_pairs(net, net, "proj", [torch.randn(2, 4, 3, 3)], folds=0)
+
+
+# ------------------------------------------------------------------------------ residual correction
+class _Skip(nn.Module):
+    """stem → t;  out = bn(conv(t)) + t  (or conv(t) + t without the BatchNorm)."""
+
+    def __init__(self, bn: bool = True):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 6, 1)  # more inputs than outputs: t spans all 6 dimensions
+        self.conv = nn.Conv2d(6, 6, 1)
+        self.bn = nn.BatchNorm2d(6) if bn else None
+
+    def forward(self, x):
+        t = self.stem(x)
+        u = self.conv(t)
+        return (self.bn(u) if self.bn is not None else u) + t
+
+
+def _skip_pair(bn: bool):
+    """The model and a 'converted' copy whose stem output is mixed by M: t̃ = M t."""
+    torch.manual_seed(0)
+    net = _Skip(bn).double().eval()
+    if bn:
+        net.bn.running_mean.normal_()
+        net.bn.running_var.uniform_(0.5, 2.0)
+        with torch.no_grad():
+            net.bn.weight.copy_(torch.tensor([1.5, -0.7, 0.3, 2.0, -1.2, 0.9]))
+    mix = nn.Conv2d(6, 6, 1, bias=False).double()
+    with torch.no_grad():
+        mix.weight.copy_((torch.eye(6) + 0.3 * torch.randn(6, 6)).reshape(6, 6, 1, 1))
+    converted = copy.deepcopy(net)
+    converted.stem = nn.Sequential(converted.stem, mix)
+    return net, converted, mix.weight.reshape(6, 6)
+
+
+@pytest.mark.parametrize("bn", [True, False])
+def test_residual_correction_makes_the_sum_match_the_original(bn):
+    """With t̃ = M t on both the conv's input and the shortcut, the exact target is
+    W M⁻¹ + diag(1/a)(M⁻¹ − I): fitted to it, the converted block's sum equals the original's."""
+    net, converted, m = _skip_pair(bn)
+    batches = [torch.randn(4, 8, 5, 5, dtype=torch.float64) for _ in range(2)]
+    a = (net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)).detach() if bn else torch.ones(6)
+    w = net.conv.weight.detach().reshape(6, 6)
+    inv = torch.linalg.inv(m.detach())
+    stats = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=25)("conv")
+    target, _ = cal.sequential_target(net.conv.weight, stats, damping=1e-12)
+    want = w @ inv + torch.diag(1 / a.double()) @ (inv - torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(target.reshape(6, 6), want, rtol=1e-6, atol=1e-8)
+    with torch.no_grad():
+        assert (converted(batches[0]) - net(batches[0])).abs().max() > 1e-2  # the mixed stem is off...
+        converted.conv.weight.copy_(target)
+        shift = cal.output_shift(net.conv.weight, target, stats)
+        torch.testing.assert_close(shift, torch.zeros(6, dtype=torch.float64), rtol=0, atol=1e-8)
+        x = torch.randn(3, 8, 7, 7, dtype=torch.float64)  # ... the sum is right, on images never seen
+        torch.testing.assert_close(converted(x), net(x), rtol=1e-6, atol=1e-8)
+
+    off = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=25, residual=False)("conv")
+    assert off.merge_cross is None and off.merge_mean is None
+    target_off, _ = cal.sequential_target(net.conv.weight, off, damping=1e-12)
+    torch.testing.assert_close(target_off.reshape(6, 6), w @ inv, rtol=1e-6, atol=1e-8)  # its own output only
+
+
+class _Broadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gate = nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x) + self.gate(x.mean((2, 3), keepdim=True))  # a (N, 4, 1, 1) addend
+
+
+class _InPlaceShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        t = self.stem(x)
+        u = self.conv(t)
+        return u + torch.relu_(t)  # the shortcut writes into t: running it ahead would change the forward
+
+
+class _Shared2(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.other = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        u = self.conv(x)
+        return u + self.other(x), u  # the conv's output goes elsewhere too
+
+
+@pytest.mark.parametrize("make", [_Broadcast, _InPlaceShortcut, _Shared2])
+def test_residual_correction_is_skipped_where_it_does_not_apply(make):
+    """A broadcast addend, a shortcut that changes a value in place, a conv output used twice: the layer
+    gets the plain sequential statistics, and the forward is not disturbed."""
+    torch.manual_seed(0)
+    net = make().eval()
+    batches = [torch.randn(2, 3, 6, 6)]
+    got = cal.SequentialStats.create(net, copy.deepcopy(net), ["conv"], batches, max_positions=36)("conv")
+    want = cal.collect_paired_stats(net, net, "conv", batches, max_positions=36, progress=False)
+    assert got.merge_cross is None
+    torch.testing.assert_close(got.sigma_actual, want.sigma_actual)
+
+
+def test_residual_statistics_see_the_shortcut_as_converted_so_far():
+    """The other addend runs ahead in both models: a shortcut conv after the layer is taken as it is now."""
+    torch.manual_seed(0)
+    net = _Residual().eval()  # z = a(y); z += b(y): for "a" the other addend b(y) comes later in the graph
+    batches = [torch.randn(3, 3, 9, 9)]
+    converted = copy.deepcopy(net)
+    converted.b = _perturbed(net.b, 5)
+    stats = cal.SequentialStats.create(net, converted, ["a", "b"], batches, max_positions=81)("a")
+    with torch.no_grad():
+        y = torch.relu(net.bn(net.stem(batches[0].clone() * 2)))
+        e = (net.b(y) - converted.b(y)).permute(0, 2, 3, 1).reshape(-1, 8).double()
+        p = F.unfold(F.pad(y, (1, 1, 1, 1)), 3).transpose(1, 2).reshape(-1, 72).double()
+    torch.testing.assert_close(stats.merge_mean, e.mean(0))
+    torch.testing.assert_close(stats.merge_cross, e.T @ p / len(p))
+    torch.testing.assert_close(stats.merge_energy, float(e.pow(2).sum(1).mean()))

@@ -297,6 +297,46 @@ class _BatchNormAct(nn.BatchNorm2d):
         return torch.relu(super().forward(x))
 
 
+class _ResBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(8, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x):
+        t = F.relu(self.bn0(self.stem(x)))
+        return self.bn(self.conv(t)) + t
+
+
+def test_residual_correction_fits_the_sum_and_reports_its_error():
+    """The last conv of a residual branch also makes up for the converted stem's error on the shortcut:
+    the block's output is closer to the original's than when each layer only matches its own output,
+    and the reported output error is the error at the sum (in the conv's units), as measured."""
+    torch.manual_seed(0)
+    net = _ResBlock().eval()
+    for bn in (net.bn0, net.bn):
+        bn.running_mean.normal_()
+        bn.weight.data.uniform_(0.3, 2.0)
+    x = torch.rand(16, 8, 6, 6)
+    kw = dict(calibration=x, calibration_samples=None, max_positions=10_000, progress=False, damping=1e-6,
+              allocation="uniform")
+    on = ic.convert(net, ic.ParamsRatio(0.3), **kw)
+    off = ic.convert(net, ic.ParamsRatio(0.3), residual_correction=False, **kw)
+    assert [r.block for r in on.records] == ["igcv1"] * 2 and on.plan == off.plan
+    with torch.no_grad():
+        ref = net(x)
+        err = {k: float((r.model(x) - ref).norm() / ref.norm()) for k, r in (("on", on), ("off", off))}
+        assert err["on"] < 0.9 * err["off"]
+        a = net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)
+        miss = (ref - on.model(x)) / a[:, None, None]               # at the sum, in conv output units
+        t = F.relu(net.bn0(net.stem(x)))
+        measured = float(miss.pow(2).sum() / net.conv(t).pow(2).sum()) ** 0.5
+    assert on.records[1].output_error == pytest.approx(measured, rel=1e-3)
+    assert on.records[0].output_error == pytest.approx(off.records[0].output_error)  # the stem: no addition
+
+
 def test_batchnorm_subclasses_weight_the_fit_and_take_the_bias_correction():
     """A conv feeding a BatchNorm subclass (timm's BatchNormAct2d) is seen to feed a BatchNorm."""
     torch.manual_seed(0)

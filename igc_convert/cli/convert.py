@@ -45,6 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-bias-correction", action="store_true",
                         help="keep each layer's bias as fitted (default: the mean of its output error moves into "
                              "the bias or the next BatchNorm)")
+    parser.add_argument("--no-residual-correction", action="store_true",
+                        help="fit a residual branch's last conv to its own original output only (default: it also "
+                             "makes up for what the converted shortcut misses, so the sum matches)")
     parser.add_argument("--refit-linears", action="store_true",
                         help="sequential mode: also re-fit the dense Linear layers (a classifier head) by least "
                              "squares to the converted layers' features, the ridge chosen on held-out calibration "
@@ -109,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
                      sequential=not args.one_shot, bias_correction=not args.no_bias_correction,
+                     residual_correction=not args.no_residual_correction,
                      refit_linears=args.refit_linears, seed=args.seed,
                      linear=args.linear, channel_multiple=args.channel_multiple, model_name=args.model)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
