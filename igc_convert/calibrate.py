@@ -272,6 +272,23 @@ class _Modes:
             m.training = mode
 
 
+class BatchNormLeafTracer(torch.fx.Tracer):
+    """torch.fx's tracer, keeping every BatchNorm subclass as one call.
+
+    torch.fx traces into modules defined outside ``torch.nn``, so timm's ``BatchNormAct2d`` (a
+    ``BatchNorm2d`` that applies its activation too) would become functional calls and the conv
+    before it would not be seen to feed a BatchNorm: no per-channel weights for the fit and no bias
+    correction for EfficientNets and the other timm models. Its normalisation comes first, so what
+    those use (γ, running mean and variance) means the same as in a plain BatchNorm.
+    """
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                isinstance(sub, nn.Conv2d) for sub in m.modules()):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
 def _batchnorms_folded(model: nn.Module) -> nn.Module:
     """A copy of ``model`` (in eval mode) with every BatchNorm that only ever normalises one conv's
     output folded into that conv; ``model`` itself when there is none or torch.fx cannot trace it.
@@ -747,6 +764,17 @@ class _Merge:
     nodes: tuple[torch.fx.Node, ...]      # nodes after the layer that the other addend needs, in order
 
 
+def _affine_batchnorm(module: nn.Module | None) -> bool:
+    """A BatchNorm that is only its per-channel affine map in eval mode: ``nn.BatchNorm2d`` itself, or
+    timm's ``BatchNormAct2d`` whose activation and dropout are ``nn.Identity`` (other subclasses may
+    add anything to their forward)."""
+    if type(module) in _BATCHNORMS:
+        return True
+    return (isinstance(module, _BATCHNORMS) and type(module).__name__ == "BatchNormAct2d"
+            and isinstance(getattr(module, "act", None), nn.Identity)
+            and isinstance(getattr(module, "drop", None), nn.Identity))
+
+
 def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str, nn.Module]) -> _Merge | None:
     """The residual addition ``nodes[index]`` (a conv) feeds, if its output goes nowhere else.
 
@@ -766,7 +794,7 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
         module = modules.get(str(user.target)) if user.op == "call_module" else None
         if isinstance(module, nn.Identity):  # e.g. a drop-path that is off
             chain = user
-        elif type(module) in _BATCHNORMS and not seen_bn:  # subclasses may add an activation
+        elif _affine_batchnorm(module) and not seen_bn:
             if user.args[:1] != (chain,) or module.running_var is None or module.num_features != conv.out_channels:
                 return None
             scale = 1 / torch.sqrt(module.running_var.detach().to(torch.float64).cpu() + module.eps)
@@ -858,7 +886,7 @@ class SequentialStats:
         if int(max_positions) < 1:
             raise ConfigError(f"max_positions must be >= 1, got {max_positions}")
         try:
-            gm = torch.fx.symbolic_trace(original)
+            gm = torch.fx.GraphModule(original, BatchNormLeafTracer().trace(original))
         except Exception as err:  # FX raises many types
             logger.info("sequential statistics rerun the forward per layer: torch.fx cannot trace the model (%s)",
                         type(err).__name__)

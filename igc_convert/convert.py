@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
+from .calibrate import BatchNormLeafTracer
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
@@ -75,27 +76,10 @@ class ConversionResult:
 
 
 # ------------------------------------------------------------------------------------------ analyse
-class _BatchNormLeafTracer(torch.fx.Tracer):
-    """torch.fx's tracer, keeping every BatchNorm subclass as one call.
-
-    torch.fx traces into modules defined outside ``torch.nn``, so timm's ``BatchNormAct2d`` (a
-    ``BatchNorm2d`` that applies its activation too) would become functional calls and the conv
-    before it would not be seen to feed a BatchNorm: no per-channel weights for the fit and no bias
-    correction for EfficientNets and the other timm models. Its normalisation comes first, so what
-    those use (γ, running mean and variance) means the same as in a plain BatchNorm.
-    """
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
-                isinstance(sub, nn.Conv2d) for sub in m.modules()):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-
 def find_convs(model: nn.Module) -> tuple[list[ConvSite], str, str]:
     """Convs of ``model`` in execution order, with the path used (``"fx"`` or ``"by-name"``) and why."""
     try:
-        gm = torch.fx.GraphModule(model, _BatchNormLeafTracer().trace(model))
+        gm = torch.fx.GraphModule(model, BatchNormLeafTracer().trace(model))
     except Exception as err:  # FX raises many types (TraceError, TypeError, AssertionError, ...)
         reason = f"torch.fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
         sites = [ConvSite(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]

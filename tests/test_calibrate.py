@@ -770,3 +770,28 @@ def test_residual_statistics_see_the_shortcut_as_converted_so_far():
     torch.testing.assert_close(stats.merge_mean, e.mean(0))
     torch.testing.assert_close(stats.merge_cross, e.T @ p / len(p))
     torch.testing.assert_close(stats.merge_energy, float(e.pow(2).sum(1).mean()))
+
+
+def _merges(model: nn.Module) -> list[str]:
+    gm = torch.fx.GraphModule(model, cal.BatchNormLeafTracer().trace(model))
+    nodes, modules = list(gm.graph.nodes), dict(model.named_modules())
+    return [str(n.target) for i, n in enumerate(nodes) if n.op == "call_module"
+            and isinstance(modules[str(n.target)], nn.Conv2d) and cal._find_merge(nodes, i, modules) is not None]
+
+
+def test_residual_additions_are_found_in_torchvision_and_timm_blocks():
+    """Every residual block's last conv (and each downsampling shortcut conv) of the model zoos we
+    target: torchvision's ResNets and MobileNetV2, timm's EfficientNet-Lite0 (BatchNormAct2d)."""
+    torchvision = pytest.importorskip("torchvision")
+    found = _merges(torchvision.models.resnet18())
+    assert len(found) == 11 and "layer1.0.conv2" in found and "layer2.0.downsample.0" in found
+    assert "layer1.0.conv1" not in found
+    found = _merges(torchvision.models.mobilenet_v2())
+    assert len(found) == 10 and "features.3.conv.2" in found
+    timm = pytest.importorskip("timm")
+    found = _merges(timm.create_model("efficientnet_lite0"))
+    assert len(found) == 9 and all(name.endswith("conv_pwl") for name in found)
+    from timm.layers import BatchNormAct2d
+
+    assert cal._affine_batchnorm(BatchNormAct2d(4, apply_act=False))
+    assert not cal._affine_batchnorm(BatchNormAct2d(4))  # its ReLU is not affine: no correction through it
