@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import textwrap
 
 import numpy as np
@@ -390,3 +391,43 @@ def test_cli_export_uses_the_input_size_the_model_declares(tmp_path):
     assert spatial(tmp_path / "a.onnx") == [1, 12, 12]
     assert main(["export", str(converted), "-o", str(tmp_path / "b.onnx"), "--input-size", "16", "20"]) == 0
     assert spatial(tmp_path / "b.onnx") == [1, 16, 20]
+
+
+WIDE_MODEL = '''
+import torch
+from torch import nn
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pretrained_cfg = {"input_size": (3, 10, 18)}   # non-square, timm's convention
+        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def build(num_classes=None):
+    return Wide()
+'''
+
+
+def test_cli_export_keeps_a_declared_non_square_input(tmp_path, monkeypatch):
+    """A model declaring (3, 10, 18) exports at 10×18 (it was 18×18), and converts on a 10×18 example."""
+    from igc_convert.cli import main
+    from igc_convert.serialize import load
+
+    (tmp_path / "wide_model.py").write_text(WIDE_MODEL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    converted = tmp_path / "m.safetensors"
+    assert main(["convert", "wide_model:build", "--weights", "none", "-o", str(converted), "--params-ratio", "0.3",
+                 "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    layer = next(r for r in report["layers"] if r["name"] == "body.2")
+    assert layer["macs_before"] == 32 * 32 * 9 * 10 * 18  # counted at the declared 10×18
+    assert main(["export", str(converted), "-o", str(tmp_path / "a.onnx")]) == 0
+    dims = onnx.load(str(tmp_path / "a.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, 10, 18]
+    assert load(converted).model is not None

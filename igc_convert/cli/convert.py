@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..models import build_model
     from ..serialize import save
-    from .export import input_shape
+    from .export import input_hw, input_shape
 
     target = _target(args)  # validates the ratio before any work
     if args.input_size is not None and args.input_size < 1:
@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         raise ModelError(f"{args.model} has no Conv2d layers to convert")
     channels, size = input_shape(model, args.input_size)
-    example = torch.randn(1, channels, size, size,
-                          generator=torch.Generator().manual_seed(args.seed))
+    _, (height, width) = input_hw(model, [args.input_size] if args.input_size else None)
+    example = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(args.seed))
     calibration = None
     if args.calib:
         from ..data import resolve_source

@@ -52,14 +52,36 @@ def input_channels(model: nn.Module) -> int:
     raise ConfigError("cannot tell the model's input channels (no conv found); pass --channels")
 
 
-def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
-    """``(channels, image size)`` the model takes: its declared input size (timm's ``pretrained_cfg``
-    convention, also used by the digits model), else its first conv's channels and ``image_size``."""
+def _declared_input(model: nn.Module) -> tuple[int, int, int] | None:
+    """``(channels, height, width)`` the model declares (timm's ``pretrained_cfg`` convention, also
+    used by the digits model), or None."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None)
     declared = cfg.get("input_size") if isinstance(cfg, dict) else None
     if declared is not None and len(declared) == 3:
-        return int(declared[0]), image_size or int(declared[-1])
+        c, h, w = (int(v) for v in declared)
+        return c, h, w
+    return None
+
+
+def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
+    """``(channels, image size)`` the model takes: its declared input (the width of a non-square
+    one), else its first conv's channels and ``image_size``, for square training images."""
+    declared = _declared_input(model)
+    if declared is not None:
+        return declared[0], image_size or declared[2]
     return input_channels(model), image_size or DEFAULT_IMAGE_SIZE
+
+
+def input_hw(model: nn.Module, size: list[int] | None) -> tuple[int, tuple[int, int]]:
+    """``(channels, (height, width))`` of one example input: ``size`` (one side, or height and
+    width) when given, else the model's declared input, non-square ones included, else 224²."""
+    declared = _declared_input(model)
+    channels = declared[0] if declared is not None else input_channels(model)
+    if size:
+        return channels, (size[0], size[-1])
+    if declared is not None:
+        return channels, declared[1:]
+    return channels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.original:
         check_writable(args.original)
     converted = load(args.converted)
-    declared_channels, side = input_shape(converted.model, None)
-    h, w = (side, side) if size is None else (size[0], size[-1])
+    declared_channels, (h, w) = input_hw(converted.model, size)
     channels = args.channels or declared_channels
     x = torch.randn(args.batch_size, channels, h, w, generator=torch.Generator().manual_seed(args.seed))
     options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter)
