@@ -33,7 +33,7 @@ import logging
 import math
 import operator
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 import torch
@@ -537,7 +537,9 @@ class PairedStats:
     the partly converted model misses, ``(s − s̃) / a`` in the layer's output units (``a`` the
     BatchNorm's per-channel scale), at the same positions. The sequential fit then aims at ``W p + e``,
     so that the sum matches the original's (:func:`sequential_target`). ``merge_original = E[e pᵀ]``
-    and ``merge_energy = E‖e‖²`` complete the error at the sum (:func:`merged_error`). ``None`` elsewhere.
+    and ``merge_energy = E‖e‖²`` complete the error at the sum. ``None`` elsewhere. ``folds``: the same
+    statistics of two halves of the batches (alternate batches), for :func:`merge_weight`; empty when
+    there is no residual term or a single batch.
     """
 
     sigma_actual: Tensor
@@ -550,6 +552,7 @@ class PairedStats:
     merge_mean: Tensor | None = None
     merge_original: Tensor | None = None
     merge_energy: float | None = None
+    folds: tuple["PairedStats", ...] = ()
 
 
 class _Capture:
@@ -936,11 +939,13 @@ class SequentialStats:
         geom = _Geometry.of(conv)
         gen = _layer_generator(self.seed, layer)
         node = self.nodes[stop]
-        sums = _PairedSums(layer, geom, self.device)
         merge = _find_merge(self.nodes, stop, dict(self.original.named_modules())) if self.residual else None
+        # With a residual term, alternate batches go to two folds (merged after): merge_weight needs them.
+        folds = [_PairedSums(layer, geom, self.device) for _ in range(2 if merge is not None else 1)]
         with torch.no_grad(), _Modes(self.original, self.converted):
-            for env_o, env_c in tqdm(list(zip(*self.envs)), desc=f"paired statistics {layer}", unit="batch",
-                                     disable=not progress, leave=False):
+            for i, (env_o, env_c) in enumerate(tqdm(list(zip(*self.envs)), desc=f"paired statistics {layer}",
+                                                    unit="batch", disable=not progress, leave=False)):
+                sums = folds[i % len(folds)]
                 for runner, env in zip(self.runners, (env_o, env_c)):
                     try:
                         runner.advance(env, self.nodes[self.position:stop])
@@ -964,14 +969,18 @@ class SequentialStats:
                     miss = self._merge_miss(merge, env_o, env_c, positions, (conv.out_channels, *hw), layer)
                     if miss is None:
                         merge = None  # the addition broadcasts: no correction for this layer
-                        sums.drop_merge()
+                        for f in folds:
+                            f.drop_merge()
                     else:
                         sums.add_merge(miss.to(dtype), p, pt)
         self.position = stop
         self.done.add(layer)
         if layer == self.last:
             self.envs = ([], [])
-        return sums.result()
+        parts = [f.result() for f in folds if f.count]
+        if len(parts) == 1:
+            return parts[0]
+        return replace(merge_stats(parts), folds=tuple(parts) if parts[0].merge_cross is not None else ())
 
 
     def _merge_miss(self, merge: _Merge, env_o: dict, env_c: dict, positions: tuple, shape: tuple[int, int, int],
@@ -1002,8 +1011,8 @@ class SequentialStats:
         return diff * merge.inverse_scale.to(dev)
 
 
-def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAULT_DAMPING
-                      ) -> tuple[Tensor, Tensor]:
+def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAULT_DAMPING,
+                      merge_weight: float = 1.0) -> tuple[Tensor, Tensor]:
     """Dense kernel ``W'`` to fit, under ``Σ̃``, so the layer maps its actual inputs onto the original outputs.
 
     ``W' = W C (Σ̃ + δ·m·I)⁻¹`` with ``m = tr Σ̃ / n`` and ``δ = damping``, so that::
@@ -1014,7 +1023,9 @@ def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAU
     error against the original layer. The damping (and its escalation when the Cholesky factorisation
     fails) is :func:`igc_convert.factorize.whitener`'s, so it must be the same value passed to the fit.
     Returns ``(W', Σ̃)``, float64, ``W'`` shaped like ``weight``. Without any signal (``Σ̃ = 0``) the
-    original kernel is returned: the fit then falls back to the weight-space fit.
+    original kernel is returned: the fit then falls back to the weight-space fit. Where the layer
+    feeds a residual addition, ``W C`` becomes ``W C + λ E[e p̃ᵀ]`` (:class:`PairedStats`), ``λ =
+    merge_weight`` (:func:`merge_weight` chooses it).
 
     >>> w = torch.randn(4, 2, 3, 3)
     >>> s = torch.eye(18, dtype=torch.float64)
@@ -1047,7 +1058,7 @@ def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAU
         if tuple(stats.merge_cross.shape) != (wm.shape[0], n):
             raise ConfigError(f"stats.merge_cross has shape {tuple(stats.merge_cross.shape)}, expected "
                               f"({wm.shape[0]}, {n})")
-        aim = aim + stats.merge_cross.detach().to(torch.float64).cpu()
+        aim = aim + float(merge_weight) * stats.merge_cross.detach().to(torch.float64).cpu()
     target = torch.cholesky_solve((aim / scale).T.contiguous(), r).T
     if not torch.isfinite(target).all():  # cannot happen with a valid factor; never hand NaN to a fit
         return w, sa
@@ -1081,6 +1092,40 @@ def output_shift(weight: Tensor, approx: Tensor, stats: PairedStats) -> Tensor |
 
 
 # ------------------------------------------------------------------------------------ linear layers
+def merge_weight(weight: Tensor, stats: PairedStats, row_weights: Tensor | None = None,
+                 damping: float = DEFAULT_DAMPING) -> float:
+    """How much of the residual term to fit: ``λ ∈ [0, 1]`` chosen by 2-fold cross-validation.
+
+    The residual term ``E[e p̃ᵀ] Σ̃⁻¹`` regresses what the shortcut misses on the layer's own inputs.
+    Where that relation is real it is a large gain (the digits ResNets), but where the inputs are wide
+    and the images few it fits noise. The dense target ``T(λ) = T₀ + λD`` is linear in ``λ``, so the
+    ``λ`` whose target, made from one half of the batches (``stats.folds``), best predicts the other
+    half's sum ``W p + e`` (row-weighted by the following BatchNorm's scale, like the fit) is the
+    minimum of a quadratic, clipped to ``[0, 1]``. Both directions are summed. 0 without a residual
+    term; 1 when there is only one batch (no fold to check with).
+    """
+    if stats.merge_cross is None:
+        return 0.0
+    if len(stats.folds) != 2:
+        return 1.0
+    w = weight.detach().to(torch.float64).cpu()
+    c = w.shape[0]
+    wm = w.reshape(c, -1)
+    r2 = (torch.ones(c, dtype=torch.float64) if row_weights is None
+          else row_weights.detach().to(torch.float64).cpu().abs().flatten() ** 2)
+    num = den = 0.0
+    for a, b in (stats.folds, stats.folds[::-1]):
+        t0 = sequential_target(w, a, damping, merge_weight=0.0)[0].reshape(c, -1)
+        d = sequential_target(w, a, damping, merge_weight=1.0)[0].reshape(c, -1) - t0
+        aim = wm @ b.cross.to(torch.float64) + b.merge_cross.to(torch.float64)  # E_B[(W p + e) p̃ᵀ]
+        ds = d @ b.sigma_actual.to(torch.float64)
+        num += float((r2[:, None] * (d * aim - ds * t0)).sum())
+        den += float((r2[:, None] * (ds * d)).sum())
+    if not (den > 0 and math.isfinite(num)):
+        return 1.0 if den == 0 else 0.0
+    return min(max(num / den, 0.0), 1.0)
+
+
 class _RowCapture:
     """Pre-hook that takes one ``nn.Linear``'s input (2-D only), then stops the forward."""
 
@@ -1150,8 +1195,11 @@ def merge_stats(parts: Sequence[PairedStats]) -> PairedStats:
             return None
         return sum(v.to(torch.float64) * (p.count / total) for v, p in zip(values, parts))
 
+    energy = (None if any(p.merge_energy is None for p in parts)
+              else sum(p.merge_energy * (p.count / total) for p in parts))
     return PairedStats(mean("sigma_actual"), mean("cross"), mean("sigma_original"), total,
-                       mean("mean_actual"), mean("mean_original"))
+                       mean("mean_actual"), mean("mean_original"), mean("merge_cross"), mean("merge_mean"),
+                       mean("merge_original"), energy)
 
 
 #: Ridge strengths (relative to the mean variance of the rows) that :func:`linear_refit` chooses from.

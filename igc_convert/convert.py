@@ -416,7 +416,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             paired = (resumable(s.name) if resumable is not None else
                       calibrate.collect_paired_stats(reference, converted, s.name, batches,
                                                      max_positions=max_positions, seed=seed, progress=False))
-            target_w, sigma_fit = calibrate.sequential_target(w, paired, damping=damping)
+            shrink = calibrate.merge_weight(w, paired, spec.row_weights, damping=damping)
+            if paired.merge_cross is not None:
+                log.debug("%s: residual correction weight %.2f (2-fold cross-validation)", s.name, shrink)
+            target_w, sigma_fit = calibrate.sequential_target(w, paired, damping=damping, merge_weight=shrink)
         kwargs = {} if c.kind == "igcv1" else dict(max_iter=fit_iters)
         try:
             fit = BLOCKS[c.kind].fit(target_w, sigma=sigma_fit, row_weights=spec.row_weights, damping=damping,

@@ -703,6 +703,7 @@ def test_residual_correction_makes_the_sum_match_the_original(bn):
         x = torch.randn(3, 8, 7, 7, dtype=torch.float64)  # ... the sum is right, on images never seen
         torch.testing.assert_close(converted(x), net(x), rtol=1e-6, atol=1e-8)
 
+    assert len(stats.folds) == 2 and cal.merge_weight(net.conv.weight, stats) == pytest.approx(1.0, abs=1e-6)
     off = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=25, residual=False)("conv")
     assert off.merge_cross is None and off.merge_mean is None
     target_off, _ = cal.sequential_target(net.conv.weight, off, damping=1e-12)
@@ -795,3 +796,36 @@ def test_residual_additions_are_found_in_torchvision_and_timm_blocks():
 
     assert cal._affine_batchnorm(BatchNormAct2d(4, apply_act=False))
     assert not cal._affine_batchnorm(BatchNormAct2d(4))  # its ReLU is not affine: no correction through it
+
+
+class _Unrelated(nn.Module):
+    """The shortcut reads input channels the branch never sees: its miss cannot be predicted from them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(4, 48, 1)
+        self.conv = nn.Conv2d(48, 8, 1)
+        self.short = nn.Conv2d(4, 8, 1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.stem(x[:, :4]))) + self.short(x[:, 4:])
+
+
+def test_merge_weight_drops_a_residual_term_that_only_fits_noise():
+    """48 inputs, 64 patches per fold: the regression of the shortcut's miss on them is pure overfit,
+    and cross-validation shrinks it away; the statistics of both folds add up to the whole."""
+    torch.manual_seed(0)
+    net = _Unrelated().double().eval()
+    converted = copy.deepcopy(net)
+    converted.short = _perturbed(net.short, 1)
+    batches = [torch.randn(4, 8, 4, 4, dtype=torch.float64) for _ in range(2)]
+    stats = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=16)("conv")
+    assert stats.merge_cross is not None and len(stats.folds) == 2
+    assert cal.merge_weight(net.conv.weight, stats) < 0.3
+    for key in ("sigma_actual", "cross", "merge_cross", "merge_original"):
+        whole = sum(getattr(f, key) * f.count for f in stats.folds) / stats.count
+        torch.testing.assert_close(getattr(stats, key), whole)
+    one = cal.SequentialStats.create(net, converted, ["conv"], batches[:1], max_positions=16)("conv")
+    assert one.folds == () and cal.merge_weight(net.conv.weight, one) == 1.0  # one batch: nothing to check with
+    plain = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=16, residual=False)("conv")
+    assert cal.merge_weight(net.conv.weight, plain) == 0.0
