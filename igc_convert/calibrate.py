@@ -762,7 +762,7 @@ _IN_PLACE_OPERATORS = frozenset(getattr(operator, f"i{op}") for op in (
 class _Merge:
     """Where a layer's output, through its BatchNorm if any, is added to another branch."""
 
-    inverse_scale: Tensor                 # 1 / a per output channel (0 where a ≈ 0), float64
+    inverse_scale: Tensor                 # 1 / a per output channel (0 where |a| < 1e-3 max |a|), float64
     other: torch.fx.Node                  # the other addend
     nodes: tuple[torch.fx.Node, ...]      # nodes after the layer that the other addend needs, in order
 
@@ -782,8 +782,10 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
     """The residual addition ``nodes[index]`` (a conv) feeds, if its output goes nowhere else.
 
     The path is conv → (BatchNorm2d with running statistics) → add, each the only user of the one
-    before (``nn.Identity`` modules on the way are passed over); ``a = γ / sqrt(var + eps)`` of that BatchNorm (1 without one) converts the other addend's
-    miss into the conv's output units.
+    before (``nn.Identity`` modules on the way are passed over); ``a = γ / sqrt(var + eps)`` of that
+    BatchNorm (1 without one) converts the other addend's miss into the conv's output units.
+    Channels whose ``|a|`` is under 1e-3 of the largest get no correction: the fit clamps its row
+    weights there (:mod:`igc_convert.factorize`), so it would over-weight their huge ``e / a``.
     """
     chain = nodes[index]
     conv = modules[str(chain.target)]
@@ -823,7 +825,7 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
     if not torch.isfinite(scale).all() or any(_mutates_input(n, modules) and n.args and n.args[0] not in needed
                                                for n in needed):
         return None  # running ahead would change a value the resumed forward still needs
-    big = scale.abs() > 1e-6 * float(scale.abs().max())
+    big = scale.abs() >= 1e-3 * float(scale.abs().max())
     inverse = torch.where(big, 1 / torch.where(big, scale, torch.ones_like(scale)), torch.zeros_like(scale))
     return _Merge(inverse, others[0], tuple(sorted(needed, key=position.__getitem__)))
 
@@ -982,7 +984,6 @@ class SequentialStats:
             return parts[0]
         return replace(merge_stats(parts), folds=tuple(parts) if parts[0].merge_cross is not None else ())
 
-
     def _merge_miss(self, merge: _Merge, env_o: dict, env_c: dict, positions: tuple, shape: tuple[int, int, int],
                     layer: str) -> Tensor | None:
         """``(s − s̃) / a`` at ``positions`` (``S × C_out``), or None when the addend is not conv-output shaped."""
@@ -1091,7 +1092,6 @@ def output_shift(weight: Tensor, approx: Tensor, stats: PairedStats) -> Tensor |
     return shift
 
 
-# ------------------------------------------------------------------------------------ linear layers
 def merge_weight(weight: Tensor, stats: PairedStats, row_weights: Tensor | None = None,
                  damping: float = DEFAULT_DAMPING) -> float:
     """How much of the residual term to fit: ``λ ∈ [0, 1]`` chosen by 2-fold cross-validation.
@@ -1126,6 +1126,7 @@ def merge_weight(weight: Tensor, stats: PairedStats, row_weights: Tensor | None 
     return min(max(num / den, 0.0), 1.0)
 
 
+# ------------------------------------------------------------------------------------ linear layers
 class _RowCapture:
     """Pre-hook that takes one ``nn.Linear``'s input (2-D only), then stops the forward."""
 
