@@ -480,3 +480,20 @@ def test_igcv3_shapes_reach_below_a_twentieth_of_each_layer():
                         fit_iters=5)
     assert result.report.totals()["params_ratio"] <= 0.04
     assert [e["block"] for e in result.plan] == ["igcv3", "igcv3"]
+
+
+def test_cli_residual_correction_is_on_by_default_and_can_be_turned_off(tmp_path):
+    """--no-residual-correction reaches the fit: ``layer2.conv2`` (its shortcut conv reads the converted
+    ``layer1``) is fitted differently, a conv that feeds no addition the same."""
+    from igc_convert.serialize import load
+
+    def run(*extra):
+        out = tmp_path / f"m{len(extra)}.safetensors"
+        assert main(["convert", "igc_convert.digits:digits_resnet", "-o", str(out), "--params-ratio", "0.3",
+                     "--calib", "digits", "--calib-samples", "64", *extra]) == 0
+        return load(out).model
+
+    on, off = run(), run("--no-residual-correction")
+    before = lambda m, name: m.get_submodule(name).dense_weight()  # noqa: E731
+    torch.testing.assert_close(before(on, "layer1.conv1"), before(off, "layer1.conv1"))
+    assert not torch.allclose(before(on, "layer2.conv2"), before(off, "layer2.conv2"), atol=1e-4)
