@@ -720,12 +720,22 @@ class _Runner(torch.fx.Interpreter):
         return obj
 
     def advance(self, env: dict, nodes: Sequence[torch.fx.Node]) -> None:
-        """Run ``nodes`` (consecutive, in graph order) on the values in ``env``; free those no longer used."""
+        """Run ``nodes`` (in graph order) on the values in ``env``; free those no longer used."""
         self.env = env
         for node in nodes:
             env[node] = self.run_node(node)
             for dead in self.user_to_last_uses.get(node, ()):
                 del env[dead]
+
+
+def _advance(runner: _Runner, env: dict, nodes: Sequence[torch.fx.Node], layer: str) -> None:
+    """:meth:`_Runner.advance`, a failure of the model itself reported as a ``DataError`` on ``layer``."""
+    try:
+        runner.advance(env, nodes)
+    except IGCError:
+        raise
+    except Exception as exc:
+        raise DataError(f"the model failed on a calibration batch: {type(exc).__name__}: {exc}", layer=layer) from exc
 
 
 def _available_memory(device: torch.device) -> int:
@@ -778,7 +788,8 @@ def _affine_batchnorm(module: nn.Module | None) -> bool:
             and isinstance(getattr(module, "drop", None), nn.Identity))
 
 
-def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str, nn.Module]) -> _Merge | None:
+def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str, nn.Module],
+                order: Mapping[torch.fx.Node, int]) -> _Merge | None:
     """The residual addition ``nodes[index]`` (a conv) feeds, if its output goes nowhere else.
 
     The path is conv → (BatchNorm2d with running statistics) → add, each the only user of the one
@@ -815,11 +826,10 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
     others = [a for a in add.args if a is not chain]
     if add.kwargs or len(add.args) != 2 or len(others) != 1 or not isinstance(others[0], torch.fx.Node):
         return None
-    position = {n: i for i, n in enumerate(nodes)}
     needed, stack = set(), [others[0]]
     while stack:  # what the other addend needs that is computed after the conv
         n = stack.pop()
-        if position[n] > index and n not in needed:
+        if order[n] > index and n not in needed:
             needed.add(n)
             stack.extend(n.all_input_nodes)
     if not torch.isfinite(scale).all() or any(_mutates_input(n, modules) and n.args and n.args[0] not in needed
@@ -827,7 +837,7 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
         return None  # running ahead would change a value the resumed forward still needs
     big = scale.abs() >= 1e-3 * float(scale.abs().max())
     inverse = torch.where(big, 1 / torch.where(big, scale, torch.ones_like(scale)), torch.zeros_like(scale))
-    return _Merge(inverse, others[0], tuple(sorted(needed, key=position.__getitem__)))
+    return _Merge(inverse, others[0], tuple(sorted(needed, key=order.__getitem__)))
 
 
 def _mutates_input(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> bool:
@@ -872,6 +882,8 @@ class SequentialStats:
         self.original, self.converted = original, converted
         self.nodes = list(graph_module.graph.nodes)
         self.index = {str(n.target): i for i, n in enumerate(self.nodes) if n.op == "call_module"}
+        self.order = {n: i for i, n in enumerate(self.nodes)}
+        self.modules = dict(original.named_modules()) if residual else {}
         self.residual = residual
         self.runners = (_Runner(graph_module, original), _Runner(graph_module, converted))
         self.k, self.seed = int(max_positions), seed
@@ -941,7 +953,7 @@ class SequentialStats:
         geom = _Geometry.of(conv)
         gen = _layer_generator(self.seed, layer)
         node = self.nodes[stop]
-        merge = _find_merge(self.nodes, stop, dict(self.original.named_modules())) if self.residual else None
+        merge = _find_merge(self.nodes, stop, self.modules, self.order) if self.residual else None
         # With a residual term, alternate batches go to two folds (merged after): merge_weight needs them.
         folds = [_PairedSums(layer, geom, self.device) for _ in range(2 if merge is not None else 1)]
         with torch.no_grad(), _Modes(self.original, self.converted):
@@ -949,13 +961,7 @@ class SequentialStats:
                                                     unit="batch", disable=not progress, leave=False)):
                 sums = folds[i % len(folds)]
                 for runner, env in zip(self.runners, (env_o, env_c)):
-                    try:
-                        runner.advance(env, self.nodes[self.position:stop])
-                    except IGCError:
-                        raise
-                    except Exception as exc:
-                        raise DataError(f"the model failed on a calibration batch: {type(exc).__name__}: {exc}",
-                                        layer=layer) from exc
+                    _advance(runner, env, self.nodes[self.position:stop], layer)
                 x = _hook_input(layer, geom, *self.runners[0].fetch_args_kwargs_from_env(node))
                 xt = _hook_input(layer, geom, *self.runners[1].fetch_args_kwargs_from_env(node))
                 if xt.shape != x.shape:
@@ -990,15 +996,7 @@ class SequentialStats:
         values = []
         for runner, env in zip(self.runners, (env_o, env_c)):
             local = dict(env)  # run ahead on a copy: the resumed forward must not see these values
-            runner.env = local
-            try:
-                for n in merge.nodes:
-                    local[n] = runner.run_node(n)
-            except IGCError:
-                raise
-            except Exception as exc:
-                raise DataError(f"the model failed on a calibration batch: {type(exc).__name__}: {exc}",
-                                layer=layer) from exc
+            _advance(runner, local, merge.nodes, layer)
             values.append(local[merge.other])
         s, st = values
         img, oy, ox = positions
@@ -1034,16 +1032,28 @@ def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAU
     >>> torch.allclose(target, w.double())
     True
     """
+    t0, d, sa = _sequential_parts(weight, stats, damping)
+    target = t0 if d is None else t0 + float(merge_weight) * d
+    return target.reshape(weight.shape).contiguous(), sa
+
+
+def _sequential_parts(weight: Tensor, stats: PairedStats, damping: float) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(T₀, D, Σ̃)``: :func:`sequential_target` is ``T₀ + λ D`` (``C_out × n``, float64), ``D`` the
+    residual term ``E[e p̃ᵀ] (Σ̃ + δ·m·I)⁻¹`` (None without one, or without any signal). Both come from
+    one Cholesky factor and one solve."""
     w = weight.detach().to(torch.float64)
     if w.dim() < 2:
         raise ConfigError(f"weight must be a conv kernel C_out × C_in × kh × kw, got shape {tuple(w.shape)}")
     wm = w.reshape(w.shape[0], -1)
-    n = wm.shape[1]
+    c, n = wm.shape
     for field in ("sigma_actual", "cross"):
         t = getattr(stats, field)
         if tuple(t.shape) != (n, n):
             raise ConfigError(f"stats.{field} has shape {tuple(t.shape)}, expected ({n}, {n}) for a kernel of "
                               f"shape {tuple(w.shape)}")
+    merge = stats.merge_cross
+    if merge is not None and tuple(merge.shape) != (c, n):
+        raise ConfigError(f"stats.merge_cross has shape {tuple(merge.shape)}, expected ({c}, {n})")
     sa = stats.sigma_actual.detach().to(torch.float64).cpu()
     sa = 0.5 * (sa + sa.T)
     cross = stats.cross.detach().to(torch.float64).cpu()
@@ -1051,19 +1061,16 @@ def sequential_target(weight: Tensor, stats: PairedStats, damping: float = DEFAU
         raise ConfigError("paired statistics contain NaN or Inf")
     scale = float(sa.diagonal().mean())
     if not scale > 0:
-        return w, sa
+        return wm, None, sa
     # whitener(Σ̃) is chol(Σ̃/m + δ'I) (δ' = δ, escalated if needed): (Σ̃ + δ'mI)⁻¹ = (R Rᵀ)⁻¹ / m.
     r = whitener(sa, n, damping)
-    aim = wm @ cross
-    if stats.merge_cross is not None:
-        if tuple(stats.merge_cross.shape) != (wm.shape[0], n):
-            raise ConfigError(f"stats.merge_cross has shape {tuple(stats.merge_cross.shape)}, expected "
-                              f"({wm.shape[0]}, {n})")
-        aim = aim + float(merge_weight) * stats.merge_cross.detach().to(torch.float64).cpu()
-    target = torch.cholesky_solve((aim / scale).T.contiguous(), r).T
-    if not torch.isfinite(target).all():  # cannot happen with a valid factor; never hand NaN to a fit
-        return w, sa
-    return target.reshape(w.shape).contiguous(), sa
+    rows = wm @ cross
+    if merge is not None:
+        rows = torch.cat([rows, merge.detach().to(torch.float64).cpu()])
+    solved = torch.cholesky_solve((rows / scale).T.contiguous(), r).T
+    if not torch.isfinite(solved).all():  # cannot happen with a valid factor; never hand NaN to a fit
+        return wm, None, sa
+    return solved[:c], (solved[c:] if merge is not None else None), sa
 
 
 def output_shift(weight: Tensor, approx: Tensor, stats: PairedStats) -> Tensor | None:
@@ -1115,8 +1122,9 @@ def merge_weight(weight: Tensor, stats: PairedStats, row_weights: Tensor | None 
           else row_weights.detach().to(torch.float64).cpu().abs().flatten() ** 2)
     num = den = 0.0
     for a, b in (stats.folds, stats.folds[::-1]):
-        t0 = sequential_target(w, a, damping, merge_weight=0.0)[0].reshape(c, -1)
-        d = sequential_target(w, a, damping, merge_weight=1.0)[0].reshape(c, -1) - t0
+        t0, d, _ = _sequential_parts(w, a, damping)
+        if d is None:
+            continue
         aim = wm @ b.cross.to(torch.float64) + b.merge_cross.to(torch.float64)  # E_B[(W p + e) p̃ᵀ]
         ds = d @ b.sigma_actual.to(torch.float64)
         num += float((r2[:, None] * (d * aim - ds * t0)).sum())

@@ -776,8 +776,10 @@ def test_residual_statistics_see_the_shortcut_as_converted_so_far():
 def _merges(model: nn.Module) -> list[str]:
     gm = torch.fx.GraphModule(model, cal.BatchNormLeafTracer().trace(model))
     nodes, modules = list(gm.graph.nodes), dict(model.named_modules())
-    return [str(n.target) for i, n in enumerate(nodes) if n.op == "call_module"
-            and isinstance(modules[str(n.target)], nn.Conv2d) and cal._find_merge(nodes, i, modules) is not None]
+    order = {n: i for i, n in enumerate(nodes)}
+    return [str(n.target) for i, n in enumerate(nodes)
+            if n.op == "call_module" and isinstance(modules[str(n.target)], nn.Conv2d)
+            and cal._find_merge(nodes, i, modules, order) is not None]
 
 
 def test_residual_additions_are_found_in_torchvision_and_timm_blocks():

@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..models import build_model
     from ..serialize import save
-    from .export import input_hw, input_shape
+    from .export import input_hw
 
     target = _target(args)  # validates the ratio before any work
     if args.input_size is not None and args.input_size < 1:
@@ -100,14 +100,13 @@ def run(args: argparse.Namespace) -> int:
     model, origin = build_model(args.model, weights, num_classes=args.num_classes)
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         raise ModelError(f"{args.model} has no Conv2d layers to convert")
-    channels, size = input_shape(model, args.input_size)
-    _, (height, width) = input_hw(model, [args.input_size] if args.input_size else None)
+    channels, (height, width) = input_hw(model, [args.input_size] if args.input_size else None)
     example = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(args.seed))
     calibration = None
     if args.calib:
         from ..data import resolve_source
 
-        calibration = resolve_source(args.calib, image_size=size, channels=channels, split="train",
+        calibration = resolve_source(args.calib, image_size=width, channels=channels, split="train",
                                      samples=args.calib_samples, seed=args.seed)
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,

@@ -63,15 +63,6 @@ def _declared_input(model: nn.Module) -> tuple[int, int, int] | None:
     return None
 
 
-def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
-    """``(channels, image size)`` the model takes: its declared input (the width of a non-square
-    one), else its first conv's channels and ``image_size``, for square training images."""
-    declared = _declared_input(model)
-    if declared is not None:
-        return declared[0], image_size or declared[2]
-    return input_channels(model), image_size or DEFAULT_IMAGE_SIZE
-
-
 def input_hw(model: nn.Module, size: list[int] | None) -> tuple[int, tuple[int, int]]:
     """``(channels, (height, width))`` of one example input: ``size`` (one side, or height and
     width) when given, else the model's declared input, non-square ones included, else 224²."""
@@ -82,6 +73,13 @@ def input_hw(model: nn.Module, size: list[int] | None) -> tuple[int, tuple[int, 
     if declared is not None:
         return channels, declared[1:]
     return channels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+
+def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
+    """``(channels, side)`` for square images (data sources): ``image_size``, else the width of the
+    model's example input (:func:`input_hw`)."""
+    channels, (_, width) = input_hw(model, [image_size] if image_size else None)
+    return channels, width
 
 
 def run(args: argparse.Namespace) -> int:
