@@ -19,10 +19,11 @@ from torch import nn
 
 import igc_convert
 from igc_convert import bench, latency
-from igc_convert.blocks import IGCBlock
+from igc_convert.blocks import IGCBlock, make_block
 from igc_convert.errors import ConfigError
 from igc_convert.plan import Candidate, LayerSpec, candidates, lower_hull
 from igc_convert.latency import REVERTED, attach_latencies, enforce_not_slower
+from igc_convert.shuffle import ChannelShuffle
 
 
 def _cnn(width: int = 16, seed: int = 0) -> nn.Module:
@@ -262,6 +263,47 @@ def test_latency_plans_take_shapes_off_the_fast_path_only_when_they_must(scripte
     # the error-best shapes of the same layers include slow ones: the fast ones were chosen, not the only ones
     spec = _layer(model[3], "3", hw=(16, 16))
     assert any(not c.fast for c in lower_hull(candidates(spec, ["igcv1"], multiple=16), "params"))
+
+
+def test_shuffled_shapes_are_off_the_fast_path():
+    """onnxruntime runs a channel shuffle outside NCHWc (reorder out, transpose, reorder in): a shape
+    with one is not `fast`, whatever its channel counts, for every block kind."""
+    spec = _layer(nn.Conv2d(64, 64, 3, padding=1), "conv", hw=(8, 8))
+    cands = candidates(spec, ["igcv1", "igcv2", "igcv3"], multiple=16)
+    seen = set()
+    for c in cands:
+        if c.kind == "dense":
+            continue
+        block = make_block(c.kind, nn.Conv2d(64, 64, 3, padding=1), c.shape, fit=False)
+        shuffled = any(isinstance(m, ChannelShuffle) for m in block.modules())
+        seen.add((c.kind, shuffled))
+        if shuffled:
+            assert not c.fast, c
+    assert {("igcv1", True), ("igcv1", False), ("igcv2", True), ("igcv3", True), ("igcv3", False)} <= seen
+    # shuffle-free shapes with whole NCHWc blocks per group stay fast
+    fast = {(c.kind, tuple(sorted(c.shape.items()))) for c in cands if c.fast}
+    assert ("igcv1", (("primary_groups", 4), ("rank", 16), ("secondary_groups", 1))) in fast
+    assert any(kind == "igcv3" for kind, _ in fast)
+
+
+@pytest.mark.parametrize("block", ["igcv1", "auto"])
+def test_mac_targets_plan_without_shuffles_when_they_can(block):
+    """The least-error plan at 0.5 of the MACs interleaves (a shuffle) on this CNN; a MAC target is a
+    speed target, so it takes the best shuffle-free shapes instead, and still meets the budget. A
+    parameter target keeps the interleaved shapes."""
+    model, x = _cnn(width=32), torch.randn(1, 3, 16, 16)
+
+    def shuffled(result):
+        return [n for n, m in result.model.named_modules() if isinstance(m, ChannelShuffle)]
+
+    by_macs = igc_convert.convert(model, igc_convert.MacsRatio(0.5), example_inputs=x, block=block,
+                                  channel_multiple=16, progress=False)
+    assert by_macs.plan and not shuffled(by_macs), by_macs.plan
+    assert by_macs.report.totals()["macs_ratio"] <= 0.5
+    by_params = igc_convert.convert(model, igc_convert.ParamsRatio(0.5), example_inputs=x, block=block,
+                                    channel_multiple=16, progress=False)
+    if block == "auto":
+        assert shuffled(by_params), by_params.plan
 
 
 # ------------------------------------------------------------------------------------- guard
