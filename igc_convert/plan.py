@@ -228,8 +228,9 @@ def igcv1_candidates(layer: LayerSpec, *, max_groups: int = 4, damping: float = 
             # Ranks in multiples of a step keep M·r and L·r multiples of `base` (onnxruntime's NCHWc
             # fast path on AVX2), unless that leaves fewer than MIN_RANK_LEVELS ranks to choose from: a
             # coarse grid on a small layer costs accuracy (see MIN_RANK_LEVELS). A shape is `fast` when
-            # every group also holds a multiple of `multiple`, this CPU's block; speed targets plan
-            # with fast shapes first, so the finer ranks only serve params and error targets.
+            # every group also holds a multiple of `multiple`, this CPU's block, and it has no shuffle
+            # (L > 1 and M > 1 have one: has_shuffle); speed targets plan with fast shapes first, so
+            # the finer ranks and the interleaved shapes mostly serve params and error targets.
             fast_step = _rank_step(multiple, L, M)
             groups_fast = ((L == 1 or (layer.c_in // L) % multiple == 0)
                            and (M == 1 or (layer.c_out // M) % multiple == 0)
