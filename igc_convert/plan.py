@@ -106,7 +106,8 @@ class Candidate:
     latency: float | None = None  # seconds, measured in onnxruntime (latency targets only)
     #: On onnxruntime's NCHWc fast path: every group of the block's convs holds a multiple of the
     #: planned channel multiple (:func:`channel_multiple`), and the block has no channel shuffle
-    #: (:func:`has_shuffle`). Speed targets plan with such shapes first (:func:`allocate_fast_first`).
+    #: (:func:`has_shuffle`; :func:`on_fast_path`). Speed targets plan with such shapes first
+    #: (:func:`allocate_fast_first`).
     fast: bool = True
 
     def cost(self, metric: str) -> float:
@@ -304,9 +305,31 @@ def has_shuffle(block: nn.Module) -> bool:
     return any(isinstance(m, ChannelShuffle) for m in block.modules())
 
 
+def on_fast_path(block: nn.Module, multiple: int) -> bool:
+    """Whether onnxruntime can run ``block`` in its NCHWc layout with a block of ``multiple`` channels.
+
+    No shuffle (:func:`has_shuffle`), every tensor between its convs holds a multiple of ``multiple``
+    channels, and so does every group of a grouped conv (a depthwise conv's groups are single channels,
+    which NCHWc handles). The block's own input and output are the original conv's, so they do not count.
+    The closed-form IGCV1 candidates apply the same rule arithmetically (:func:`igcv1_candidates`).
+    """
+    if has_shuffle(block):
+        return False
+    convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
+    for i, conv in enumerate(convs):
+        if i < len(convs) - 1 and conv.out_channels % multiple:
+            return False
+        g = conv.groups
+        if 1 < g < conv.in_channels and ((conv.in_channels // g) % multiple or (conv.out_channels // g) % multiple):
+            return False
+    return True
+
+
 def fitted_candidates(layer: LayerSpec, kind: str, shapes: Sequence[dict[str, Any]], *, max_iter: int = 15,
-                      damping: float = fz.DEFAULT_DAMPING) -> list[Candidate]:
-    """Score IGCV2/IGCV3 shapes by a short fit (these blocks have no closed-form error)."""
+                      damping: float = fz.DEFAULT_DAMPING, multiple: int = DEFAULT_CHANNEL_MULTIPLE
+                      ) -> list[Candidate]:
+    """Score IGCV2/IGCV3 shapes by a short fit (these blocks have no closed-form error); ``fast`` as
+    :func:`on_fast_path` decides for a block of ``multiple`` channels."""
     from .blocks import BLOCKS
 
     cls = BLOCKS[kind]
@@ -321,7 +344,7 @@ def fitted_candidates(layer: LayerSpec, kind: str, shapes: Sequence[dict[str, An
         macs = block.macs(layer.input_hw) if layer.input_hw is not None else None
         fit = cls.fit(layer.weight, sigma=layer.sigma, row_weights=layer.row_weights, damping=damping,
                       max_iter=max_iter, **shape)
-        out.append(Candidate(kind, dict(shape), params, macs, fit.error, fast=not has_shuffle(block)))
+        out.append(Candidate(kind, dict(shape), params, macs, fit.error, fast=on_fast_path(block, multiple)))
     return out
 
 
@@ -334,9 +357,10 @@ def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, f
             out += igcv1_candidates(layer, max_groups=max_groups, damping=damping, multiple=multiple)
         elif kind == "igcv2":
             out += fitted_candidates(layer, kind, igcv2_shapes(layer, max_groups=max_groups), max_iter=fit_iters,
-                                     damping=damping)
+                                     damping=damping, multiple=multiple)
         elif kind == "igcv3":
-            out += fitted_candidates(layer, kind, igcv3_shapes(layer), max_iter=fit_iters, damping=damping)
+            out += fitted_candidates(layer, kind, igcv3_shapes(layer), max_iter=fit_iters, damping=damping,
+                                     multiple=multiple)
         else:
             raise ConfigError(f"unknown block kind {kind!r}")
     return out

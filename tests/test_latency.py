@@ -286,6 +286,22 @@ def test_shuffled_shapes_are_off_the_fast_path():
     assert any(kind == "igcv3" for kind, _ in fast)
 
 
+def test_igcv3_shapes_are_fast_only_with_whole_nchwc_blocks_between_their_convs():
+    """IGCV3's expand → depthwise → reduce passes ``mid_channels`` between its convs: onnxruntime keeps
+    it in NCHWc only in whole blocks, so a mid width that is not a multiple of the block is not fast."""
+    spec = _layer(nn.Conv2d(64, 64, 3, padding=1), "conv", hw=(8, 8))
+    igcv3 = [c for c in candidates(spec, ["igcv3"], multiple=16) if c.kind == "igcv3"]
+    ungrouped = [c for c in igcv3 if c.shape["expand_groups"] == 1]
+    assert {c.shape["mid_channels"] % 16 == 0 for c in ungrouped} == {True, False}  # the grid has both
+    for c in ungrouped:
+        assert c.fast == (c.shape["mid_channels"] % 16 == 0), c
+    # the shape family is the same for another block size; only the flags follow it
+    by8 = {tuple(sorted(c.shape.items())): c.fast for c in candidates(spec, ["igcv3"], multiple=8) if c.kind == "igcv3"}
+    assert {tuple(sorted(c.shape.items())) for c in igcv3} == set(by8)
+    assert all(by8[tuple(sorted(c.shape.items()))] == (c.shape["mid_channels"] % 8 == 0)
+               for c in ungrouped)
+
+
 @pytest.mark.parametrize("block", ["igcv1", "auto"])
 def test_mac_targets_plan_without_shuffles_when_they_can(block):
     """The least-error plan at 0.5 of the MACs interleaves (a shuffle) on this CNN; a MAC target is a
@@ -296,10 +312,13 @@ def test_mac_targets_plan_without_shuffles_when_they_can(block):
     def shuffled(result):
         return [n for n, m in result.model.named_modules() if isinstance(m, ChannelShuffle)]
 
-    by_macs = igc_convert.convert(model, igc_convert.MacsRatio(0.5), example_inputs=x, block=block,
-                                  channel_multiple=16, progress=False)
-    assert by_macs.plan and not shuffled(by_macs), by_macs.plan
-    assert by_macs.report.totals()["macs_ratio"] <= 0.5
+    for ratio in (0.5, 0.3):
+        by_macs = igc_convert.convert(model, igc_convert.MacsRatio(ratio), example_inputs=x, block=block,
+                                      channel_multiple=16, progress=False)
+        assert by_macs.plan and not shuffled(by_macs), by_macs.plan
+        assert by_macs.report.totals()["macs_ratio"] <= ratio
+        # and IGCV3's mid width in whole NCHWc blocks (0.3 took 88 channels before)
+        assert all(e["shape"]["mid_channels"] % 16 == 0 for e in by_macs.plan if e["block"] == "igcv3"), by_macs.plan
     by_params = igc_convert.convert(model, igc_convert.ParamsRatio(0.5), example_inputs=x, block=block,
                                     channel_multiple=16, progress=False)
     if block == "auto":
