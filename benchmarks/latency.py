@@ -140,9 +140,10 @@ def conv_linear_params(model: nn.Module) -> int:
 
 
 def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes: Sequence[int], runs: int,
-              big_runs: int, guard_runs: int, workdir: Path, seed: int, linear: bool = False) -> list[Row]:
+              big_runs: int, guard_runs: int, workdir: Path, seed: int, linear: bool = False
+              ) -> tuple[list[Row], dict[int, float]]:
     """Convert ``name`` every way in ``variants`` (each also with ``linear=True`` when ``linear``), export all,
-    time all side by side."""
+    time all side by side. Returns the rows and the original's own median milliseconds per batch size."""
     model = build(name, seed)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     if linear:  # conv + linear layers of the whole model, the same count for every row
@@ -180,6 +181,7 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
     export.export_onnx(model, original, x)
     protos = [onnx.load(str(original))] + [onnx.load(str(p)) for _, p in paths]
     rng = np.random.default_rng(seed)
+    original_ms: dict[int, float] = {}
     for b in batch_sizes:
         xb = rng.standard_normal((b, 3, size, size)).astype(np.float32)
         n = runs if b <= 8 else big_runs
@@ -187,10 +189,11 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
         times = bench.median_latencies(protos, xb, threads=THREADS, runs=n, warmup=2 if b > 8 else 3)
         for (row, _), t in zip(paths, times[1:]):
             row.latency[b] = t / times[0]
-        log.info("%s batch %d: original %.1f ms", name, b, times[0] * 1e3)
+        original_ms[b] = times[0] * 1e3
+        log.info("%s batch %d: original %.1f ms", name, b, original_ms[b])
     for p in [original, *(p for _, p in paths)]:
         p.unlink(missing_ok=True)
-    return rows
+    return rows, original_ms
 
 
 def table(rows: Sequence[Row], batch_sizes: Sequence[int], macs: str = "MACs", params: str = "params") -> str:
@@ -245,11 +248,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     load0 = os.getloadavg()
     start = time.perf_counter()
     rows: list[Row] = []
+    originals: dict[str, dict[int, float]] = {}
     with tempfile.TemporaryDirectory(prefix="igc-latency-") as tmp:
         for name in args.models:
-            rows += run_model(name, variants, size=args.size, batch_sizes=args.batch_sizes, runs=args.runs,
-                              big_runs=args.big_runs, guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed,
-                              linear=args.linear)
+            model_rows, originals[name] = run_model(
+                name, variants, size=args.size, batch_sizes=args.batch_sizes, runs=args.runs, big_runs=args.big_runs,
+                guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed, linear=args.linear)
+            rows += model_rows
     load1 = os.getloadavg()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread; "
           f"torch {torch.__version__}; {platform.machine()} {bench._cpu_name()}, {os.cpu_count()} cores")
@@ -263,6 +268,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(table(rows, args.batch_sizes, macs="conv+fc MACs" if args.linear else "MACs",
                 params="conv+fc params" if args.linear else "params"))
+    # The originals' own times tell a quiet spell of a shared machine from a busy one, which moves the
+    # ratios too (the smaller model is the more memory-bound).
+    print()
+    print("originals, median ms: " + "; ".join(
+        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}" for b, ms in per.items()) for name, per in originals.items()))
     return 0
 
 
