@@ -443,7 +443,7 @@ def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_
 
 def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_cost: float = 0.0,
                         dense_total: float | None = None) -> list[Candidate]:
-    """:func:`allocate` over the candidates on onnxruntime's fast path; over all when the target needs them.
+    """:func:`allocate` over the candidates on onnxruntime's fast path; slow shapes only in the layers that need them.
 
     For MAC and latency targets, which are speed targets: a block whose channels per group are not
     multiples of onnxruntime's NCHWc block (:func:`channel_multiple`) runs far slower per MAC (a grouped
@@ -451,13 +451,48 @@ def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target
     43–64), so such shapes are taken only when the budget cannot be met without them. Timed alone, such
     a block even looks better than it is: it skips the NCHWc reorders a lone dense conv pays, which it
     adds inside a model whose other convs run in NCHWc.
+
+    When the fast shapes cannot reach the target, layers get all their shapes one at a time, those whose
+    smallest shape of all saves the most over their smallest fast one first, until the allocation
+    meets the target and spends at least :data:`FAST_FIRST_FILL` of its budget (with a coarse grid of fast
+    shapes, opening just enough layers to fit can leave much of the budget unspent); every other layer
+    keeps to fast shapes. Opening every layer instead, ResNet-50 at ``MacsRatio(0.1)`` took slow shapes
+    wherever they fit best and ran at 0.266-0.269 of the original's latency; opening the 4 layers that
+    needed it, 0.190-0.192 (+5.7% summed squared weight error).
     """
+    fast = [[c for c in cands if c.fast] for cands in per_layer]
     try:
-        return allocate([[c for c in cands if c.fast] for cands in per_layer], target, fixed_cost=fixed_cost,
-                        dense_total=dense_total)
+        return allocate(fast, target, fixed_cost=fixed_cost, dense_total=dense_total)
     except ConfigError:
-        log.info("the target needs block shapes off onnxruntime's fast path; planning with all shapes")
+        if isinstance(target, MaxError):
+            raise
+    metric = TARGET_METRIC[type(target)]
+    if dense_total is None:
+        dense_total = fixed_cost + sum(next(c for c in cands if c.kind == "dense").cost(metric) for cands in per_layer)
+    budget = target.ratio * dense_total
+    smallest_fast = [min(c.cost(metric) for c in cands) for cands in fast]
+    smallest = [min(c.cost(metric) for c in cands) for cands in per_layer]
+    order = sorted((i for i in range(len(fast)) if smallest[i] < smallest_fast[i]),
+                   key=lambda i: smallest[i] - smallest_fast[i])
+    pools, floor, chosen = list(fast), fixed_cost + sum(smallest_fast), None
+    for opened, i in enumerate(order, 1):
+        pools[i] = per_layer[i]
+        floor += smallest[i] - smallest_fast[i]
+        if floor > budget * (1 + 1e-12):
+            continue
+        chosen = allocate(pools, target, fixed_cost=fixed_cost, dense_total=dense_total)
+        spent = fixed_cost + sum(c.cost(metric) for c in chosen)
+        if spent >= FAST_FIRST_FILL * budget:
+            break
+    if chosen is None:  # not reachable even with every shape: allocate says so
         return allocate(per_layer, target, fixed_cost=fixed_cost, dense_total=dense_total)
+    log.info("the target needs block shapes off onnxruntime's fast path in %d of %d layers", opened, len(pools))
+    return chosen
+
+
+#: :func:`allocate_fast_first` opens more layers to slow shapes while its plan spends less than this
+#: share of the budget.
+FAST_FIRST_FILL = 0.95
 
 
 def uniform(per_layer: Sequence[Sequence[Candidate]], ratio: float, metric: str = "params") -> list[Candidate]:

@@ -21,7 +21,8 @@ import igc_convert
 from igc_convert import bench, latency
 from igc_convert.blocks import IGCBlock, make_block
 from igc_convert.errors import ConfigError
-from igc_convert.plan import Candidate, LayerSpec, candidates, lower_hull
+from igc_convert import plan
+from igc_convert.plan import Candidate, LayerSpec, allocate, allocate_fast_first, candidates, lower_hull
 from igc_convert.latency import REVERTED, attach_latencies, enforce_not_slower
 from igc_convert.shuffle import ChannelShuffle
 
@@ -210,7 +211,7 @@ def test_latency_plan_is_tightened_until_the_whole_model_measures_within_target(
     """Per-layer timings promise 0.5; the whole model measures 3x the conv-parameter ratio: re-plan."""
     result, seen, plans = _plan_measured_as(monkeypatch, lambda r: 3 * r)
     assert len(seen) >= 2 and seen[0] > 0.5  # the first plan measured too slow ...
-    assert all(b < a for a, b in zip(seen, seen[1:]))  # ... and each re-plan cut deeper
+    assert all(b < a for a, b in zip(seen, seen[1:])), seen  # ... and each re-plan cut deeper
     assert seen[-1] <= 0.5 * (1 + latency.DEFAULT_NOISE_MARGIN / 2)
     assert result.plan == plans[-1]  # the plan that measured within the target is the one fitted
 
@@ -323,6 +324,37 @@ def test_mac_targets_plan_without_shuffles_when_they_can(block):
                                     channel_multiple=16, progress=False)
     if block == "auto":
         assert shuffled(by_params), by_params.plan
+
+
+def _layer_shapes(slow_costs) -> list[Candidate]:
+    """Dense (cost 100), one fast shape at 50, and slow shapes at ``slow_costs`` that fit better at every cost."""
+    return ([Candidate("dense", {}, 100, macs=100, error=0.0), Candidate("igcv1", {"rank": 50}, 50, macs=50, error=0.5)]
+            + [Candidate("igcv1", {"rank": c, "slow": True}, c, macs=c, error=0.4 * (1 - c / 100), fast=False)
+               for c in slow_costs])
+
+
+def test_a_target_fast_shapes_cannot_reach_opens_only_the_layers_it_needs():
+    """0.45 of 300 is 135: the fast shapes alone bottom out at 150. Opening the layer whose slow shapes
+    save the most (down to 10) is enough; opening every layer (the old fallback) put slow shapes everywhere,
+    since they fit better."""
+    per_layer = [_layer_shapes(range(10, 100, 10)), _layer_shapes(range(20, 100, 10)), _layer_shapes(range(30, 100, 10))]
+    chosen = allocate_fast_first(per_layer, igc_convert.MacsRatio(0.45))
+    assert [c.fast for c in chosen] == [False, True, True], chosen
+    assert sum(c.macs for c in chosen) <= 135
+    assert sum(c.macs for c in chosen) >= plan.FAST_FIRST_FILL * 135  # and the budget is used
+    everywhere = allocate([list(c) for c in per_layer], igc_convert.MacsRatio(0.45))
+    assert not any(c.fast for c in everywhere)  # what opening every layer would have given
+
+
+def test_layers_are_opened_until_the_budget_is_used():
+    """Layer 0's only slow shape (10) makes the target reachable but leaves 25 of 135 unspent, under
+    FAST_FIRST_FILL: layer 1 is opened too, layer 2 keeps to fast shapes."""
+    per_layer = [_layer_shapes([10]), _layer_shapes(range(20, 100, 10)), _layer_shapes(range(30, 100, 10))]
+    chosen = allocate_fast_first(per_layer, igc_convert.MacsRatio(0.45))
+    assert [c.fast for c in chosen] == [False, False, True], chosen
+    assert plan.FAST_FIRST_FILL * 135 <= sum(c.macs for c in chosen) <= 135
+    with pytest.raises(ConfigError, match="not reachable"):  # below even the smallest shapes of all
+        allocate_fast_first(per_layer, igc_convert.MacsRatio(0.15))
 
 
 # ------------------------------------------------------------------------------------- guard
