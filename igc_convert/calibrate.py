@@ -119,9 +119,10 @@ class _Geometry:
         return p.reshape(p.shape[0], -1)
 
     def vector_to_unfold_order(self, v: Tensor) -> Tensor:
-        """A gathered ``(ky, kx, c)`` patch vector in unfold's ``(c, ky, kx)`` order."""
+        """A gathered ``(ky, kx, c)`` patch vector in unfold's ``(c, ky, kx)`` order; for a matrix, each row."""
         (kh, kw), c = self.kernel_size, self.in_channels
-        return v.reshape(kh, kw, c).permute(2, 0, 1).reshape(self.size)
+        lead = v.shape[:-1]
+        return v.reshape(*lead, kh, kw, c).movedim(-1, -3).reshape(*lead, self.size)
 
     def to_unfold_order(self, m: Tensor) -> Tensor:
         """``n × n`` moment of gathered ``(ky, kx, c)`` patches → the same in unfold's ``(c, ky, kx)`` order."""
@@ -690,13 +691,8 @@ class _PairedSums:
             raise DataError("paired input means are not finite (activations overflowed)", layer=self.layer)
         merge: tuple = ()
         if self.merge_cross is not None:
-            (kh, kw), c = geom.kernel_size, geom.in_channels
-
-            def columns_in_unfold_order(m: Tensor) -> Tensor:
-                return m.cpu().reshape(-1, kh, kw, c).permute(0, 3, 1, 2).reshape(-1, geom.size) / count
-
-            merge = (columns_in_unfold_order(self.merge_cross), self.merge_sum.cpu() / count,
-                     columns_in_unfold_order(self.merge_original), self.merge_energy / count)
+            merge = (geom.vector_to_unfold_order(self.merge_cross.cpu()) / count, self.merge_sum.cpu() / count,
+                     geom.vector_to_unfold_order(self.merge_original.cpu()) / count, self.merge_energy / count)
             if not all(finite(torch.as_tensor(m)) for m in merge):
                 raise DataError("residual statistics are not finite (activations overflowed)", layer=self.layer)
         return PairedStats(out["actual"], out["cross"], out["original"], count, *means, *merge)
