@@ -93,6 +93,12 @@ class IGCBlock(nn.Module):
     def fit(weight: Tensor, **kwargs) -> fz.Fit:
         raise NotImplementedError
 
+    @classmethod
+    def score_shapes(cls, weight: Tensor, shapes: Sequence[dict[str, Any]], **kwargs) -> list[float]:
+        """The relative error of a :meth:`fit` of each of ``shapes``: what the planner ranks them by.
+        A kind may share work between the shapes, or fit them in a cheaper precision."""
+        return [cls.fit(weight, **shape, **kwargs).error for shape in shapes]
+
     def dense_weight(self) -> Tensor:
         """The dense kernel ``C_out × C_in × kh × kw`` this block computes (exactly)."""
         return self._dense(self.factors())
@@ -303,6 +309,20 @@ class IGCV3(IGCBlock):
     def fit(weight: Tensor, *, expand_groups: int = 1, reduce_groups: int = 1, mid_channels: int = 1,
             **kwargs) -> fz.Fit:
         return fz.fit_igcv3(weight, expand_groups, reduce_groups, mid_channels, **kwargs)
+
+    @classmethod
+    def score_shapes(cls, weight: Tensor, shapes: Sequence[dict[str, Any]], **kwargs) -> list[float]:
+        """Shapes of one grouping share their objective and start, and are refined in float32
+        (:func:`~igc_convert.factorize.fit_igcv3_widths`); each error is evaluated in float64."""
+        errors: dict[int, float] = {}
+        groupings: dict[tuple[int, int], list[int]] = {}
+        for i, shape in enumerate(shapes):
+            groupings.setdefault((shape.get("expand_groups", 1), shape.get("reduce_groups", 1)), []).append(i)
+        for (G1, G2), idx in groupings.items():
+            widths = [shapes[i].get("mid_channels", 1) for i in idx]
+            fits = fz.fit_igcv3_widths(weight, G1, G2, widths, dtype=torch.float32, **kwargs)
+            errors.update((i, fit.error) for i, fit in zip(idx, fits))
+        return [errors[i] for i in range(len(shapes))]
 
 
 #: Block kind -> class. Copy before extending (``dict(BLOCKS)``); users may register their own kinds.

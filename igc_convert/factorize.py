@@ -70,6 +70,12 @@ def whitener(sigma: Tensor | None, n: int, damping: float = DEFAULT_DAMPING) -> 
     >>> whitener(torch.zeros(3, 3), 3).diagonal().tolist()  # no signal: plain weight space
     [1.0, 1.0, 1.0]
     """
+    whitened = _whiten(sigma, n, damping)
+    return None if whitened is None else whitened[0]
+
+
+def _whiten(sigma: Tensor | None, n: int, damping: float) -> tuple[Tensor, Tensor] | None:
+    """:func:`whitener`'s ``R`` and the damped, scaled ``Σ`` it factors (``R Rᵀ``, float64)."""
     if sigma is None:
         return None
     if sigma.shape != (n, n):
@@ -79,7 +85,7 @@ def whitener(sigma: Tensor | None, n: int, damping: float = DEFAULT_DAMPING) -> 
         raise ConfigError("input statistics contain NaN or Inf")
     scale = float(s.diagonal().sum(dtype=torch.float64)) / max(n, 1)
     if not scale > 0:
-        return torch.eye(n, dtype=torch.float64)
+        return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
     # Unit mean eigenvalue: damping and tolerances become scale-free. Cholesky reads the lower
     # triangle only, which defines the symmetric matrix whatever the upper one holds.
     a = s.to(torch.float64) * (1.0 / scale)
@@ -89,9 +95,9 @@ def whitener(sigma: Tensor | None, n: int, damping: float = DEFAULT_DAMPING) -> 
         added = d
         r, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0 and finite(r):
-            return r
+            return r, torch.tril(a) + torch.tril(a, -1).mT  # symmetric, as Cholesky read it
         d *= 10
-    return torch.eye(n, dtype=torch.float64)
+    return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
 
 
 def finite(t: Tensor) -> bool:
@@ -123,7 +129,10 @@ class Objective:
         self.c_out = w.shape[0]
         self.matrix = w.reshape(self.c_out, -1)
         self.n = self.matrix.shape[1]
-        self.r = whitener(sigma, self.n, damping)
+        whitened = _whiten(sigma, self.n, damping)
+        # ``gram`` = R Rᵀ: a fit with an analytic gradient needs one product with it where
+        # ``(Ŵ − W) R`` and the backward pass through it need two with R.
+        self.r, self.gram = (None, None) if whitened is None else whitened
         self.w = _row_weights(row_weights, self.c_out)
         self._target = self._transform(self.matrix)
         self._norm2 = float((self._target**2).sum()) or 1.0
@@ -148,7 +157,7 @@ class Objective:
     def cast(self, dtype: torch.dtype) -> "Objective":
         """A copy whose tensors are ``dtype`` (float32 halves the cost of a long refinement on CPU)."""
         out = copy.copy(self)
-        for name in ("matrix", "r", "w", "_target"):
+        for name in ("matrix", "r", "gram", "w", "_target"):
             t = getattr(self, name)
             setattr(out, name, None if t is None else t.to(dtype))
         return out
@@ -695,6 +704,102 @@ def igcv3_weight(expand: Tensor, depthwise: Tensor, reduce: Tensor, expand_group
     return w.reshape(c_out, e.shape[1], kh, kw)
 
 
+class _IGCV3Tiles:
+    """One IGCV3 objective in tile form, shared by every mid width of one grouping.
+
+    Mid channel ``(g1, g2, j)`` (expand order) reads input partition ``g1`` and writes output group
+    ``g2`` only, so ``diag(w)·Ŵ`` is a grid of ``G1·G2`` independent tiles, each a sum of
+    ``C_int/(G1·G2)`` CP terms: batched products on the tiles cost ``G1·G2`` times less than the
+    block-diagonal matrices of :func:`igcv3_weight`. The tensors the loss reads are kept in ``dtype``.
+    """
+
+    def __init__(self, obj: Objective, G1: int, G2: int, kernel_size: tuple[int, int],
+                 dtype: torch.dtype = torch.float64) -> None:
+        self.obj, self.G1, self.G2, self.kernel_size = obj, G1, G2, kernel_size
+        self.S = kernel_size[0] * kernel_size[1]
+        self.a, self.b = obj.c_out // G2, obj.n // (G1 * self.S)
+        self.norm2 = obj._norm2
+        m = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
+        self.target64 = self.to_tiles(m)                                      # (G, a, b·S)
+        self.target = self.target64.to(dtype)
+        self.gram = None if obj.gram is None else obj.gram.to(dtype)
+        self.row_weights = (None if obj.w is None else obj.w.reshape(1, G2, self.a).expand(G1, G2, self.a)
+                            .reshape(G1 * G2, self.a, 1).to(dtype))
+        self._svds: list[tuple[Tensor, Tensor, Tensor]] | None = None
+
+    def to_tiles(self, m: Tensor) -> Tensor:
+        """``C_out × C_in·S`` → ``(G1·G2) × a × b·S``, tile ``(g1, g2)`` at ``g1·G2 + g2``."""
+        G1, G2, a = self.G1, self.G2, self.a
+        return m.reshape(G2, a, G1, -1).permute(2, 0, 1, 3).reshape(G1 * G2, a, -1).contiguous()
+
+    def from_tiles(self, t: Tensor) -> Tensor:
+        G1, G2, a = self.G1, self.G2, self.a
+        return t.reshape(G1, G2, a, -1).permute(1, 2, 0, 3).reshape(G2 * a, -1)
+
+    def start(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """In each tile, the ``k`` strongest singular triplets over all kernel taps (each a rank-1
+        term living on one tap), as (expand, depthwise, reduce) conv weights in float64."""
+        G, a, b, S = self.G1 * self.G2, self.a, self.b, self.S
+        if self._svds is None:  # per tap, once for every mid width
+            self._svds = [torch.linalg.svd(t.reshape(a, b, S).permute(2, 0, 1), full_matrices=False)
+                          for t in self.target64]
+        expand = torch.zeros(G, k, b, dtype=torch.float64)
+        dw = torch.zeros(G, k, S, dtype=torch.float64)
+        red = torch.zeros(G, a, k, dtype=torch.float64)
+        for g, (u, sv, vh) in enumerate(self._svds):
+            top = torch.argsort(sv.flatten(), descending=True)[:k]
+            tap, idx = top // sv.shape[1], top % sv.shape[1]
+            root = sv[tap, idx].sqrt()
+            n = len(top)
+            red[g, :, :n] = u[tap, :, idx].T * root
+            expand[g, :n] = vh[tap, idx, :] * root[:, None]
+            dw[g, torch.arange(n), tap] = 1.0
+        if self.row_weights is not None:
+            red = red / self.row_weights.to(torch.float64)
+        return (expand.reshape(G * k, b, 1, 1), dw.reshape(G * k, 1, *self.kernel_size),
+                red.reshape(self.G1, self.G2, a, k).permute(1, 2, 0, 3).reshape(self.G2 * a, self.G1 * k, 1, 1))
+
+    def loss(self, expand: Tensor, dw: Tensor, red: Tensor) -> Tensor:
+        """``f`` of the module docstring for conv-layout factors, with an analytic gradient."""
+        return _IGCV3Loss.apply(expand, dw, red, self)
+
+
+class _IGCV3Loss(torch.autograd.Function):
+    """``f = ⟨D, D Σ⟩ / ‖diag(w) W R‖²`` with ``D = diag(w)(Ŵ − W)`` on tiles and ``Σ = R Rᵀ`` (``I``
+    without statistics), summed in float64. Autograd through :func:`igcv3_weight`'s einsum and ``·R``
+    took more products of the kernel's size and two with ``R``; this takes three and one with ``Σ``."""
+
+    @staticmethod
+    def forward(ctx, expand: Tensor, dw: Tensor, red: Tensor, tiles: _IGCV3Tiles) -> Tensor:
+        G, a, b, S = tiles.G1 * tiles.G2, tiles.a, tiles.b, tiles.S
+        k = expand.shape[0] // G
+        e, d = expand.reshape(G, k, b), dw.reshape(G, k, S)
+        r = red.reshape(tiles.G2, a, tiles.G1, k).permute(2, 0, 1, 3).reshape(G, a, k)
+        rw = r if tiles.row_weights is None else r * tiles.row_weights
+        x = (e[:, :, :, None] * d[:, :, None, :]).reshape(G, k, b * S)
+        diff = torch.bmm(rw, x) - tiles.target
+        g = diff if tiles.gram is None else tiles.to_tiles(tiles.from_tiles(diff) @ tiles.gram)
+        ctx.save_for_backward(e, d, rw, x, g)
+        ctx.tiles = tiles
+        return (diff * g).sum(dtype=torch.float64) / tiles.norm2
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        e, d, rw, x, g = ctx.saved_tensors
+        tiles = ctx.tiles
+        G1, G2, a, b, S = tiles.G1, tiles.G2, tiles.a, tiles.b, tiles.S
+        G, k = e.shape[:2]
+        g = g * (2.0 * grad / tiles.norm2).to(g.dtype)
+        dr = torch.bmm(g, x.mT)
+        if tiles.row_weights is not None:
+            dr = dr * tiles.row_weights
+        dx = torch.bmm(rw.mT, g).reshape(G, k, b, S)
+        de = (dx * d[:, :, None, :]).sum(-1)
+        dd = (dx * e[:, :, :, None]).sum(2)
+        return (de.reshape(G * k, b, 1, 1), dd.reshape(G * k, 1, *tiles.kernel_size),
+                dr.reshape(G1, G2, a, k).permute(1, 2, 0, 3).reshape(G2 * a, G1 * k, 1, 1), None)
+
+
 def fit_igcv3(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channels: int, *,
               sigma: Tensor | None = None, row_weights: Tensor | None = None,
               damping: float = DEFAULT_DAMPING, max_iter: int = 300, tol: float = 1e-10,
@@ -705,48 +810,43 @@ def fit_igcv3(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channe
     triplets over all kernel taps (each a rank-1 term living on one tap), then monotone L-BFGS on the
     exact objective. ``restarts`` adds random starts; the best is kept.
     """
+    return fit_igcv3_widths(weight, expand_groups, reduce_groups, [mid_channels], sigma=sigma,
+                            row_weights=row_weights, damping=damping, max_iter=max_iter, tol=tol,
+                            restarts=restarts, seed=seed)[0]
+
+
+def fit_igcv3_widths(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channels: Sequence[int], *,
+                     sigma: Tensor | None = None, row_weights: Tensor | None = None,
+                     damping: float = DEFAULT_DAMPING, max_iter: int = 300, tol: float = 1e-10,
+                     restarts: int = 0, seed: int = 0, dtype: torch.dtype = torch.float64) -> list[Fit]:
+    """:func:`fit_igcv3` for several mid widths of one grouping (what the planner scores): the
+    objective, its whitening and the start's per-tap SVDs are computed once for all of them.
+
+    ``dtype`` is the precision of the refinement (float32 halves its cost); factors are returned, and
+    their error evaluated, in float64.
+    """
     c_out, c_in, kh, kw = weight.shape
-    G1, G2, c_int = expand_groups, reduce_groups, mid_channels
-    _validate_igcv3(c_in, c_out, G1, G2, c_int)
-    S = kh * kw
-    k = c_int // (G1 * G2)
+    G1, G2 = expand_groups, reduce_groups
+    for c_int in mid_channels:
+        _validate_igcv3(c_in, c_out, G1, G2, c_int)
     obj = Objective(weight, sigma, row_weights, damping)
-
-    def build(e, d, r):
-        return igcv3_weight(e, d, r, G1, G2)
-
-    m = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
-    w = m.reshape(c_out, c_in, S)
-    expand = torch.zeros(G1, G2, k, c_in // G1, dtype=torch.float64)
-    dw = torch.zeros(G1, G2, k, S, dtype=torch.float64)
-    red = torch.zeros(G2, c_out // G2, G1, k, dtype=torch.float64)
-    for g1 in range(G1):
-        for g2 in range(G2):
-            tile = w[g2 * (c_out // G2):(g2 + 1) * (c_out // G2), g1 * (c_in // G1):(g1 + 1) * (c_in // G1)]
-            u, s, vh = torch.linalg.svd(tile.permute(2, 0, 1), full_matrices=False)  # per tap
-            top = torch.argsort(s.flatten(), descending=True)[:k]
-            tap, idx = top // s.shape[1], top % s.shape[1]
-            root = s[tap, idx].sqrt()
-            n = len(top)
-            red[g2, :, g1, :n] = (u[tap, :, idx] * root[:, None]).T
-            expand[g1, g2, :n] = vh[tap, idx, :] * root[:, None]
-            dw[g1, g2, torch.arange(n), tap] = 1.0
-    if obj.w is not None:
-        red = red / obj.w.reshape(G2, c_out // G2, 1, 1)
-    starts = [(expand.reshape(c_int, c_in // G1, 1, 1), dw.reshape(c_int, 1, kh, kw),
-               red.reshape(c_out, c_int // G2, 1, 1))]
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(restarts):
-        starts.append(tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64) * t.std().clamp_min(1e-3)
-                            for t in starts[0]))
-    best: Fit | None = None
-    for start in starts:
-        params, f, iters = refine(lambda *ps: obj(build(*ps)), start, max_iter=max_iter, tol=tol)
-        params = balance_igcv3(*params, G1, G2)
-        fit = Fit(params, obj.error(build(*params)), iters)
-        if best is None or fit.error < best.error:
-            best = fit
-    return best
+    tiles = _IGCV3Tiles(obj, G1, G2, (kh, kw), dtype)
+    fits = []
+    for c_int in mid_channels:
+        starts = [tiles.start(c_int // (G1 * G2))]
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(restarts):
+            starts.append(tuple(torch.randn(t.shape, generator=gen, dtype=torch.float64) * t.std().clamp_min(1e-3)
+                                for t in starts[0]))
+        best: Fit | None = None
+        for start in starts:
+            params, f, iters = refine(tiles.loss, start, max_iter=max_iter, tol=tol, dtype=dtype)
+            params = balance_igcv3(*params, G1, G2)
+            fit = Fit(params, obj.error(igcv3_weight(*params, G1, G2)), iters)
+            if best is None or fit.error < best.error:
+                best = fit
+        fits.append(best)
+    return fits
 
 
 def balance_igcv3(expand: Tensor, depthwise: Tensor, reduce: Tensor, expand_groups: int,

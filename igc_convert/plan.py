@@ -334,18 +334,18 @@ def fitted_candidates(layer: LayerSpec, kind: str, shapes: Sequence[dict[str, An
 
     cls = BLOCKS[kind]
     dense = layer.dense()
-    out = []
+    kept = []
     for shape in shapes:
         block = cls(layer.c_in, layer.c_out, tuple(layer.weight.shape[2:]), layer.stride, layer.padding,
                     layer.dilation, layer.has_bias, device="meta", **shape)
-        params = block.num_params()
-        if params >= dense.params:
-            continue
-        macs = block.macs(layer.input_hw) if layer.input_hw is not None else None
-        fit = cls.fit(layer.weight, sigma=layer.sigma, row_weights=layer.row_weights, damping=damping,
-                      max_iter=max_iter, **shape)
-        out.append(Candidate(kind, dict(shape), params, macs, fit.error, fast=on_fast_path(block, multiple)))
-    return out
+        if block.num_params() < dense.params:
+            kept.append((shape, block))
+    errors = cls.score_shapes(layer.weight, [shape for shape, _ in kept], sigma=layer.sigma,
+                              row_weights=layer.row_weights, damping=damping, max_iter=max_iter)
+    return [Candidate(kind, dict(shape), block.num_params(),
+                      block.macs(layer.input_hw) if layer.input_hw is not None else None, error,
+                      fast=on_fast_path(block, multiple))
+            for (shape, block), error in zip(kept, errors)]
 
 
 def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, fit_iters: int = 15,

@@ -178,3 +178,40 @@ def test_shared_partition_products_give_the_same_error_curves(data_aware):
         assert shared.keys() == alone.keys()
         for M in alone:
             torch.testing.assert_close(shared[M], alone[M], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("G1,G2", [(1, 1), (2, 1), (1, 2), (2, 2)], ids=str)
+@pytest.mark.parametrize("whitened", [False, True], ids=["weight", "whitened"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "row-weights"])
+def test_igcv3_analytic_gradient_equals_autograd_through_the_dense_kernel(G1, G2, whitened, weighted):
+    """The fit's hand-written loss and gradient (on tiles) against autograd
+    through igcv3_weight and the Objective, which is the definition."""
+    torch.manual_seed(0)
+    w = torch.randn(12, 8, 3, 3, dtype=torch.float64)
+    x = torch.randn(300, 72, dtype=torch.float64) * torch.logspace(-2, 1, 72, dtype=torch.float64)
+    obj = fz.Objective(w, x.T @ x / 300 if whitened else None, torch.rand(12) + 0.1 if weighted else None)
+    c_int = 3 * G1 * G2
+    factors = [torch.randn(c_int, 8 // G1, 1, 1, dtype=torch.float64), torch.randn(c_int, 1, 3, 3, dtype=torch.float64),
+               torch.randn(12, c_int // G2, 1, 1, dtype=torch.float64)]
+    mine = [f.clone().requires_grad_(True) for f in factors]
+    ref = [f.clone().requires_grad_(True) for f in factors]
+    f_mine = fz._IGCV3Tiles(obj, G1, G2, (3, 3)).loss(*mine)
+    f_ref = obj(fz.igcv3_weight(*ref, G1, G2))
+    (3 * f_mine).backward()
+    (3 * f_ref).backward()
+    torch.testing.assert_close(f_mine.detach(), f_ref.detach())
+    for a, b in zip(mine, ref):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_igcv3_widths_fitted_together_equal_single_fits():
+    torch.manual_seed(0)
+    w = torch.randn(16, 8, 3, 3)
+    x = torch.randn(400, 72) * torch.logspace(-2, 1, 72)
+    kw = dict(sigma=x.T @ x / 400, row_weights=torch.rand(16) + 0.1, max_iter=8)
+    together = fz.fit_igcv3_widths(w, 2, 2, [4, 8, 12], **kw)
+    for c_int, fit in zip([4, 8, 12], together):
+        alone = fz.fit_igcv3(w, 2, 2, c_int, **kw)
+        assert fit.error == alone.error
+        for a, b in zip(fit.factors, alone.factors):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
