@@ -267,11 +267,6 @@ class IGCV2(IGCBlock):
     def fit(weight: Tensor, *, primary_groups: int = 1, factors: Sequence[int] = (2, 2), **kwargs) -> fz.Fit:
         return fz.fit_igcv2(weight, primary_groups, factors, **kwargs)
 
-    @classmethod
-    def score_shapes(cls, weight: Tensor, shapes: Sequence[dict[str, Any]], **kwargs) -> list[float]:
-        """Scoring fits refine in float32; each error is evaluated in float64."""
-        return [cls.fit(weight, **shape, dtype=torch.float32, **kwargs).error for shape in shapes]
-
 
 class IGCV3(IGCBlock):
     """Grouped 1×1 expand (``G1``) → depthwise k×k (stride, padding, dilation) → shuffle → grouped

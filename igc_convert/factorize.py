@@ -566,22 +566,19 @@ def igcv2_weight(primary: Tensor, stages: Sequence[Tensor], primary_groups: int,
 def fit_igcv2(weight: Tensor, primary_groups: int, factors: Sequence[int], *,
               sigma: Tensor | None = None, row_weights: Tensor | None = None,
               damping: float = DEFAULT_DAMPING, max_iter: int = 200, tol: float = 1e-9,
-              restarts: int = 0, seed: int = 0, dtype: torch.dtype = torch.float64) -> Fit:
+              restarts: int = 0, seed: int = 0) -> Fit:
     """Fit IGCV2 factors ``(primary, stage_1, …, stage_n)`` by monotone L-BFGS from an SVD start.
 
     Start: the closed-form IGCV1 fit with one secondary group and rank ``C_mid/L`` gives the primary
     conv and a dense secondary ``B``; the chain is fitted to ``B`` (a small problem), the primary is
     re-solved by least squares against that chain, then all factors are refined jointly.
-    ``restarts`` adds tries from other random chain starts; the best is kept. ``dtype`` is the
-    precision of the refinements (the planner's scoring fits use float32); factors are returned,
-    and their error evaluated, in float64.
+    ``restarts`` adds tries from other random chain starts; the best is kept.
     """
     c_out, c_in, kh, kw = weight.shape
     L, ks = primary_groups, tuple(int(k) for k in factors)
     _validate_igcv2(c_in, c_out, L, ks, kh * kw)
     c_mid = math.prod(ks)
     obj = Objective(weight, sigma, row_weights, damping)
-    loss_obj = obj.cast(dtype)
 
     def build(primary, *stages):
         return igcv2_weight(primary, stages, L, ks)
@@ -603,14 +600,12 @@ def fit_igcv2(weight: Tensor, primary_groups: int, factors: Sequence[int], *,
     best: Fit | None = None
     for attempt in range(restarts + 1):
         stages = _random_chain(ks, c_out, gen)
-        chain_obj = Objective(b0).cast(dtype)
-        stages, _, _ = refine(lambda *s: chain_obj(igcv2_chain_matrix(s, ks)), stages, max_iter=max_iter // 2,
-                              dtype=dtype)
+        chain_obj = Objective(b0)
+        stages, _, _ = refine(lambda *s: chain_obj(igcv2_chain_matrix(s, ks)), stages, max_iter=max_iter // 2)
         chain = igcv2_chain_matrix(stages, ks)
         primary = _solve_primary(obj, chain, L, c_mid, n_in)
         primary = primary.reshape(c_mid, c_in // L, kh, kw)
-        params, f, iters = refine(lambda *ps: loss_obj(build(*ps)), (primary, *stages), max_iter=max_iter, tol=tol,
-                                  dtype=dtype)
+        params, f, iters = refine(lambda *ps: obj(build(*ps)), (primary, *stages), max_iter=max_iter, tol=tol)
         params = balance_chain(params, L, ks)
         fit = Fit(params, obj.error(build(*params)), iters)
         if best is None or fit.error < best.error:

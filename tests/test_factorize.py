@@ -215,27 +215,3 @@ def test_igcv3_widths_fitted_together_equal_single_fits():
         assert fit.error == alone.error
         for a, b in zip(fit.factors, alone.factors):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
-
-
-@pytest.mark.parametrize("cls,shapes", [
-    (IGCV2, [dict(primary_groups=2, factors=[4, 4]), dict(primary_groups=1, factors=[2, 8])]),
-    (IGCV3, [dict(expand_groups=2, reduce_groups=2, mid_channels=8), dict(expand_groups=1, reduce_groups=1,
-                                                                          mid_channels=6)]),
-], ids=["igcv2", "igcv3"])
-def test_planner_scores_in_float32_match_float64_fits(cls, shapes):
-    torch.manual_seed(0)
-    w = torch.randn(16, 8, 3, 3)
-    x = torch.randn(400, 72) * torch.logspace(-2, 1, 72)
-    kw = dict(sigma=x.T @ x / 400, row_weights=torch.rand(16) + 0.1, max_iter=15)
-    scores = cls.score_shapes(w, shapes, **kw)
-    for shape, score in zip(shapes, scores):
-        # a float32 refinement stops at float32's resolution where float64 fits exactly (abs)
-        assert score == pytest.approx(cls.fit(w, **shape, **kw).error, rel=0.02, abs=1e-6)
-
-
-def test_float32_refinement_returns_float64_factors_and_their_exact_error():
-    torch.manual_seed(0)
-    w = torch.randn(16, 8, 3, 3)
-    fit = fz.fit_igcv2(w, 2, [4, 4], max_iter=10, dtype=torch.float32)
-    assert all(f.dtype == torch.float64 for f in fit.factors)
-    assert fit.error == fz.relative_error(w, fz.igcv2_weight(fit.factors[0], fit.factors[1:], 2, [4, 4]))
