@@ -96,7 +96,7 @@ class IGCBlock(nn.Module):
     @classmethod
     def score_shapes(cls, weight: Tensor, shapes: Sequence[dict[str, Any]], **kwargs) -> list[float]:
         """The relative error of a :meth:`fit` of each of ``shapes``: what the planner ranks them by.
-        A kind may share work between the shapes, or fit them in a cheaper precision."""
+        A kind may share work between the shapes."""
         return [cls.fit(weight, **shape, **kwargs).error for shape in shapes]
 
     def dense_weight(self) -> Tensor:
@@ -312,15 +312,15 @@ class IGCV3(IGCBlock):
 
     @classmethod
     def score_shapes(cls, weight: Tensor, shapes: Sequence[dict[str, Any]], **kwargs) -> list[float]:
-        """Shapes of one grouping share their objective and start, and are refined in float32
-        (:func:`~igc_convert.factorize.fit_igcv3_widths`); each error is evaluated in float64."""
+        """Shapes of one grouping share their objective, whitening and start
+        (:func:`~igc_convert.factorize.fit_igcv3_widths`)."""
         errors: dict[int, float] = {}
         groupings: dict[tuple[int, int], list[int]] = {}
         for i, shape in enumerate(shapes):
             groupings.setdefault((shape.get("expand_groups", 1), shape.get("reduce_groups", 1)), []).append(i)
         for (G1, G2), idx in groupings.items():
             widths = [shapes[i].get("mid_channels", 1) for i in idx]
-            fits = fz.fit_igcv3_widths(weight, G1, G2, widths, dtype=torch.float32, **kwargs)
+            fits = fz.fit_igcv3_widths(weight, G1, G2, widths, **kwargs)
             errors.update((i, fit.error) for i, fit in zip(idx, fits))
         return [errors[i] for i in range(len(shapes))]
 

@@ -74,8 +74,9 @@ def whitener(sigma: Tensor | None, n: int, damping: float = DEFAULT_DAMPING) -> 
     return None if whitened is None else whitened[0]
 
 
-def _whiten(sigma: Tensor | None, n: int, damping: float) -> tuple[Tensor, Tensor] | None:
-    """:func:`whitener`'s ``R`` and the damped, scaled ``Σ`` it factors (``R Rᵀ``, float64)."""
+def _whiten(sigma: Tensor | None, n: int, damping: float, gram: bool = False
+            ) -> tuple[Tensor, Tensor | None] | None:
+    """:func:`whitener`'s ``R`` and, with ``gram``, the damped, scaled ``Σ`` it factors (``R Rᵀ``)."""
     if sigma is None:
         return None
     if sigma.shape != (n, n):
@@ -85,7 +86,7 @@ def _whiten(sigma: Tensor | None, n: int, damping: float) -> tuple[Tensor, Tenso
         raise ConfigError("input statistics contain NaN or Inf")
     scale = float(s.diagonal().sum(dtype=torch.float64)) / max(n, 1)
     if not scale > 0:
-        return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+        return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64) if gram else None
     # Unit mean eigenvalue: damping and tolerances become scale-free. Cholesky reads the lower
     # triangle only, which defines the symmetric matrix whatever the upper one holds.
     a = s.to(torch.float64) * (1.0 / scale)
@@ -95,9 +96,12 @@ def _whiten(sigma: Tensor | None, n: int, damping: float) -> tuple[Tensor, Tenso
         added = d
         r, info = torch.linalg.cholesky_ex(a)
         if int(info) == 0 and finite(r):
-            return r, torch.tril(a) + torch.tril(a, -1).mT  # symmetric, as Cholesky read it
+            if not gram:
+                return r, None
+            full = torch.tril(a)  # symmetric, as Cholesky read it
+            return r, full.add_(torch.tril(a, -1).mT)
         d *= 10
-    return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64)
+    return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64) if gram else None
 
 
 def finite(t: Tensor) -> bool:
@@ -124,14 +128,14 @@ class Objective:
     """``f(Ŵ)`` of the module docstring for one kernel; callable on a dense matrix ``C_out × C_in·S``."""
 
     def __init__(self, weight: Tensor, sigma: Tensor | None = None, row_weights: Tensor | None = None,
-                 damping: float = DEFAULT_DAMPING) -> None:
+                 damping: float = DEFAULT_DAMPING, *, gram: bool = False) -> None:
         w = weight.detach().to(torch.float64)
         self.c_out = w.shape[0]
         self.matrix = w.reshape(self.c_out, -1)
         self.n = self.matrix.shape[1]
-        whitened = _whiten(sigma, self.n, damping)
-        # ``gram`` = R Rᵀ: a fit with an analytic gradient needs one product with it where
-        # ``(Ŵ − W) R`` and the backward pass through it need two with R.
+        whitened = _whiten(sigma, self.n, damping, gram)
+        # ``gram`` = R Rᵀ (kept on request, n × n): a fit with an analytic gradient needs one
+        # product with it where ``(Ŵ − W) R`` and the backward pass through it need two with R.
         self.r, self.gram = (None, None) if whitened is None else whitened
         self.w = _row_weights(row_weights, self.c_out)
         self._target = self._transform(self.matrix)
@@ -710,21 +714,21 @@ class _IGCV3Tiles:
     Mid channel ``(g1, g2, j)`` (expand order) reads input partition ``g1`` and writes output group
     ``g2`` only, so ``diag(w)·Ŵ`` is a grid of ``G1·G2`` independent tiles, each a sum of
     ``C_int/(G1·G2)`` CP terms: batched products on the tiles cost ``G1·G2`` times less than the
-    block-diagonal matrices of :func:`igcv3_weight`. The tensors the loss reads are kept in ``dtype``.
+    block-diagonal matrices of :func:`igcv3_weight`.
     """
 
-    def __init__(self, obj: Objective, G1: int, G2: int, kernel_size: tuple[int, int],
-                 dtype: torch.dtype = torch.float64) -> None:
+    def __init__(self, obj: Objective, G1: int, G2: int, kernel_size: tuple[int, int]) -> None:
+        if obj.r is not None and obj.gram is None:
+            raise ValueError("an IGCV3 tile objective needs Objective(..., gram=True) when whitened")
         self.obj, self.G1, self.G2, self.kernel_size = obj, G1, G2, kernel_size
         self.S = kernel_size[0] * kernel_size[1]
         self.a, self.b = obj.c_out // G2, obj.n // (G1 * self.S)
         self.norm2 = obj._norm2
         m = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
-        self.target64 = self.to_tiles(m)                                      # (G, a, b·S)
-        self.target = self.target64.to(dtype)
-        self.gram = None if obj.gram is None else obj.gram.to(dtype)
-        self.row_weights = (None if obj.w is None else obj.w.reshape(1, G2, self.a).expand(G1, G2, self.a)
-                            .reshape(G1 * G2, self.a, 1).to(dtype))
+        self.target = self.to_tiles(m)                                        # (G, a, b·S)
+        self.gram = obj.gram
+        self.row_weights = (None if obj.w is None else
+                            obj.w.reshape(1, G2, self.a).expand(G1, G2, self.a).reshape(G1 * G2, self.a, 1))
         self._svds: list[tuple[Tensor, Tensor, Tensor]] | None = None
 
     def to_tiles(self, m: Tensor) -> Tensor:
@@ -738,11 +742,11 @@ class _IGCV3Tiles:
 
     def start(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """In each tile, the ``k`` strongest singular triplets over all kernel taps (each a rank-1
-        term living on one tap), as (expand, depthwise, reduce) conv weights in float64."""
+        term living on one tap), as (expand, depthwise, reduce) conv weights."""
         G, a, b, S = self.G1 * self.G2, self.a, self.b, self.S
         if self._svds is None:  # per tap, once for every mid width
             self._svds = [torch.linalg.svd(t.reshape(a, b, S).permute(2, 0, 1), full_matrices=False)
-                          for t in self.target64]
+                          for t in self.target]
         expand = torch.zeros(G, k, b, dtype=torch.float64)
         dw = torch.zeros(G, k, S, dtype=torch.float64)
         red = torch.zeros(G, a, k, dtype=torch.float64)
@@ -755,7 +759,7 @@ class _IGCV3Tiles:
             expand[g, :n] = vh[tap, idx, :] * root[:, None]
             dw[g, torch.arange(n), tap] = 1.0
         if self.row_weights is not None:
-            red = red / self.row_weights.to(torch.float64)
+            red = red / self.row_weights
         return (expand.reshape(G * k, b, 1, 1), dw.reshape(G * k, 1, *self.kernel_size),
                 red.reshape(self.G1, self.G2, a, k).permute(1, 2, 0, 3).reshape(self.G2 * a, self.G1 * k, 1, 1))
 
@@ -766,7 +770,7 @@ class _IGCV3Tiles:
 
 class _IGCV3Loss(torch.autograd.Function):
     """``f = ⟨D, D Σ⟩ / ‖diag(w) W R‖²`` with ``D = diag(w)(Ŵ − W)`` on tiles and ``Σ = R Rᵀ`` (``I``
-    without statistics), summed in float64. Autograd through :func:`igcv3_weight`'s einsum and ``·R``
+    without statistics). Autograd through :func:`igcv3_weight`'s einsum and ``·R``
     took more products of the kernel's size and two with ``R``; this takes three and one with ``Σ``."""
 
     @staticmethod
@@ -818,19 +822,16 @@ def fit_igcv3(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channe
 def fit_igcv3_widths(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channels: Sequence[int], *,
                      sigma: Tensor | None = None, row_weights: Tensor | None = None,
                      damping: float = DEFAULT_DAMPING, max_iter: int = 300, tol: float = 1e-10,
-                     restarts: int = 0, seed: int = 0, dtype: torch.dtype = torch.float64) -> list[Fit]:
+                     restarts: int = 0, seed: int = 0) -> list[Fit]:
     """:func:`fit_igcv3` for several mid widths of one grouping (what the planner scores): the
     objective, its whitening and the start's per-tap SVDs are computed once for all of them.
-
-    ``dtype`` is the precision of the refinement (float32 halves its cost); factors are returned, and
-    their error evaluated, in float64.
     """
     c_out, c_in, kh, kw = weight.shape
     G1, G2 = expand_groups, reduce_groups
     for c_int in mid_channels:
         _validate_igcv3(c_in, c_out, G1, G2, c_int)
-    obj = Objective(weight, sigma, row_weights, damping)
-    tiles = _IGCV3Tiles(obj, G1, G2, (kh, kw), dtype)
+    obj = Objective(weight, sigma, row_weights, damping, gram=True)
+    tiles = _IGCV3Tiles(obj, G1, G2, (kh, kw))
     fits = []
     for c_int in mid_channels:
         starts = [tiles.start(c_int // (G1 * G2))]
@@ -840,7 +841,7 @@ def fit_igcv3_widths(weight: Tensor, expand_groups: int, reduce_groups: int, mid
                                 for t in starts[0]))
         best: Fit | None = None
         for start in starts:
-            params, f, iters = refine(tiles.loss, start, max_iter=max_iter, tol=tol, dtype=dtype)
+            params, f, iters = refine(tiles.loss, start, max_iter=max_iter, tol=tol)
             params = balance_igcv3(*params, G1, G2)
             fit = Fit(params, obj.error(igcv3_weight(*params, G1, G2)), iters)
             if best is None or fit.error < best.error:

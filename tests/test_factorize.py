@@ -189,7 +189,7 @@ def test_igcv3_analytic_gradient_equals_autograd_through_the_dense_kernel(G1, G2
     torch.manual_seed(0)
     w = torch.randn(12, 8, 3, 3, dtype=torch.float64)
     x = torch.randn(300, 72, dtype=torch.float64) * torch.logspace(-2, 1, 72, dtype=torch.float64)
-    obj = fz.Objective(w, x.T @ x / 300 if whitened else None, torch.rand(12) + 0.1 if weighted else None)
+    obj = fz.Objective(w, x.T @ x / 300 if whitened else None, torch.rand(12) + 0.1 if weighted else None, gram=True)
     c_int = 3 * G1 * G2
     factors = [torch.randn(c_int, 8 // G1, 1, 1, dtype=torch.float64), torch.randn(c_int, 1, 3, 3, dtype=torch.float64),
                torch.randn(12, c_int // G2, 1, 1, dtype=torch.float64)]
