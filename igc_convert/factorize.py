@@ -723,10 +723,8 @@ class _IGCV3Tiles:
         self.obj, self.G1, self.G2, self.kernel_size = obj, G1, G2, kernel_size
         self.S = kernel_size[0] * kernel_size[1]
         self.a, self.b = obj.c_out // G2, obj.n // (G1 * self.S)
-        self.norm2 = obj._norm2
         m = obj.matrix if obj.w is None else obj.w[:, None] * obj.matrix
         self.target = self.to_tiles(m)                                        # (G, a, b·S)
-        self.gram = obj.gram
         self.row_weights = (None if obj.w is None else
                             obj.w.reshape(1, G2, self.a).expand(G1, G2, self.a).reshape(G1 * G2, self.a, 1))
         self._svds: list[tuple[Tensor, Tensor, Tensor]] | None = None
@@ -782,10 +780,11 @@ class _IGCV3Loss(torch.autograd.Function):
         rw = r if tiles.row_weights is None else r * tiles.row_weights
         x = (e[:, :, :, None] * d[:, :, None, :]).reshape(G, k, b * S)
         diff = torch.bmm(rw, x) - tiles.target
-        g = diff if tiles.gram is None else tiles.to_tiles(tiles.from_tiles(diff) @ tiles.gram)
+        gram = tiles.obj.gram
+        g = diff if gram is None else tiles.to_tiles(tiles.from_tiles(diff) @ gram)
         ctx.save_for_backward(e, d, rw, x, g)
         ctx.tiles = tiles
-        return (diff * g).sum(dtype=torch.float64) / tiles.norm2
+        return (diff * g).sum(dtype=torch.float64) / tiles.obj._norm2
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -793,7 +792,7 @@ class _IGCV3Loss(torch.autograd.Function):
         tiles = ctx.tiles
         G1, G2, a, b, S = tiles.G1, tiles.G2, tiles.a, tiles.b, tiles.S
         G, k = e.shape[:2]
-        g = g * (2.0 * grad / tiles.norm2).to(g.dtype)
+        g = g * (2.0 * grad / tiles.obj._norm2).to(g.dtype)
         dr = torch.bmm(g, x.mT)
         if tiles.row_weights is not None:
             dr = dr * tiles.row_weights

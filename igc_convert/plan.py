@@ -338,14 +338,14 @@ def fitted_candidates(layer: LayerSpec, kind: str, shapes: Sequence[dict[str, An
     for shape in shapes:
         block = cls(layer.c_in, layer.c_out, tuple(layer.weight.shape[2:]), layer.stride, layer.padding,
                     layer.dilation, layer.has_bias, device="meta", **shape)
-        if block.num_params() < dense.params:
-            kept.append((shape, block))
-    errors = cls.score_shapes(layer.weight, [shape for shape, _ in kept], sigma=layer.sigma,
+        params = block.num_params()
+        if params < dense.params:
+            kept.append((shape, block, params))
+    errors = cls.score_shapes(layer.weight, [shape for shape, _, _ in kept], sigma=layer.sigma,
                               row_weights=layer.row_weights, damping=damping, max_iter=max_iter)
-    return [Candidate(kind, dict(shape), block.num_params(),
-                      block.macs(layer.input_hw) if layer.input_hw is not None else None, error,
-                      fast=on_fast_path(block, multiple))
-            for (shape, block), error in zip(kept, errors)]
+    return [Candidate(kind, dict(shape), params, block.macs(layer.input_hw) if layer.input_hw is not None else None,
+                      error, fast=on_fast_path(block, multiple))
+            for (shape, block, params), error in zip(kept, errors)]
 
 
 def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, fit_iters: int = 15,
