@@ -442,7 +442,36 @@ def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_
         nxt = step(i)
         if nxt is not None:
             heapq.heappush(heap, nxt)
-    return [h[p] for h, p in zip(hulls, pos)]
+    chosen = [h[p] for h, p in zip(hulls, pos)]
+    # A latency plan is re-planned at other budgets until the whole model measures within its target
+    # (convert._measured_latency_plan), a search that needs plans to get faster as the budget shrinks.
+    # The walk's do (a smaller budget stops the same walk earlier); the fill's need not: it may take a
+    # layer back to dense, cheap by the per-layer timings, where a larger budget had not.
+    return chosen if metric == "latency" else _fill(chosen, per_layer, metric, spent, budget)
+
+
+def _fill(chosen: list[Candidate], per_layer: Sequence[Sequence[Candidate]], metric: str, spent: float,
+          budget: float) -> list[Candidate]:
+    """Spend what the hull walk left: upgrade one layer at a time to the shape, hull or not, that
+    lowers the summed squared error most within the budget left.
+
+    The walk stops when no next *hull* step fits, and a coarse shape grid can leave several percent of
+    the budget there; shapes between two hull vertices were dropped for not being convex, yet one of
+    them may fit what is left.
+    """
+    chosen = list(chosen)
+    while True:
+        best = None
+        for i, (cands, cur) in enumerate(zip(per_layer, chosen)):
+            for c in cands:
+                gain, extra = cur.error**2 - c.error**2, c.cost(metric) - cur.cost(metric)
+                if gain > 0 and spent + extra <= budget * (1 + 1e-12) and (best is None or gain > best[0]):
+                    best = (gain, i, c, extra)
+        if best is None:
+            return chosen
+        _, i, c, extra = best
+        chosen[i] = c
+        spent += extra
 
 
 def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_cost: float = 0.0,
