@@ -81,9 +81,32 @@ def test_data_splits_never_touch_validation(e2e):
     assert set(other.calibration.indices) != calib
 
 
+def test_dense_seeds_run_the_goal_row_on_other_dense_models(e2e, tmp_path, capsys, monkeypatch):
+    """--dense-seeds 2: the extra row's sequential conversion again on the dense model of seed 1."""
+    monkeypatch.setattr(e2e, "train_digits_model", functools.partial(digits.train_digits_model, width=16))
+    out_json, out_md = tmp_path / "e2e.json", tmp_path / "e2e.md"
+    rc = e2e.main(["--threads", "1", "--train-epochs", "1", "--calib-samples", "32", "--budgets", "0.25",
+                   "--extra-block", "igcv3", "--extra-budget", "0.25", "--dense-seeds", "2", "--budget", "0.25",
+                   "--also-budgets", "--configs", "default", "--epochs", "1", "--train-samples", "100",
+                   "--ft-seeds", "1", "--json", str(out_json), "--markdown", str(out_md)])
+    assert rc == 0
+    assert "on the dense models of 2 seeds" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    rows = report["dense_seeds"]
+    assert [r["seed"] for r in rows] == [0, 1]
+    goal = next(z for z in report["zero_shot"] if (z["block"], z["mode"]) == ("igcv3", "sequential"))
+    # seed 0 is the zero-shot table's own row, not a second conversion
+    assert (rows[0]["accuracy"], rows[0]["params_ratio"]) == (goal["accuracy"], goal["params_ratio"])
+    assert rows[0]["dense_accuracy"] == report["dense_accuracy"]
+    assert any(s["name"].startswith("dense model seed 1") for s in report["stages"])  # trained and converted
+    assert all(0 < r["params_ratio"] <= 0.25 + 1e-9 and 0 <= r["accuracy"] <= 1 for r in rows)
+    assert "within 1 point for" in out_md.read_text()
+
+
 @pytest.mark.parametrize("argv", [["--budget", "1.5"], ["--subset-fraction", "1"], ["--epochs", "0"],
-                                  ["--ft-seeds", "0"]],
-                         ids=["budget-over-1", "subset-everything", "no-epochs", "no-seeds"])
+                                  ["--ft-seeds", "0"], ["--quick", "--dense-seeds", "2"], ["--dense-seeds", "0"]],
+                         ids=["budget-over-1", "subset-everything", "no-epochs", "no-seeds", "dense-seeds-no-row",
+                              "no-dense-seeds"])
 def test_bad_settings_exit_2(e2e, argv, capsys):
     assert e2e.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
