@@ -4,7 +4,8 @@ Each convertible conv gets a list of :class:`Candidate` shapes — always includ
 with their parameter count, MACs and (estimated) relative error. A global target is met by a greedy
 walk down the lower convex hulls of every layer's (cost, error²) curve, steepest error reduction per
 unit of cost first: the classic Lagrangian allocation, which gives cheap-to-approximate layers less
-budget and sensitive ones more, instead of one ratio for every layer.
+budget and sensitive ones more, instead of one ratio for every layer. Params and MAC targets then
+spend what the walk left on shapes off the hulls (:func:`_fill`).
 
 The IGCV1 error curve over all ranks comes from one SVD per (L, M) (Eckart–Young), so IGCV1 plans
 cost seconds. IGCV2/IGCV3 have no closed form: their candidates are scored by short fits.
