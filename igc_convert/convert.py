@@ -376,9 +376,11 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if allocation == "uniform" and per_layer and not isinstance(target, MaxError):
         chosen = uniform(per_layer, target.ratio, metric)
     else:
-        # MAC and latency targets are speed targets: shapes off the fast path only when they must
+        # MAC and latency targets are speed targets: shapes off the fast path only when they must.
+        # A latency plan is searched over budgets (_measured_latency_plan), which needs plans that only
+        # get faster as the budget shrinks: the hull walk's, without the fill.
         pick = allocate_fast_first if metric in ("macs", "latency") else allocate
-        chosen = pick(per_layer, target, fixed_cost=fixed, dense_total=dense_total)
+        chosen = pick(per_layer, target, fixed_cost=fixed, dense_total=dense_total, fill=metric != "latency")
         if metric == "latency":
             chosen = _measured_latency_plan(guard_reference, example, eligible, per_layer, chosen, target, fixed,
                                             dense_total)
@@ -598,7 +600,7 @@ def _measured_latency_plan(original: nn.Module, example: torch.Tensor, eligible:
         internal = nxt
         try:
             replanned = allocate_fast_first(per_layer, LatencyRatio(internal), fixed_cost=fixed,
-                                            dense_total=dense_total)
+                                            dense_total=dense_total, fill=False)
         except ConfigError:  # nothing cheaper exists: the final guard reports the miss
             break
         if replanned == chosen:  # the budget moved less than one candidate step: nothing new to time

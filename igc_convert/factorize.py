@@ -84,9 +84,11 @@ def _whiten(sigma: Tensor | None, n: int, damping: float, gram: bool = False
     s = sigma.detach()
     if not finite(s):
         raise ConfigError("input statistics contain NaN or Inf")
+    eye = torch.eye(n, dtype=torch.float64)  # no signal, or no factor: plain weight space, R = Σ = I
+    fallback = (eye, eye if gram else None)
     scale = float(s.diagonal().sum(dtype=torch.float64)) / max(n, 1)
     if not scale > 0:
-        return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64) if gram else None
+        return fallback
     # Unit mean eigenvalue: damping and tolerances become scale-free. Cholesky reads the lower
     # triangle only, which defines the symmetric matrix whatever the upper one holds.
     a = s.to(torch.float64) * (1.0 / scale)
@@ -101,7 +103,7 @@ def _whiten(sigma: Tensor | None, n: int, damping: float, gram: bool = False
             full = torch.tril(a)  # symmetric, as Cholesky read it
             return r, full.add_(torch.tril(a, -1).mT)
         d *= 10
-    return torch.eye(n, dtype=torch.float64), torch.eye(n, dtype=torch.float64) if gram else None
+    return fallback
 
 
 def finite(t: Tensor) -> bool:
@@ -537,21 +539,17 @@ def balance_igcv1(primary: Tensor, secondary: Tensor, primary_groups: int, secon
 
 
 # ------------------------------------------------------------------------------------------- IGCV2
-def igcv2_chain_matrix(stages: Sequence[Tensor], factors: Sequence[int]) -> Tensor:
-    """The ``C_out × C_mid`` matrix of IGCV2's chain of grouped 1×1 convs and shuffles.
+def apply_igcv2_chain(stages: Sequence[Tensor], factors: Sequence[int], x: Tensor) -> Tensor:
+    """``chain · x`` for a ``C_mid × n`` matrix ``x``, where ``chain`` (``C_out × C_mid``; applied to
+    ``I`` it is the chain's matrix) is IGCV2's chain of grouped 1×1 convs and shuffles.
 
     Stage ``t`` has weight ``(C_out_t, K_t, 1, 1)`` and ``C_mid / K_t`` groups; before every stage
-    but the first, ``ChannelShuffle(K_t, C_mid / K_t)`` brings the digit it mixes innermost.
+    but the first, ``ChannelShuffle(K_t, C_mid / K_t)`` brings the digit it mixes innermost. Each
+    stage is a batched product of its groups: ``C_out_t·K_t·n`` flops, where multiplying by the
+    stage's block-diagonal matrix costs ``C_out_t·C_mid·n`` (planning ResNet-50 with ``auto`` spent a
+    minute forming those matrices for 2048-wide layers, and most of IGCV2's scoring time multiplying
+    by their zeros).
     """
-    c_mid = math.prod(factors)
-    return apply_igcv2_chain(stages, factors, torch.eye(c_mid, dtype=stages[0].dtype, device=stages[0].device))
-
-
-def apply_igcv2_chain(stages: Sequence[Tensor], factors: Sequence[int], x: Tensor) -> Tensor:
-    """``chain · x`` for a ``C_mid × n`` matrix ``x``, stage by stage as batched products of each stage's
-    groups: ``C_out_t·K_t·n`` flops a stage, where multiplying by the stage's block-diagonal matrix
-    costs ``C_out_t·C_mid·n`` (planning ResNet-50 with ``auto`` spent a minute forming those matrices
-    for 2048-wide layers, and most of IGCV2's scoring time multiplying by their zeros)."""
     c_mid = math.prod(factors)
     for t, (w, k) in enumerate(zip(stages, factors)):
         g = c_mid // k
@@ -605,12 +603,13 @@ def fit_igcv2(weight: Tensor, primary_groups: int, factors: Sequence[int], *,
     p0 = p0.reshape(c_mid, n_in)
 
     gen = torch.Generator().manual_seed(seed)
+    chain_obj = Objective(b0)
+    eye = torch.eye(c_mid, dtype=torch.float64)  # the chain matrix is the chain applied to I
     best: Fit | None = None
     for attempt in range(restarts + 1):
         stages = _random_chain(ks, c_out, gen)
-        chain_obj = Objective(b0)
-        stages, _, _ = refine(lambda *s: chain_obj(igcv2_chain_matrix(s, ks)), stages, max_iter=max_iter // 2)
-        chain = igcv2_chain_matrix(stages, ks)
+        stages, _, _ = refine(lambda *s: chain_obj(apply_igcv2_chain(s, ks, eye)), stages, max_iter=max_iter // 2)
+        chain = apply_igcv2_chain(stages, ks, eye)
         primary = _solve_primary(obj, chain, L, c_mid, n_in)
         primary = primary.reshape(c_mid, c_in // L, kh, kw)
         params, f, iters = refine(lambda *ps: obj(build(*ps)), (primary, *stages), max_iter=max_iter, tol=tol)
@@ -735,10 +734,10 @@ class _IGCV3Tiles:
 
     def to_tiles(self, m: Tensor) -> Tensor:
         """``C_out × C_in·S`` → ``(G1·G2) × a × b·S``, tile ``(g1, g2)`` at ``g1·G2 + g2``."""
-        G1, G2, a = self.G1, self.G2, self.a
-        return m.reshape(G2, a, G1, -1).permute(2, 0, 1, 3).reshape(G1 * G2, a, -1).contiguous()
+        return _tiles(m, self.G1, self.G2).transpose(0, 1).reshape(self.G1 * self.G2, self.a, -1)
 
     def from_tiles(self, t: Tensor) -> Tensor:
+        """:meth:`to_tiles`' inverse."""
         G1, G2, a = self.G1, self.G2, self.a
         return t.reshape(G1, G2, a, -1).permute(1, 2, 0, 3).reshape(G2 * a, -1)
 
@@ -763,7 +762,7 @@ class _IGCV3Tiles:
         if self.row_weights is not None:
             red = red / self.row_weights
         return (expand.reshape(G * k, b, 1, 1), dw.reshape(G * k, 1, *self.kernel_size),
-                red.reshape(self.G1, self.G2, a, k).permute(1, 2, 0, 3).reshape(self.G2 * a, self.G1 * k, 1, 1))
+                self.from_tiles(red).reshape(self.G2 * a, self.G1 * k, 1, 1))
 
     def loss(self, expand: Tensor, dw: Tensor, red: Tensor) -> Tensor:
         """``f`` of the module docstring for conv-layout factors, with an analytic gradient."""
@@ -777,10 +776,10 @@ class _IGCV3Loss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, expand: Tensor, dw: Tensor, red: Tensor, tiles: _IGCV3Tiles) -> Tensor:
-        G, a, b, S = tiles.G1 * tiles.G2, tiles.a, tiles.b, tiles.S
+        G, b, S = tiles.G1 * tiles.G2, tiles.b, tiles.S
         k = expand.shape[0] // G
         e, d = expand.reshape(G, k, b), dw.reshape(G, k, S)
-        r = red.reshape(tiles.G2, a, tiles.G1, k).permute(2, 0, 1, 3).reshape(G, a, k)
+        r = tiles.to_tiles(red.reshape(tiles.obj.c_out, -1))
         rw = r if tiles.row_weights is None else r * tiles.row_weights
         x = (e[:, :, :, None] * d[:, :, None, :]).reshape(G, k, b * S)
         diff = torch.bmm(rw, x) - tiles.target
@@ -804,7 +803,7 @@ class _IGCV3Loss(torch.autograd.Function):
         de = (dx * d[:, :, None, :]).sum(-1)
         dd = (dx * e[:, :, :, None]).sum(2)
         return (de.reshape(G * k, b, 1, 1), dd.reshape(G * k, 1, *tiles.kernel_size),
-                dr.reshape(G1, G2, a, k).permute(1, 2, 0, 3).reshape(G2 * a, G1 * k, 1, 1), None)
+                tiles.from_tiles(dr).reshape(G2 * a, G1 * k, 1, 1), None)
 
 
 def fit_igcv3(weight: Tensor, expand_groups: int, reduce_groups: int, mid_channels: int, *,

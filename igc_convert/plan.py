@@ -396,11 +396,13 @@ def _dense_total(per_layer: Sequence[Sequence[Candidate]], metric: str, fixed_co
 
 
 def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_cost: float = 0.0,
-             dense_total: float | None = None) -> list[Candidate]:
+             dense_total: float | None = None, fill: bool = True) -> list[Candidate]:
     """Pick one candidate per layer to meet ``target`` with the least total squared relative error.
 
     ``fixed_cost`` is the cost of convs that stay dense whatever happens (not convertible);
     ``dense_total`` the original model's total (defaults to fixed + every layer's dense cost).
+    ``fill=False`` keeps the hull walk's plan, without :func:`_fill`: a smaller budget then stops
+    the same walk earlier, so plans only get cheaper as the budget shrinks (a filled plan need not).
     """
     if isinstance(target, MaxError):
         chosen = []
@@ -444,11 +446,7 @@ def allocate(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_
         if nxt is not None:
             heapq.heappush(heap, nxt)
     chosen = [h[p] for h, p in zip(hulls, pos)]
-    # A latency plan is re-planned at other budgets until the whole model measures within its target
-    # (convert._measured_latency_plan), a search that needs plans to get faster as the budget shrinks.
-    # The walk's do (a smaller budget stops the same walk earlier); the fill's need not: it may take a
-    # layer back to dense, cheap by the per-layer timings, where a larger budget had not.
-    return chosen if metric == "latency" else _fill(chosen, per_layer, metric, spent, budget)
+    return _fill(chosen, per_layer, metric, spent, budget) if fill else chosen
 
 
 def _fill(chosen: list[Candidate], per_layer: Sequence[Sequence[Candidate]], metric: str, spent: float,
@@ -462,21 +460,17 @@ def _fill(chosen: list[Candidate], per_layer: Sequence[Sequence[Candidate]], met
     """
     chosen = list(chosen)
     while True:
-        best = None
-        for i, (cands, cur) in enumerate(zip(per_layer, chosen)):
-            for c in cands:
-                gain, extra = cur.error**2 - c.error**2, c.cost(metric) - cur.cost(metric)
-                if gain > 0 and spent + extra <= budget * (1 + 1e-12) and (best is None or gain > best[0]):
-                    best = (gain, i, c, extra)
-        if best is None:
+        moves = [(cur.error**2 - c.error**2, i, c) for i, (cands, cur) in enumerate(zip(per_layer, chosen))
+                 for c in cands if spent + c.cost(metric) - cur.cost(metric) <= budget * (1 + 1e-12)]
+        gain, i, c = max(moves, key=lambda m: m[0], default=(0.0, -1, None))
+        if not gain > 0:
             return chosen
-        _, i, c, extra = best
+        spent += c.cost(metric) - chosen[i].cost(metric)
         chosen[i] = c
-        spent += extra
 
 
 def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target, *, fixed_cost: float = 0.0,
-                        dense_total: float | None = None) -> list[Candidate]:
+                        dense_total: float | None = None, fill: bool = True) -> list[Candidate]:
     """:func:`allocate` over the candidates on onnxruntime's fast path; slow shapes only in the layers that need them.
 
     For MAC and latency targets, which are speed targets: a block whose channels per group are not
@@ -496,7 +490,7 @@ def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target
     """
     fast = [[c for c in cands if c.fast] for cands in per_layer]
     try:
-        return allocate(fast, target, fixed_cost=fixed_cost, dense_total=dense_total)
+        return allocate(fast, target, fixed_cost=fixed_cost, dense_total=dense_total, fill=fill)
     except ConfigError:  # a budget target the fast shapes cannot reach (MaxError never raises: dense is fast)
         pass
     metric = TARGET_METRIC[type(target)]
@@ -513,12 +507,12 @@ def allocate_fast_first(per_layer: Sequence[Sequence[Candidate]], target: Target
         floor += smallest[i] - smallest_fast[i]
         if floor > budget * (1 + 1e-12):
             continue
-        chosen = allocate(pools, target, fixed_cost=fixed_cost, dense_total=dense_total)
+        chosen = allocate(pools, target, fixed_cost=fixed_cost, dense_total=dense_total, fill=fill)
         spent = fixed_cost + sum(c.cost(metric) for c in chosen)
         if spent >= FAST_FIRST_FILL * budget:
             break
     if chosen is None:  # not reachable even with every shape: allocate says so
-        return allocate(per_layer, target, fixed_cost=fixed_cost, dense_total=dense_total)
+        return allocate(per_layer, target, fixed_cost=fixed_cost, dense_total=dense_total, fill=fill)
     log.info("the target needs block shapes off onnxruntime's fast path in %d of %d layers", opened, len(pools))
     return chosen
 

@@ -23,6 +23,8 @@ def test_the_fill_takes_a_shape_off_the_hull_that_fits_what_the_walk_left():
     assert [c.params for c in lower_hull(per_layer[0], "params")] == [10, 100]
     chosen = allocate(per_layer, igc_convert.ParamsRatio(0.35))
     assert [(c.params, c.error) for c in chosen] == [(30, 0.8)]
+    walk = allocate(per_layer, igc_convert.ParamsRatio(0.35), fill=False)  # what latency searches plan with
+    assert [(c.params, c.error) for c in walk] == [(10, 0.9)]
 
 
 def test_the_fill_upgrades_the_layer_that_gains_most():
