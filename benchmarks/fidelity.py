@@ -27,7 +27,12 @@ that the whole model lands on ``b`` (the achieved ratio is printed for every met
 Metrics, over the evaluation images, for every convertible conv (kept-dense layers count too):
 
 * **isolated** relative output error ``‖block(x) − conv(x)‖ / ‖conv(x)‖`` with ``x`` the ORIGINAL
-  model's input to that layer (the fit's own error, out of sample; 0 for a layer kept dense);
+  model's input to that layer (the fit's own error, out of sample; 0 for a layer kept dense). Where
+  the converter moved the following BatchNorm's running mean (bias correction), ``block(x)`` counts
+  that move, so the error is that of what the BatchNorm sees. *BN-w*: each output channel weighted by
+  the BatchNorm's scale ``|γ|/σ``; *at BN*: the same weights against the centred reference
+  ``conv(x) − running mean``, i.e. the relative error of the BatchNorm's normalised output (which
+  no longer holds the layer's mean);
 * **drift** ``‖y_conv − y_orig‖ / ‖y_orig‖`` with each model fed its own activations (the end-to-end
   error accumulated up to that layer's output);
 * logit ``KL(original ‖ converted)`` (nats, mean per image) and top-1 agreement with the original.
@@ -87,7 +92,7 @@ ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential")
 #: Methods that read the calibration images (converted once per calibration set).
 DATA_METHODS = ("data", "sequential", "sequential+head", "svd-sequential")
 #: The peers (c) must beat on logit KL.
-BASELINES = ("weight", "data", "svd-uniform", "svd-budget", "tucker2")
+BASELINES = ("weight", "svd-uniform", "svd-budget", "tucker2")
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,7 @@ class MethodResult:
     drift: dict[str, float] = field(default_factory=dict)
     isolated_bn: dict[str, float] = field(default_factory=dict)
     drift_bn: dict[str, float] = field(default_factory=dict)
+    isolated_at_bn: dict[str, float] = field(default_factory=dict)
     kl: float = 0.0
     top1: float = 1.0
     note: str = ""
@@ -166,6 +172,10 @@ class MethodResult:
     @property
     def drift_bn_mean(self) -> float:
         return _mean(self.drift_bn.values())
+
+    @property
+    def isolated_at_bn_mean(self) -> float:
+        return _mean(self.isolated_at_bn.values())
 
     @property
     def isolated_converted_mean(self) -> float | None:
@@ -455,25 +465,32 @@ def build(method: str, model: nn.Module, layers: Sequence[str], budget: float, c
 
 # ------------------------------------------------------------------------------------------ metrics
 class _Sums:
-    """Running ``Σ‖ŷ − y‖²`` and ``Σ‖y‖²`` per layer, plain and with per-channel weights."""
+    """Running ``Σ‖ŷ − y‖²`` and ``Σ‖y‖²`` per layer: plain (0), with per-channel weights (1), and with
+    those weights against the centred reference ``y − c`` (2)."""
+
+    PLAIN, WEIGHTED, AT_BN = 0, 1, 2
 
     def __init__(self) -> None:
         self.err: dict[str, list[float]] = {}
         self.ref: dict[str, list[float]] = {}
 
-    def add(self, name: str, approx: Tensor, ref: Tensor, weight: Tensor | None) -> None:
+    def add(self, name: str, approx: Tensor, ref: Tensor, weight: Tensor | None, centre: Tensor | None = None
+            ) -> None:
         diff = (approx.double() - ref.double()).pow(2).sum(dim=(0, 2, 3))  # per channel
         norm = ref.double().pow(2).sum(dim=(0, 2, 3))
+        centred = norm if centre is None else (ref.double() - centre.double().view(1, -1, 1, 1)).pow(2).sum(dim=(0, 2, 3))
         w2 = weight.pow(2) if weight is not None else torch.ones_like(norm)
-        e, r = self.err.setdefault(name, [0.0, 0.0]), self.ref.setdefault(name, [0.0, 0.0])
+        e, r = self.err.setdefault(name, [0.0] * 3), self.ref.setdefault(name, [0.0] * 3)
         e[0] += float(diff.sum())
         r[0] += float(norm.sum())
         e[1] += float((w2 * diff).sum())
         r[1] += float((w2 * norm).sum())
+        e[2] += float((w2 * diff).sum())
+        r[2] += float((w2 * centred).sum())
 
-    def relative(self, weighted: bool) -> dict[str, float]:
-        i = int(weighted)
-        return {k: math.sqrt(self.err[k][i] / self.ref[k][i]) if self.ref[k][i] > 0 else 0.0 for k in self.err}
+    def relative(self, kind: int) -> dict[str, float]:
+        return {k: math.sqrt(self.err[k][kind] / self.ref[k][kind]) if self.ref[k][kind] > 0 else 0.0
+                for k in self.err}
 
 
 def bn_scales(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
@@ -487,6 +504,28 @@ def bn_scales(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
     wanted = set(layers)
     sites, _, _ = find_convs(model)
     return bn_row_weights(model, {s.name: s.batchnorm for s in sites if s.batchnorm and s.name in wanted})
+
+
+def bn_mean_offsets(original: nn.Module, converted: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
+    """Per layer whose following BatchNorm's running mean the converter moved (its bias correction), the
+    move as an output offset ``μ_orig − μ_conv`` (``1 × C × 1 × 1``): the isolated error is that of what
+    the BatchNorm sees, ``block(x) + offset`` against ``conv(x)``."""
+    wanted = set(layers)
+    out = {}
+    for s in find_convs(original)[0]:
+        if s.name in wanted and s.batchnorm:
+            before = original.get_submodule(s.batchnorm).running_mean
+            after = converted.get_submodule(s.batchnorm).running_mean
+            if before is not None and after is not None and not torch.equal(before, after):
+                out[s.name] = (before - after).view(1, -1, 1, 1)
+    return out
+
+
+def bn_running_means(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
+    """The running mean of the BatchNorm that directly consumes each layer's output (if any)."""
+    wanted = set(layers)
+    return {s.name: model.get_submodule(s.batchnorm).running_mean for s in find_convs(model)[0]
+            if s.name in wanted and s.batchnorm and model.get_submodule(s.batchnorm).running_mean is not None}
 
 
 def _unchanged(module: nn.Module, reference: nn.Module) -> bool:
@@ -508,6 +547,8 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
     layer sees, and what the data-aware fit minimises).
     """
     scales = bn_scales(original, layers)
+    offsets = {k: bn_mean_offsets(original, m, layers) for k, m in converted.items()}
+    centres = bn_running_means(original, layers)
     orig_in: dict[str, Tensor] = {}
     orig_out: dict[str, Tensor] = {}
     conv_out: dict[str, Tensor] = {}
@@ -540,10 +581,11 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
                         for h in hs:
                             h.remove()
                     for n in layers:
-                        drift[key].add(n, conv_out[n], orig_out[n], scales.get(n))
+                        shift = offsets[key].get(n, 0.0)
+                        drift[key].add(n, conv_out[n] + shift, orig_out[n], scales.get(n))
                         same = n in unchanged[key]
-                        approx = orig_out[n] if same else model.get_submodule(n)(orig_in[n])
-                        isolated[key].add(n, approx, orig_out[n], scales.get(n))
+                        approx = orig_out[n] if same else model.get_submodule(n)(orig_in[n]) + shift
+                        isolated[key].add(n, approx, orig_out[n], scales.get(n), centres.get(n))
                     conv_out.clear()
                     logq = F.log_softmax(y, dim=1)
                     kl_sum[key] += float((logp.exp() * (logp - logq)).sum())
@@ -554,8 +596,9 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
         for h in handles:
             h.remove()
     n = len(images)
-    return {k: dict(isolated=isolated[k].relative(False), isolated_bn=isolated[k].relative(True),
-                    drift=drift[k].relative(False), drift_bn=drift[k].relative(True), kl=kl_sum[k] / n,
+    return {k: dict(isolated=isolated[k].relative(_Sums.PLAIN), isolated_bn=isolated[k].relative(_Sums.WEIGHTED),
+                    isolated_at_bn=isolated[k].relative(_Sums.AT_BN),
+                    drift=drift[k].relative(_Sums.PLAIN), drift_bn=drift[k].relative(_Sums.WEIGHTED), kl=kl_sum[k] / n,
                     top1=agree[k] / n) for k in converted}
 
 
@@ -606,7 +649,7 @@ def run_benchmark(model: nn.Module, splits: Sequence[DataSplit], settings: Setti
                 if res.method in scores:
                     s = scores[res.method]
                     res.isolated, res.drift, res.kl, res.top1 = s["isolated"], s["drift"], s["kl"], s["top1"]
-                    res.isolated_bn, res.drift_bn = s["isolated_bn"], s["drift_bn"]
+                    res.isolated_bn, res.drift_bn, res.isolated_at_bn = s["isolated_bn"], s["drift_bn"], s["isolated_at_bn"]
     return results
 
 
@@ -622,17 +665,18 @@ def format_tables(results: Sequence[MethodResult], splits: Sequence[DataSplit]) 
         lines += [f"### calibration {split.label} ({len(split.calib)} calibration / {len(split.eval)} "
                   f"evaluation images)", ""]
         lines.append("| budget | method | params ratio | converted | isolated err | isolated err, converted only | "
-                     "isolated err BN-w | in-sample err (pass) | drift err | drift err BN-w | logit KL | top-1 agree | "
+                     "isolated err BN-w | isolated err at BN | in-sample err (pass) | drift err | drift err BN-w | logit KL | top-1 agree | "
                      "convert s (CPU s) |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             if r.split != split.label:
                 continue
             if r.note:
-                lines.append(f"| {r.budget:g} | {r.method} | - | - | {r.note} | | | | | | | | |")
+                lines.append(f"| {r.budget:g} | {r.method} | - | - | {r.note} | | | | | | | | | |")
                 continue
             lines.append(f"| {r.budget:g} | {r.method} | {r.params_ratio:.3f} | {r.converted}/{r.convertible} | "
                          f"{_f(r.isolated_mean)} | {_f(r.isolated_converted_mean)} | {_f(r.isolated_bn_mean)} | "
+                         f"{_f(r.isolated_at_bn_mean)} | "
                          f"{_f(r.in_sample)} | "
                          f"{_f(r.drift_mean)} | {_f(r.drift_bn_mean)} | "
                          f"{r.kl:.4f} | {100 * r.top1:.1f}% | {r.seconds:.0f} ({r.cpu_seconds:.0f}) |")
@@ -655,6 +699,7 @@ def goal_checks(results: Sequence[MethodResult]) -> list[str]:
             ratio = d.isolated_mean / w.isolated_mean
             parts.append(f"data/weight isolated error {ratio:.2f} ({'halved' if ratio <= 0.5 else 'NOT halved'}), "
                          f"BN-weighted {d.isolated_bn_mean / max(w.isolated_bn_mean, 1e-30):.2f}, "
+                         f"at the BatchNorm {d.isolated_at_bn_mean / max(w.isolated_at_bn_mean, 1e-30):.2f}, "
                          f"drift {d.drift_mean / max(w.drift_mean, 1e-30):.2f}")
         if c:
             peers = [by[split, budget, m] for m in BASELINES if (split, budget, m) in by]
@@ -670,6 +715,7 @@ def to_json(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
                  convertible=r.convertible, seconds=r.seconds, cpu_seconds=r.cpu_seconds, note=r.note,
                  in_sample=r.in_sample,
                  isolated_mean=r.isolated_mean, drift_mean=r.drift_mean, isolated_bn_mean=r.isolated_bn_mean,
+                 isolated_at_bn_mean=r.isolated_at_bn_mean, isolated_at_bn=r.isolated_at_bn,
                  drift_bn_mean=r.drift_bn_mean, kl=r.kl, top1=r.top1, isolated=r.isolated, drift=r.drift,
                  isolated_bn=r.isolated_bn, drift_bn=r.drift_bn) for r in results]
 

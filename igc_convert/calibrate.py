@@ -7,8 +7,12 @@ expected output error of an approximation ``Ŵ`` needs only ``Σ = E[p pᵀ]`` (
 
     E‖(W − Ŵ) p‖² = ‖(W − Ŵ) R‖²_F,      R Rᵀ = Σ
 
-* :func:`collect_input_stats` — ``Σ`` for many layers in one pass over the calibration batches
-  (forward pre-hooks; per image a seeded random subset of output positions; float32 matmuls into
+When something after the layer can take a constant per output channel (its bias, or the running mean
+of the BatchNorm that follows), the fit uses the covariance ``Σ − μμᵀ`` instead and the mean of the
+error, ``(W − Ŵ) μ``, goes there (:meth:`InputMoments.covariance`).
+
+* :func:`collect_input_moments` — ``Σ`` and the mean ``E[p]`` for many layers in one pass over the
+  calibration batches (forward pre-hooks; per image a seeded random subset of output positions; float32 matmuls into
   float64 accumulators; no activation is kept). Layers whose ``Σ`` do not fit ``memory_budget``
   together are split into groups, one pass per group.
 * :func:`collect_paired_stats` and :func:`sequential_target` — the sequential (error-feedback) fit:
@@ -56,7 +60,7 @@ BatchSource = Union[Sequence[Tensor], Iterable[Tensor], Callable[[], Iterable[Te
 #: Gram matrices of patches longer than twice this are summed block by block, upper blocks only.
 _GRAM_BLOCK = 512
 
-#: Patches gathered per matmul in :func:`collect_input_stats` are bounded to this many elements
+#: Patches gathered per matmul in :func:`collect_input_moments` are bounded to this many elements
 #: (64 MiB of float32), whatever the batch size.
 _CHUNK_ELEMENTS = 1 << 24
 
@@ -413,6 +417,7 @@ class _LayerStats:
         self.k = max_positions
         self.gen = _layer_generator(seed, name)
         self.gram: _Gram | None = None
+        self.sum: Tensor | None = None
         self.count = 0
 
     def hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -422,22 +427,48 @@ class _LayerStats:
         n = self.geom.size
         if self.gram is None:
             self.gram = _Gram(n, x.device)
+            self.sum = torch.zeros(n, dtype=torch.float64, device=x.device)
         dtype = _matmul_dtype(x)
         step = max(1, _CHUNK_ELEMENTS // n)
         for start in range(0, len(img), step):
             sl = slice(start, start + step)
-            self.gram.add(self.geom.gather(xp, img[sl], oy[sl], ox[sl]).to(dtype))
+            p = self.geom.gather(xp, img[sl], oy[sl], ox[sl]).to(dtype)
+            self.gram.add(p)
+            self.sum.add_(p.sum(0, dtype=torch.float64))
         self.count += len(img)
 
-    def result(self) -> Tensor:
+    def result(self) -> InputMoments:
         if self.count == 0 or self.gram is None:
             raise ConfigError("never ran during the model's forward pass (is it used by forward()?)",
                               layer=self.name)
         sigma = _finish(self.geom, self.gram.total(), self.count)
-        if not finite(sigma):
+        mean = self.geom.vector_to_unfold_order(self.sum.cpu()).div_(self.count)
+        if not (finite(sigma) and finite(mean)):
             raise DataError("input statistics are not finite (activations overflowed; check the input scale)",
                             layer=self.name)
-        return sigma
+        return InputMoments(sigma, mean, self.count)
+
+
+@dataclass(frozen=True)
+class InputMoments:
+    """First and second moments of one layer's im2col input patches (float64, CPU, unfold order).
+
+    ``sigma = E[p pᵀ]`` (not centred), ``mean = E[p]``, over ``count`` sampled patches.
+    """
+
+    sigma: Tensor
+    mean: Tensor
+    count: int
+
+    def covariance(self) -> Tensor:
+        """``E[(p − μ)(p − μ)ᵀ] = Σ − μ μᵀ``: the statistics of a fit whose bias takes the mean.
+
+        With ``δ = (W − Ŵ) μ`` added to the layer's output, ``E‖W p − Ŵ p − δ‖² = ‖(W − Ŵ) R_c‖²``,
+        ``R_c R_cᵀ`` this matrix: the rank of the fit goes to how the inputs *vary*, not to their mean
+        (large and positive after a ReLU), which the bias reproduces exactly.
+        """
+        cov = self.sigma - torch.outer(self.mean, self.mean)
+        return 0.5 * (cov + cov.T)
 
 
 def stats_bytes(conv: nn.Conv2d | nn.Linear) -> int:
@@ -468,6 +499,24 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
                         progress: bool = True, device: torch.device | str | None = None) -> dict[str, Tensor]:
     """``Σ = E[p pᵀ]`` over the im2col input patches of every named ``Conv2d``, float64 on the CPU.
 
+    :func:`collect_input_moments` without the means; same arguments.
+
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> stats = collect_input_stats(net, ["0", "2"], [torch.randn(2, 3, 8, 8)], progress=False)
+    >>> {name: tuple(s.shape) for name, s in stats.items()}
+    {'0': (27, 27), '2': (72, 72)}
+    """
+    moments = collect_input_moments(model, layers, batches, max_positions=max_positions,
+                                    memory_budget=memory_budget, seed=seed, progress=progress, device=device)
+    return {name: m.sigma for name, m in moments.items()}
+
+
+def collect_input_moments(model: nn.Module, layers: Sequence[str], batches: BatchSource, *,
+                          max_positions: int = 64, memory_budget: int = 1 << 31, seed: int = 0,
+                          progress: bool = True, device: torch.device | str | None = None
+                          ) -> dict[str, InputMoments]:
+    """:class:`InputMoments` (``E[p pᵀ]`` and ``E[p]``) of the im2col input patches of every named ``Conv2d``.
+
     ``batches`` (see :data:`BatchSource`) is iterated once per pass; one pass suffices unless the
     ``n² · 8`` bytes of all accumulators exceed ``memory_budget``, in which case layers are grouped
     and a list, ``DataLoader`` or callable is needed. Per image and per call at most
@@ -477,9 +526,9 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
     ``torch.no_grad()``; every module's mode is restored and every hook removed afterwards.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    >>> stats = collect_input_stats(net, ["0", "2"], [torch.randn(2, 3, 8, 8)], progress=False)
-    >>> {name: tuple(s.shape) for name, s in stats.items()}
-    {'0': (27, 27), '2': (72, 72)}
+    >>> m = collect_input_moments(net, ["2"], [torch.randn(2, 3, 8, 8)], progress=False)["2"]
+    >>> tuple(m.sigma.shape), tuple(m.mean.shape), bool((m.mean >= 0).all())   # after a ReLU
+    ((72, 72), (72,), True)
     """
     if int(max_positions) < 1:
         raise ConfigError(f"max_positions must be >= 1, got {max_positions}")
@@ -498,7 +547,7 @@ def collect_input_stats(model: nn.Module, layers: Sequence[str], batches: BatchS
         logger.info("statistics of %d layers need %.1f MiB, over memory_budget (%.1f MiB): %d passes over the "
                     "calibration data", len(names), sum(sizes.values()) / 2**20, memory_budget / 2**20, len(groups))
     dev, dtype = _placement(model, device)
-    out: dict[str, Tensor] = {}
+    out: dict[str, InputMoments] = {}
     channels_last = None
     with torch.no_grad(), _Modes(model):
         run = _batchnorms_folded(model)
@@ -540,7 +589,8 @@ class PairedStats:
     so that the sum matches the original's (:func:`sequential_target`). ``merge_original = E[e pᵀ]``
     and ``merge_energy = E‖e‖²`` complete the error at the sum. ``None`` elsewhere. ``folds``: the same
     statistics of two halves of the batches (alternate batches), for :func:`merge_weight`; empty when
-    there is no residual term or a single batch.
+    there is no residual term or a single batch. ``centred``: the second moments are covariances
+    (:meth:`centred_moments`); the means stay as collected.
     """
 
     sigma_actual: Tensor
@@ -554,6 +604,32 @@ class PairedStats:
     merge_original: Tensor | None = None
     merge_energy: float | None = None
     folds: tuple["PairedStats", ...] = ()
+    centred: bool = False
+
+    def centred_moments(self) -> "PairedStats":
+        """The same statistics with every second moment centred (``E[(a − E a)(b − E b)ᵀ]``), folds too.
+
+        For a layer whose output shift :func:`output_shift` will absorb: the sequential fit of
+        ``W p + e ≈ Ŵ p̃ + b`` then chooses ``Ŵ`` and ``b`` together, so that the fit's rank goes to
+        how the inputs vary rather than to their mean, and every error computed from these
+        statistics is the error after the shift. Unchanged when the means were not collected.
+        """
+        if self.centred or self.mean_actual is None or self.mean_original is None:
+            return self
+        f64 = torch.float64
+        mu_a, mu_o = self.mean_actual.to(f64), self.mean_original.to(f64)
+        merge: dict[str, Any] = {}
+        if self.merge_cross is not None and self.merge_mean is not None:
+            mu_e = self.merge_mean.to(f64)
+            merge = dict(merge_cross=self.merge_cross - torch.outer(mu_e, mu_a),
+                         merge_original=(None if self.merge_original is None
+                                         else self.merge_original - torch.outer(mu_e, mu_o)),
+                         merge_energy=(None if self.merge_energy is None
+                                       else self.merge_energy - float(mu_e.pow(2).sum())))
+        return replace(self, sigma_actual=self.sigma_actual - torch.outer(mu_a, mu_a),
+                       cross=self.cross - torch.outer(mu_o, mu_a),
+                       sigma_original=self.sigma_original - torch.outer(mu_o, mu_o),
+                       folds=tuple(f.centred_moments() for f in self.folds), centred=True, **merge)
 
 
 class _Capture:

@@ -233,9 +233,11 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``sequential`` then fits each layer against the inputs it really gets after upstream layers were
     converted. ``exclude``/``include`` are glob patterns over qualified layer names. ``allocation``
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
-    baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (sequential
-    mode) moves the mean of each fitted layer's output error into its bias, or into the running mean
-    of the BatchNorm that follows it. ``residual_correction`` (sequential mode, traceable models) fits
+    baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (data-aware
+    modes) moves the mean of each fitted layer's output error into its bias, or into the running mean
+    of the BatchNorm that follows it; in one-shot mode a layer followed by a BatchNorm is then fitted
+    (and planned) on the covariance of its inputs rather than their second moment
+    (:meth:`igc_convert.calibrate.InputMoments.covariance`). ``residual_correction`` (sequential mode, traceable models) fits
     a layer whose output (through its BatchNorm) is added to a shortcut so that the *sum* matches the
     original's: the layer also makes up for what the converted shortcut branch misses
     (:class:`igc_convert.calibrate.SequentialStats`). ``refit_linears`` (sequential mode) then re-fits every dense
@@ -328,13 +330,25 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
 
     # statistics
     sigmas: dict[str, torch.Tensor] = {}
+    means: dict[str, torch.Tensor] = {}  # layers fitted on their input covariance: E[p], for the shift
     row_weights: dict[str, torch.Tensor] = {}
     too_wide = _too_wide_for_statistics(eligible) if batches is not None else set()
     if batches is not None and eligible:
         from . import calibrate
 
-        sigmas = calibrate.collect_input_stats(original, [s.name for s in eligible if s.name not in too_wide],
-                                               batches, max_positions=max_positions, seed=seed, progress=progress)
+        moments = calibrate.collect_input_moments(original, [s.name for s in eligible if s.name not in too_wide],
+                                                  batches, max_positions=max_positions, seed=seed, progress=progress)
+        for s in eligible:
+            m = moments.pop(s.name, None)
+            if m is None:
+                continue
+            # A BatchNorm removes its input's mean: what matters is how the output varies. The fit
+            # spends its rank there and the mean of its error goes into the BatchNorm's running mean.
+            if bias_correction and _batchnorm_with_mean(original, s) is not None:
+                sigmas[s.name], means[s.name] = m.covariance(), m.mean
+            else:
+                sigmas[s.name] = m.sigma
+        del moments
         bn_map = {s.name: s.batchnorm for s in eligible if s.batchnorm}
         row_weights = calibrate.bn_row_weights(original, bn_map) if bn_map else {}
 
@@ -418,6 +432,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             paired = (resumable(s.name) if resumable is not None else
                       calibrate.collect_paired_stats(reference, converted, s.name, batches,
                                                      max_positions=max_positions, seed=seed, progress=False))
+            if bias_correction and (s.module.bias is not None or _batchnorm_with_mean(converted, s) is not None):
+                paired = paired.centred_moments()  # the shift below takes the mean: fit how inputs vary
             shrink = calibrate.merge_weight(w, paired, spec.row_weights, damping=damping)
             if paired.merge_cross is not None:
                 log.debug("%s: residual correction weight %.2f (2-fold cross-validation)", s.name, shrink)
@@ -443,13 +459,23 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             if paired.merge_cross is not None:  # the error at the residual sum: E‖W p + e − Ŵ p̃‖²
                 err2 += (2 * float((wm * paired.merge_original).sum()) + paired.merge_energy
                          - 2 * float((am * paired.merge_cross).sum()))
+            if paired.centred and _batchnorm_with_mean(converted, s) is None:
+                # Centred moments give the error after the shift. With no BatchNorm to remove it, the
+                # layer's mean output reaches the next layer: the error is relative to all of it.
+                ref += float((wm @ paired.mean_original.to(wm)).pow(2).sum())
             rec.output_error = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
         elif spec.sigma is not None:
+            # Under the covariance (``means``) this is the error once the shift below is in place.
             ref = _quadratic(w, spec.sigma)
             rec.output_error = math.sqrt(max(_quadratic(w - approx, spec.sigma), 0.0) / ref) if ref > 0 else 0.0
+            if s.name in means:
+                shift = (w - approx).reshape(w.shape[0], -1) @ means[s.name]
+                if not _absorb_shift(converted, new, s, shift):  # _batchnorm_with_mean said it would
+                    raise AssertionError(f"{s.name}: no BatchNorm running mean to take the output shift")
         if paired is not None and bias_correction:
             shift = calibrate.output_shift(w, approx, paired)
-            if shift is not None and _absorb_shift(converted, new, s, shift) and rec.output_error is not None:
+            absorbed = shift is not None and _absorb_shift(converted, new, s, shift)
+            if absorbed and rec.output_error is not None and not paired.centred:
                 rec.output_error = math.sqrt(max(err2 - float(shift.pow(2).sum()), 0.0) / ref)
         records[s.name] = rec
         plan.append(dict(name=s.name, block=c.kind, shape=c.shape))
@@ -609,14 +635,22 @@ def _measured_latency_plan(original: nn.Module, example: torch.Tensor, eligible:
     return best[1] if best is not None else chosen
 
 
+def _batchnorm_with_mean(model: nn.Module, site: ConvSite) -> nn.Module | None:
+    """The BatchNorm that takes ``site``'s output alone, if it keeps a running mean (else None)."""
+    bn = model.get_submodule(site.batchnorm) if site.batchnorm else None
+    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+        return bn
+    return None
+
+
 def _absorb_shift(model: nn.Module, block: IGCBlock, site: ConvSite, shift: torch.Tensor) -> bool:
     """Add ``shift`` to the block's bias, else take it from the following BatchNorm's running mean."""
     if block.bias is not None:
         with torch.no_grad():
             block.bias.add_(shift.to(block.bias))
         return True
-    bn = model.get_submodule(site.batchnorm) if site.batchnorm else None
-    if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+    bn = _batchnorm_with_mean(model, site)
+    if bn is not None:
         bn.running_mean.sub_(shift.to(bn.running_mean))
         return True
     return False

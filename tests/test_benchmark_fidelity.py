@@ -98,6 +98,42 @@ def test_evaluate_identity_and_known_error(fd):
     assert scores["scaled"]["kl"] > 0
 
 
+def test_evaluate_counts_a_bias_moved_into_the_batchnorm(fd):
+    """A layer whose error mean went into the next BatchNorm's running mean (the converter's bias
+    correction) is scored on what the BatchNorm sees; *at BN* is relative to the centred output."""
+    model = tiny_cnn()
+    layers = fd.convertible_layers(model)
+    with torch.no_grad():
+        model.features[1].running_mean.normal_(generator=torch.Generator().manual_seed(2))
+    shifted = tiny_cnn()
+    with torch.no_grad():
+        shifted.features[1].running_mean.copy_(model.features[1].running_mean)
+        conv = shifted.features[0]
+        biased = nn.Conv2d(1, 16, 3, padding=1, bias=True)
+        biased.weight.copy_(conv.weight)
+        biased.bias.fill_(0.5)
+        shifted.features[0] = biased
+        shifted.features[1].running_mean.add_(0.5)  # the BatchNorm takes the bias back out
+    x = torch.randn(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
+    assert fd.bn_mean_offsets(model, shifted, layers)["features.0"].flatten().tolist() == [-0.5] * 16
+    scores = fd.evaluate(model, {"shifted": shifted}, layers, x, batch_size=4)["shifted"]
+    assert scores["isolated"]["features.0"] == pytest.approx(0, abs=1e-6)
+    assert scores["drift"]["features.0"] == pytest.approx(0, abs=1e-6)
+    assert scores["kl"] == pytest.approx(0, abs=1e-9)
+    # at the BatchNorm: a 1.1-scaled kernel's error against the output minus the running mean
+    scaled = tiny_cnn()
+    scaled.features[1].running_mean.copy_(model.features[1].running_mean)
+    with torch.no_grad():
+        scaled.features[0].weight.mul_(1.1)
+        y = model.features[0](x)
+    got = fd.evaluate(model, {"scaled": scaled}, layers, x, batch_size=4)["scaled"]
+    centred = y - model.features[1].running_mean.view(1, -1, 1, 1)
+    w = fd.bn_scales(model, layers)["features.0"].view(1, -1, 1, 1)
+    want = float((w * 0.1 * y).norm() / (w * centred).norm())
+    assert got["isolated_at_bn"]["features.0"] == pytest.approx(want, rel=1e-5)
+    assert got["isolated"]["features.0"] == pytest.approx(0.1, rel=1e-5)
+
+
 def test_bn_scales_find_the_following_batchnorm(fd):
     model = tiny_cnn()
     with torch.no_grad():

@@ -290,6 +290,28 @@ def test_bias_correction_matches_output_means_through_bias_and_batchnorm():
     assert on.records[0].output_error < off.records[0].output_error
 
 
+def test_one_shot_fit_on_the_covariance_is_exact_where_the_inputs_vary_in_few_directions():
+    """Inputs = a large mean + 4 directions of variation. A rank-4 block cannot hold the mean direction
+    as well, so a fit to the second moment misses; fitted to the covariance, with the mean of its error
+    moved into the BatchNorm, it reproduces the BatchNorm's output exactly (one-shot mode)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 1, bias=False), nn.BatchNorm2d(16)).eval()
+    net[1].running_mean.normal_()
+    basis, mean = torch.randn(16, 4), 3 * torch.rand(16)
+    x = (torch.einsum("cr,nrhw->nchw", basis, torch.randn(8, 4, 6, 6)) + mean[None, :, None, None])
+    kw = dict(calibration=x, calibration_samples=None, sequential=False, max_positions=10_000, progress=False,
+              damping=1e-9, allocation="uniform", max_groups=1)
+    on = ic.convert(net, ic.ParamsRatio(0.5), **kw)
+    off = ic.convert(net, ic.ParamsRatio(0.5), bias_correction=False, **kw)
+    assert on.plan == off.plan and on.plan[0]["shape"]["rank"] == 4  # 4 · (16 + 16) = half of 16 · 16
+    with torch.no_grad():
+        ref = net(x)
+        torch.testing.assert_close(on.model(x), ref, atol=1e-4, rtol=1e-4)
+        assert float((off.model(x) - ref).norm() / ref.norm()) > 1e-2
+    assert on.records[0].output_error < 1e-4 < off.records[0].output_error
+    assert torch.equal(off.model[1].running_mean, net[1].running_mean)  # off: nothing moved
+
+
 class _BatchNormAct(nn.BatchNorm2d):
     """Like timm's ``BatchNormAct2d``: a BatchNorm that applies its activation too (torch.fx traces into it)."""
 
@@ -313,7 +335,8 @@ class _ResBlock(nn.Module):
 def test_residual_correction_fits_the_sum_and_reports_its_error():
     """The last conv of a residual branch also makes up for the converted stem's error on the shortcut:
     the block's output is closer to the original's than when each layer only matches its own output,
-    and the reported output error is the error at the sum (in the conv's units), as measured."""
+    and the reported output error is the error at the sum (in the conv's units), as measured, relative
+    to how the conv's output varies (the BatchNorm removes its mean)."""
     torch.manual_seed(0)
     net = _ResBlock().eval()
     for bn in (net.bn0, net.bn):
@@ -332,7 +355,8 @@ def test_residual_correction_fits_the_sum_and_reports_its_error():
         a = net.bn.weight / torch.sqrt(net.bn.running_var + net.bn.eps)
         miss = (ref - on.model(x)) / a[:, None, None]               # at the sum, in conv output units
         t = F.relu(net.bn0(net.stem(x)))
-        measured = float(miss.pow(2).sum() / net.conv(t).pow(2).sum()) ** 0.5
+        y = net.conv(t)
+        measured = float(miss.pow(2).sum() / (y - y.mean((0, 2, 3), keepdim=True)).pow(2).sum()) ** 0.5
     assert on.records[1].output_error == pytest.approx(measured, rel=1e-3)
     assert on.records[0].output_error == pytest.approx(off.records[0].output_error)  # the stem: no addition
 

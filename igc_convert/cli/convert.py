@@ -43,8 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-aware fit from the original model's statistics only (faster, less accurate "
                              "than the default sequential fit)")
     parser.add_argument("--no-bias-correction", action="store_true",
-                        help="keep each layer's bias as fitted (default: the mean of its output error moves into "
-                             "the bias or the next BatchNorm)")
+                        help="fit each layer to the second moment of its inputs and keep its bias as fitted "
+                             "(default: a layer followed by a BatchNorm is fitted to how its inputs vary, and the "
+                             "mean of its output error moves into the bias or the next BatchNorm)")
     parser.add_argument("--no-residual-correction", action="store_true",
                         help="fit a residual branch's last conv to its own original output only (default: it also "
                              "makes up for what the converted shortcut misses, so the sum matches)")
