@@ -397,7 +397,10 @@ def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_
 def revert_layer(original: nn.Module, result: "ConversionResult", name: str, reason: str = REVERTED) -> None:
     """Put a copy of ``original``'s conv ``name`` back into ``result.model``; drop it from the plan; mark its record.
 
-    A Linear converted as a 1×1 conv (``<linear>.conv``) goes back to a plain ``nn.Linear``."""
+    A Linear converted as a 1×1 conv (``<linear>.conv``) goes back to a plain ``nn.Linear``. A data-aware
+    fit may have moved the mean of its error into the running mean of the BatchNorm that follows the
+    layer: that BatchNorm gets the original's running mean back, unless it has changed otherwise since
+    (fine-tuned, say), which is logged and left alone."""
     try:
         conv = dense_conv(original, name)
     except AttributeError as err:
@@ -415,12 +418,33 @@ def revert_layer(original: nn.Module, result: "ConversionResult", name: str, rea
     setattr(result.model.get_submodule(parent) if parent else result.model, attr, new)
     if parent and isinstance(result.model.get_submodule(parent), LinearAsConv):  # a Linear converted as a conv
         result.model.set_submodule(parent, result.model.get_submodule(parent).to_linear())
+    _restore_batchnorm_mean(original, result.model, name)
     result.plan[:] = [e for e in result.plan if e.get("name") != name]
     for rec in result.report.records:
         if rec.name == name:
             rec.block, rec.shape, rec.reason = "dense", {}, reason
             rec.params_after, rec.macs_after = rec.params_before, rec.macs_before
             rec.weight_error = rec.output_error = None
+
+
+def _restore_batchnorm_mean(original: nn.Module, model: nn.Module, name: str) -> None:
+    """Give the BatchNorm after conv ``name`` in ``model`` the running mean it has in ``original``."""
+    from .convert import find_convs
+
+    bn_name = next((s.batchnorm for s in find_convs(original)[0] if s.name == name), None)
+    if bn_name is None:
+        return
+    src, dst = original.get_submodule(bn_name), model.get_submodule(bn_name)
+    if not isinstance(src, nn.modules.batchnorm._BatchNorm) or src.running_mean is None or dst.running_mean is None:
+        return
+    same = [(a is None and b is None) or (a is not None and b is not None and torch.equal(a.detach().cpu(), b.detach().cpu()))
+            for a, b in ((src.running_var, dst.running_var), (src.weight, dst.weight), (src.bias, dst.bias))]
+    if not all(same):
+        log.warning("%s: the BatchNorm %s has changed since conversion; its running mean is left as it is",
+                    name, bn_name)
+        return
+    with torch.no_grad():
+        dst.running_mean.copy_(src.running_mean)
 
 
 def _onnx(model: nn.Module, x: torch.Tensor, exporter: str) -> onnx.ModelProto:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -23,7 +24,7 @@ from igc_convert.blocks import IGCBlock, make_block
 from igc_convert.errors import ConfigError
 from igc_convert import plan
 from igc_convert.plan import Candidate, LayerSpec, allocate, allocate_fast_first, candidates, lower_hull
-from igc_convert.latency import REVERTED, attach_latencies, enforce_not_slower
+from igc_convert.latency import REVERTED, attach_latencies, enforce_not_slower, revert_layer
 from igc_convert.shuffle import ChannelShuffle
 
 
@@ -429,6 +430,29 @@ def test_guard_reverts_the_worst_layer_until_not_slower(converted, monkeypatch):
     assert type(dense) is nn.Conv2d and dense is not model.get_submodule(worst)
     torch.testing.assert_close(dense.weight, model.get_submodule(worst).weight)
     assert _blocks(out.model) == names[:-1]
+
+
+def test_reverting_a_data_aware_layer_gives_its_batchnorm_back_its_running_mean(caplog):
+    """The fit moved its error's mean into the BatchNorm; put back, the dense conv needs the original mean."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32)).eval()
+    x = torch.rand(8, 3, 8, 8) + 1
+    result = igc_convert.convert(model, igc_convert.ParamsRatio(0.4), calibration=x, sequential=False,
+                                 progress=False)
+    assert "3" in [e["name"] for e in result.plan]
+    assert not torch.equal(result.model[4].running_mean, model[4].running_mean)  # the shift went there
+    moved = copy.deepcopy(result)
+    revert_layer(model, result, "3")
+    assert torch.equal(result.model[4].running_mean, model[4].running_mean)
+    with torch.no_grad():  # from the reverted layer on, the model is the original again
+        h = model[:3](x)
+        torch.testing.assert_close(result.model[3:](h), model[3:](h))
+    moved.model[4].running_var.mul_(2)  # a BatchNorm changed since conversion: not ours to rewrite
+    with caplog.at_level(logging.WARNING, logger="igc_convert.latency"):
+        revert_layer(model, moved, "3")
+    assert "has changed since conversion" in caplog.text
+    assert not torch.equal(moved.model[4].running_mean, model[4].running_mean)
 
 
 def test_guard_keeps_everything_when_not_slower(converted, monkeypatch):
