@@ -235,9 +235,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (data-aware
     modes) moves the mean of each fitted layer's output error into its bias, or into the running mean
-    of the BatchNorm that follows it; in one-shot mode a layer followed by a BatchNorm is then fitted
-    (and planned) on the covariance of its inputs rather than their second moment
-    (:meth:`igc_convert.calibrate.InputMoments.covariance`). ``residual_correction`` (sequential mode, traceable models) fits
+    of the BatchNorm that follows it, and such a layer is fitted on the covariance of its inputs
+    rather than their second moment, weights and bias together (one-shot mode, and the planner: layers
+    followed by a BatchNorm, :meth:`igc_convert.calibrate.InputMoments.covariance`; sequential mode:
+    also layers with a bias, :meth:`igc_convert.calibrate.PairedStats.centred_moments`). ``residual_correction`` (sequential mode, traceable models) fits
     a layer whose output (through its BatchNorm) is added to a shortcut so that the *sum* matches the
     original's: the layer also makes up for what the converted shortcut branch misses
     (:class:`igc_convert.calibrate.SequentialStats`). ``refit_linears`` (sequential mode) then re-fits every dense

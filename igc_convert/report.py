@@ -27,6 +27,9 @@ class LayerRecord:
     macs_before: int | None = None
     macs_after: int | None = None
     weight_error: float | None = None
+    #: Relative output error on the calibration images (data-aware fits, unweighted), after the bias
+    #: correction; for a layer followed by a BatchNorm relative to how its output varies (the
+    #: BatchNorm removes the mean), else to the whole output.
     output_error: float | None = None
     calls: int = 1
 
