@@ -236,9 +236,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (data-aware
     modes) moves the mean of each fitted layer's output error into its bias, or into the running mean
     of the BatchNorm that follows it, and such a layer is fitted on the covariance of its inputs
-    rather than their second moment, weights and bias together (one-shot mode, and the planner: layers
-    followed by a BatchNorm, :meth:`igc_convert.calibrate.InputMoments.covariance`; sequential mode:
-    also layers with a bias, :meth:`igc_convert.calibrate.PairedStats.centred_moments`). ``residual_correction`` (sequential mode, traceable models) fits
+    rather than their second moment, weights and bias together
+    (:meth:`igc_convert.calibrate.InputMoments.covariance`,
+    :meth:`igc_convert.calibrate.PairedStats.centred_moments`). ``residual_correction`` (sequential mode, traceable models) fits
     a layer whose output (through its BatchNorm) is added to a shortcut so that the *sum* matches the
     original's: the layer also makes up for what the converted shortcut branch misses
     (:class:`igc_convert.calibrate.SequentialStats`). ``refit_linears`` (sequential mode) then re-fits every dense
@@ -332,6 +332,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     # statistics
     sigmas: dict[str, torch.Tensor] = {}
     means: dict[str, torch.Tensor] = {}  # layers fitted on their input covariance: E[p], for the shift
+    mean_energy: dict[str, float] = {}  # ... of those without a BatchNorm: ‖W E[p]‖², part of their output
     row_weights: dict[str, torch.Tensor] = {}
     too_wide = _too_wide_for_statistics(eligible) if batches is not None else set()
     if batches is not None and eligible:
@@ -343,10 +344,15 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             m = moments.pop(s.name, None)
             if m is None:
                 continue
-            # A BatchNorm removes its input's mean: what matters is how the output varies. The fit
-            # spends its rank there and the mean of its error goes into the BatchNorm's running mean.
-            if bias_correction and _batchnorm_with_mean(original, s) is not None:
+            # Where a bias or BatchNorm can take the mean of the fit's error, weights and bias are fitted
+            # together: the rank goes to how the inputs vary. A BatchNorm removes the output's mean, so
+            # the error counts against the output's variation; without one, against the whole output.
+            bn = _batchnorm_with_mean(original, s)
+            if bias_correction and (bn is not None or s.module.bias is not None):
                 sigmas[s.name], means[s.name] = m.covariance(), m.mean
+                if bn is None:
+                    mean_energy[s.name] = float((s.module.weight.detach().to(torch.float64).reshape(
+                        s.module.out_channels, -1) @ m.mean).pow(2).sum())
             else:
                 sigmas[s.name] = m.sigma
         del moments
@@ -358,7 +364,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
              multiple, "" if channel_multiple is not None else " on this CPU")
     specs = [LayerSpec(s.name, s.module.weight.detach().to(torch.float64), s.module.bias is not None,
                        s.module.stride, s.module.padding, s.module.dilation, s.input_hw,
-                       sigmas.get(s.name), row_weights.get(s.name)) for s in eligible]
+                       sigmas.get(s.name), row_weights.get(s.name), mean_energy.get(s.name, 0.0)) for s in eligible]
     per_layer = []
     for spec in tqdm(specs, desc="planning", unit="layer", disable=not progress or len(specs) < 2, leave=False):
         try:
@@ -467,12 +473,12 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             rec.output_error = math.sqrt(max(err2, 0.0) / ref) if ref > 0 else 0.0
         elif spec.sigma is not None:
             # Under the covariance (``means``) this is the error once the shift below is in place.
-            ref = _quadratic(w, spec.sigma)
+            ref = _quadratic(w, spec.sigma) + spec.mean_energy
             rec.output_error = math.sqrt(max(_quadratic(w - approx, spec.sigma), 0.0) / ref) if ref > 0 else 0.0
             if s.name in means:
                 shift = (w - approx).reshape(w.shape[0], -1) @ means[s.name]
-                if not _absorb_shift(converted, new, s, shift):  # _batchnorm_with_mean said it would
-                    raise AssertionError(f"{s.name}: no BatchNorm running mean to take the output shift")
+                if not _absorb_shift(converted, new, s, shift):  # the bias or BatchNorm found above
+                    raise AssertionError(f"{s.name}: no bias or BatchNorm running mean to take the output shift")
         if paired is not None and bias_correction:
             shift = calibrate.output_shift(w, approx, paired)
             absorbed = shift is not None and _absorb_shift(converted, new, s, shift)

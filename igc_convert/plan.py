@@ -16,7 +16,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -131,6 +131,10 @@ class LayerSpec:
     input_hw: tuple[int, int] | None = None
     sigma: Tensor | None = None
     row_weights: Tensor | None = None
+    #: ``‖W μ‖²`` when ``sigma`` is the input covariance of a layer whose mean output reaches the next
+    #: layer (a bias takes the fit's shift, no BatchNorm removes the mean): candidate errors are then
+    #: relative to the whole output ``tr(W Σ Wᵀ) + ‖W μ‖²``.
+    mean_energy: float = 0.0
 
     @property
     def c_out(self) -> int:
@@ -364,6 +368,11 @@ def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, f
                                      multiple=multiple)
         else:
             raise ConfigError(f"unknown block kind {kind!r}")
+    if layer.mean_energy > 0 and layer.sigma is not None:
+        w = layer.weight.reshape(layer.c_out, -1).to(layer.sigma)
+        varying = float(((w @ layer.sigma) * w).sum())
+        scale = math.sqrt(varying / (varying + layer.mean_energy))
+        out = [replace(c, error=c.error * scale) for c in out]
     return out
 
 

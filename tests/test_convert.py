@@ -274,7 +274,8 @@ def test_bias_correction_matches_output_means_through_bias_and_batchnorm():
               allocation="uniform")
     on = ic.convert(net, ic.ParamsRatio(0.3), **kw)
     off = ic.convert(net, ic.ParamsRatio(0.3), bias_correction=False, **kw)
-    assert [r.block for r in on.records] == ["igcv1"] * 3 and on.plan == off.plan
+    # (the centred plan may shape later layers differently; the first layer's is the same)
+    assert [r.block for r in on.records] == ["igcv1"] * 3 and on.plan[0] == off.plan[0]
 
     def means(model):  # per-channel means of the conv (with bias), the BatchNorm and the output
         with torch.no_grad():
@@ -286,7 +287,7 @@ def test_bias_correction_matches_output_means_through_bias_and_batchnorm():
     for got, want in zip(means(on.model), ref):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert any((got - want).abs().max() > 1e-3 for got, want in zip(means(off.model), ref))
-    # same inputs, same fit: the correction can only lower the first layer's recorded output error
+    # same inputs, same shape: fitting weights and bias together can only lower the first layer's error
     assert on.records[0].output_error < off.records[0].output_error
 
 
@@ -310,6 +311,28 @@ def test_one_shot_fit_on_the_covariance_is_exact_where_the_inputs_vary_in_few_di
         assert float((off.model(x) - ref).norm() / ref.norm()) > 1e-2
     assert on.records[0].output_error < 1e-4 < off.records[0].output_error
     assert torch.equal(off.model[1].running_mean, net[1].running_mean)  # off: nothing moved
+
+
+def test_one_shot_fit_of_a_biased_conv_without_batchnorm_is_centred_and_scored_on_its_whole_output():
+    """No BatchNorm: the shift goes into the block's bias, and the recorded error is relative to the
+    whole output (its mean reaches the next layer), as measured."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 24, 3, padding=1)).eval()
+    basis, mean = torch.randn(16, 4), 3 * torch.rand(16)
+    x = torch.einsum("cr,nrhw->nchw", basis, torch.randn(8, 4, 6, 6)) + mean[None, :, None, None]
+    kw = dict(calibration=x, calibration_samples=None, sequential=False, max_positions=10_000, progress=False,
+              damping=1e-9, allocation="uniform", max_groups=1)
+    on = ic.convert(net, ic.ParamsRatio(0.53), **kw)  # rank 4 and the bias: 144 of the dense 272 parameters
+    off = ic.convert(net, ic.ParamsRatio(0.53), bias_correction=False, **kw)
+    assert on.plan[0] == off.plan[0] and on.plan[0]["shape"]["rank"] == 4
+    with torch.no_grad():
+        torch.testing.assert_close(on.model[0](x), net[0](x), atol=1e-4, rtol=1e-4)  # exact, through the bias
+        assert float((off.model[0](x) - net[0](x)).norm() / net[0](x).norm()) > 1e-2
+        h = net[1](net[0](x))
+        y, y_hat = net[2](h), on.model[2](h)
+        measured = float((y_hat - y).norm() / (y - net[2].bias.view(1, -1, 1, 1)).norm())
+    assert on.records[0].output_error < 1e-3 < off.records[0].output_error
+    assert on.records[1].output_error == pytest.approx(measured, rel=1e-3)
 
 
 class _BatchNormAct(nn.BatchNorm2d):
