@@ -46,67 +46,26 @@ def _net(conv_kwargs, c_in=2, c_mid=20):
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 @pytest.mark.parametrize("kwargs", CONVS.values(), ids=CONVS.keys())
-def test_hook_sigma_equals_brute_force_unfold(kwargs):
-    net = _net(kwargs)
-    batches = [torch.randn(2, 2, 11, 9) + 0.5, torch.randn(3, 2, 11, 9)]
-    stats = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=10_000, progress=False)
-    with torch.no_grad():
-        mids = [net[1](net[0](x)) for x in batches]
-    for name, inputs in (("0", batches), ("2", mids)):
-        expected = _brute_sigma(net.get_submodule(name), inputs)
-        assert stats[name].dtype == torch.float64
-        torch.testing.assert_close(stats[name], expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
-
-
-@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
-@pytest.mark.parametrize("kwargs", [CONVS["k3-p1"], CONVS["reflect-k3-p1"], CONVS["k3-s(2,1)-dil(2,1)-p2"]],
-                         ids=["k3-p1", "reflect-k3-p1", "k3-s(2,1)-dil(2,1)-p2"])
-def test_moments_mean_and_covariance_equal_brute_force_unfold(kwargs):
+def test_hook_moments_equal_brute_force_unfold(kwargs):
+    """Σ, the mean and the covariance of every layer's patches, against ``F.unfold`` on all positions."""
     net = _net(kwargs)
     batches = [torch.randn(2, 2, 11, 9) + 0.5, torch.randn(3, 2, 11, 9)]
     moments = cal.collect_input_moments(net, ["0", "2"], batches, max_positions=10_000, progress=False)
+    stats = cal.collect_input_stats(net, ["0", "2"], batches, max_positions=10_000, progress=False)
     with torch.no_grad():
         mids = [net[1](net[0](x)) for x in batches]
     for name, inputs in (("0", batches), ("2", mids)):
         p = torch.cat([_brute_patches(net.get_submodule(name), x) for x in inputs])
         m = moments[name]
-        assert m.count == p.shape[0] and m.mean.dtype == torch.float64
+        expected = p.T @ p / p.shape[0]
+        assert m.sigma.dtype == m.mean.dtype == torch.float64 and m.count == p.shape[0]
+        torch.testing.assert_close(m.sigma, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+        assert torch.equal(stats[name], m.sigma)
         torch.testing.assert_close(m.mean, p.mean(0), rtol=1e-5, atol=1e-6)
         centred = p - p.mean(0)
-        expected = centred.T @ centred / p.shape[0]
-        torch.testing.assert_close(m.covariance(), expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
+        cov = centred.T @ centred / p.shape[0]
+        torch.testing.assert_close(m.covariance(), cov, rtol=1e-4, atol=1e-5 * float(cov.abs().max()))
         assert torch.equal(m.covariance(), m.covariance().T)
-
-
-def test_centred_paired_moments_are_the_moments_of_centred_rows():
-    """Every second moment of :class:`PairedStats`, the residual terms and the folds' included."""
-    torch.manual_seed(0)
-    n, c, rows = 5, 3, 400
-    p, pt, e = torch.randn(rows, n, dtype=torch.float64) + 1, torch.randn(rows, n, dtype=torch.float64) - 2, \
-        torch.randn(rows, c, dtype=torch.float64) + 0.5
-
-    def stats(sl):
-        a, b, d = p[sl], pt[sl], e[sl]
-        k = len(a)
-        return cal.PairedStats(b.T @ b / k, a.T @ b / k, a.T @ a / k, k, b.mean(0), a.mean(0), d.T @ b / k,
-                               d.mean(0), d.T @ a / k, float(d.pow(2).sum() / k))
-
-    whole = stats(slice(None))
-    whole = cal.PairedStats(**{**whole.__dict__, "folds": (stats(slice(0, 200)), stats(slice(200, None)))})
-    got = whole.centred_moments()
-    a, b, d = p - p.mean(0), pt - pt.mean(0), e - e.mean(0)
-    torch.testing.assert_close(got.sigma_actual, b.T @ b / rows)
-    torch.testing.assert_close(got.cross, a.T @ b / rows)
-    torch.testing.assert_close(got.sigma_original, a.T @ a / rows)
-    torch.testing.assert_close(got.merge_cross, d.T @ b / rows)
-    torch.testing.assert_close(got.merge_original, d.T @ a / rows)
-    assert got.merge_energy == pytest.approx(float(d.pow(2).sum() / rows))
-    torch.testing.assert_close(got.mean_actual, whole.mean_actual)  # the shift still needs the means
-    half = pt[:200] - pt[:200].mean(0)
-    torch.testing.assert_close(got.folds[0].sigma_actual, half.T @ half / 200)
-    assert got.centred and all(f.centred for f in got.folds) and got.centred_moments() is got
-    no_means = cal.PairedStats(whole.sigma_actual, whole.cross, whole.sigma_original, rows)
-    assert no_means.centred_moments() is no_means  # nothing to centre with
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
