@@ -477,12 +477,13 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             rec.output_error = math.sqrt(max(_quadratic(w - approx, spec.sigma), 0.0) / ref) if ref > 0 else 0.0
             if s.name in means:
                 shift = (w - approx).reshape(w.shape[0], -1) @ means[s.name]
-                if not _absorb_shift(converted, new, s, shift):  # the bias or BatchNorm found above
+                rec.shifted_into = _absorb_shift(converted, new, s, shift)
+                if not rec.shifted_into:  # the bias or BatchNorm found above
                     raise AssertionError(f"{s.name}: no bias or BatchNorm running mean to take the output shift")
         if paired is not None and bias_correction:
             shift = calibrate.output_shift(w, approx, paired)
-            absorbed = shift is not None and _absorb_shift(converted, new, s, shift)
-            if absorbed and rec.output_error is not None and not paired.centred:
+            rec.shifted_into = "" if shift is None else _absorb_shift(converted, new, s, shift)
+            if rec.shifted_into and rec.output_error is not None and not paired.centred:
                 rec.output_error = math.sqrt(max(err2 - float(shift.pow(2).sum()), 0.0) / ref)
         records[s.name] = rec
         plan.append(dict(name=s.name, block=c.kind, shape=c.shape))
@@ -650,17 +651,18 @@ def _batchnorm_with_mean(model: nn.Module, site: ConvSite) -> nn.Module | None:
     return None
 
 
-def _absorb_shift(model: nn.Module, block: IGCBlock, site: ConvSite, shift: torch.Tensor) -> bool:
-    """Add ``shift`` to the block's bias, else take it from the following BatchNorm's running mean."""
+def _absorb_shift(model: nn.Module, block: IGCBlock, site: ConvSite, shift: torch.Tensor) -> str:
+    """Add ``shift`` to the block's bias, else take it from the following BatchNorm's running mean;
+    where it went (``"bias"`` or the BatchNorm's name), ``""`` when nothing can take it."""
     if block.bias is not None:
         with torch.no_grad():
             block.bias.add_(shift.to(block.bias))
-        return True
+        return "bias"
     bn = _batchnorm_with_mean(model, site)
     if bn is not None:
         bn.running_mean.sub_(shift.to(bn.running_mean))
-        return True
-    return False
+        return site.batchnorm
+    return ""
 
 
 def _check_options(*, calibration_samples, damping, **counts: int) -> None:

@@ -32,6 +32,9 @@ class LayerRecord:
     #: BatchNorm removes the mean), else to the whole output.
     output_error: float | None = None
     calls: int = 1
+    #: Where the mean of the fit's output error went (bias correction): ``"bias"`` (the block's), the
+    #: name of the following BatchNorm (its running mean), or ``""``.
+    shifted_into: str = ""
 
     @property
     def converted(self) -> bool:
@@ -112,7 +115,12 @@ class Report:
         header = f"model: {self.model}  target: {self.target}  fit: {self.mode}  graph: {self.path}"
         if self.path_reason:
             header += f" ({self.path_reason})"
-        return "\n".join([header] + lines)
+        into_bn = sum(1 for r in self.records if r.shifted_into and r.shifted_into != "bias")
+        into_bias = sum(1 for r in self.records if r.shifted_into == "bias")
+        footer = ([f"bias correction: the mean of the output error of {into_bn} layer(s) moved into the running "
+                   f"mean of the BatchNorm after it, of {into_bias} into the block's bias"]
+                  if into_bn or into_bias else [])
+        return "\n".join([header] + lines + footer)
 
     def save_json(self, path: str | os.PathLike) -> None:
         with atomic_write(path, "w") as f:

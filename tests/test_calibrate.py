@@ -68,6 +68,37 @@ def test_hook_moments_equal_brute_force_unfold(kwargs):
         assert torch.equal(m.covariance(), m.covariance().T)
 
 
+def test_centred_paired_moments_are_the_moments_of_centred_rows():
+    """Every second moment of :class:`PairedStats`, the residual terms and the folds' included."""
+    torch.manual_seed(0)
+    n, c, rows = 5, 3, 400
+    p, pt, e = torch.randn(rows, n, dtype=torch.float64) + 1, torch.randn(rows, n, dtype=torch.float64) - 2, \
+        torch.randn(rows, c, dtype=torch.float64) + 0.5
+
+    def stats(sl):
+        a, b, d = p[sl], pt[sl], e[sl]
+        k = len(a)
+        return cal.PairedStats(b.T @ b / k, a.T @ b / k, a.T @ a / k, k, b.mean(0), a.mean(0), d.T @ b / k,
+                               d.mean(0), d.T @ a / k, float(d.pow(2).sum() / k))
+
+    whole = stats(slice(None))
+    whole = cal.PairedStats(**{**whole.__dict__, "folds": (stats(slice(0, 200)), stats(slice(200, None)))})
+    got = whole.centred_moments()
+    a, b, d = p - p.mean(0), pt - pt.mean(0), e - e.mean(0)
+    torch.testing.assert_close(got.sigma_actual, b.T @ b / rows)
+    torch.testing.assert_close(got.cross, a.T @ b / rows)
+    torch.testing.assert_close(got.sigma_original, a.T @ a / rows)
+    torch.testing.assert_close(got.merge_cross, d.T @ b / rows)
+    torch.testing.assert_close(got.merge_original, d.T @ a / rows)
+    assert got.merge_energy == pytest.approx(float(d.pow(2).sum() / rows))
+    torch.testing.assert_close(got.mean_actual, whole.mean_actual)  # the shift still needs the means
+    half = pt[:200] - pt[:200].mean(0)
+    torch.testing.assert_close(got.folds[0].sigma_actual, half.T @ half / 200)
+    assert got.centred and all(f.centred for f in got.folds) and got.centred_moments() is got
+    no_means = cal.PairedStats(whole.sigma_actual, whole.cross, whole.sigma_original, rows)
+    assert no_means.centred_moments() is no_means  # nothing to centre with
+
+
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel:UserWarning")
 @pytest.mark.parametrize("kwargs", CONVS.values(), ids=CONVS.keys())
 def test_sigma_predicts_conv_output_moments(kwargs):

@@ -311,6 +311,9 @@ def test_one_shot_fit_on_the_covariance_is_exact_where_the_inputs_vary_in_few_di
         assert float((off.model(x) - ref).norm() / ref.norm()) > 1e-2
     assert on.records[0].output_error < 1e-4 < off.records[0].output_error
     assert torch.equal(off.model[1].running_mean, net[1].running_mean)  # off: nothing moved
+    assert (on.records[0].shifted_into, off.records[0].shifted_into) == ("1", "")
+    assert "1 layer(s) moved into the running mean of the BatchNorm" in on.report.table()
+    assert "bias correction" not in off.report.table()
 
 
 def test_one_shot_fit_of_a_biased_conv_without_batchnorm_is_centred_and_scored_on_its_whole_output():
@@ -332,6 +335,7 @@ def test_one_shot_fit_of_a_biased_conv_without_batchnorm_is_centred_and_scored_o
         y, y_hat = net[2](h), on.model[2](h)
         measured = float((y_hat - y).norm() / (y - net[2].bias.view(1, -1, 1, 1)).norm())
     assert on.records[0].output_error < 1e-3 < off.records[0].output_error
+    assert [r.shifted_into for r in on.records] == ["bias", "bias"]
     assert on.records[1].output_error == pytest.approx(measured, rel=1e-3)
 
 

@@ -443,8 +443,10 @@ def test_reverting_a_data_aware_layer_gives_its_batchnorm_back_its_running_mean(
     assert "3" in [e["name"] for e in result.plan]
     assert not torch.equal(result.model[4].running_mean, model[4].running_mean)  # the shift went there
     moved = copy.deepcopy(result)
+    assert next(r for r in result.records if r.name == "3").shifted_into == "4"
     revert_layer(model, result, "3")
     assert torch.equal(result.model[4].running_mean, model[4].running_mean)
+    assert next(r for r in result.records if r.name == "3").shifted_into == ""
     with torch.no_grad():  # from the reverted layer on, the model is the original again
         h = model[:3](x)
         torch.testing.assert_close(result.model[3:](h), model[3:](h))
