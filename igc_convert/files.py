@@ -78,6 +78,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     with _replacing(path, tmp):
         os.chmod(tmp, _umask_mode())
         yield Path(tmp)
+        # again: a writer may have replaced the file (safetensors' save_file leaves it 0600)
+        os.chmod(tmp, _umask_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
 

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import pickle
 import urllib.error
 
@@ -117,6 +118,16 @@ def test_round_trip_plain_model_gives_identical_outputs(small, tmp_path):
     torch.testing.assert_close(got.model(X), model.eval()(X), rtol=0, atol=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         got.plan = [{}]
+
+
+def test_saved_file_has_the_permissions_a_plain_write_would_give(small, tmp_path):
+    """safetensors writes its file itself, 0600: the atomic path gives it the umask's permissions back."""
+    model, origin = small
+    path = save(tmp_path / "m.safetensors", model, origin=origin, plan=[])
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
 def test_round_trip_converted_model_rebuilds_its_blocks(converted_small, tmp_path):
