@@ -466,66 +466,59 @@ def build(method: str, model: nn.Module, layers: Sequence[str], budget: float, c
 # ------------------------------------------------------------------------------------------ metrics
 class _Sums:
     """Running ``Σ‖ŷ − y‖²`` and ``Σ‖y‖²`` per layer: plain (0), with per-channel weights (1), and with
-    those weights against the centred reference ``y − c`` (2)."""
+    those weights against the centred reference ``y − c`` (2, the same error as 1)."""
 
     PLAIN, WEIGHTED, AT_BN = 0, 1, 2
 
     def __init__(self) -> None:
-        self.err: dict[str, list[float]] = {}
-        self.ref: dict[str, list[float]] = {}
+        self.err: dict[str, list[float]] = {}  # plain, weighted
+        self.ref: dict[str, list[float]] = {}  # plain, weighted, weighted and centred
 
     def add(self, name: str, approx: Tensor, ref: Tensor, weight: Tensor | None, centre: Tensor | None = None
             ) -> None:
-        diff = (approx.double() - ref.double()).pow(2).sum(dim=(0, 2, 3))  # per channel
-        norm = ref.double().pow(2).sum(dim=(0, 2, 3))
-        centred = norm if centre is None else (ref.double() - centre.double().view(1, -1, 1, 1)).pow(2).sum(dim=(0, 2, 3))
+        per_channel = lambda t: t.pow(2).sum(dim=(0, 2, 3))  # noqa: E731
+        diff, norm = per_channel(approx.double() - ref.double()), per_channel(ref.double())
+        centred = norm if centre is None else per_channel(ref.double() - centre.double().view(1, -1, 1, 1))
         w2 = weight.pow(2) if weight is not None else torch.ones_like(norm)
-        e, r = self.err.setdefault(name, [0.0] * 3), self.ref.setdefault(name, [0.0] * 3)
+        e, r = self.err.setdefault(name, [0.0] * 2), self.ref.setdefault(name, [0.0] * 3)
         e[0] += float(diff.sum())
-        r[0] += float(norm.sum())
         e[1] += float((w2 * diff).sum())
+        r[0] += float(norm.sum())
         r[1] += float((w2 * norm).sum())
-        e[2] += float((w2 * diff).sum())
         r[2] += float((w2 * centred).sum())
 
     def relative(self, kind: int) -> dict[str, float]:
-        return {k: math.sqrt(self.err[k][kind] / self.ref[k][kind]) if self.ref[k][kind] > 0 else 0.0
+        e = min(kind, self.WEIGHTED)
+        return {k: math.sqrt(self.err[k][e] / self.ref[k][kind]) if self.ref[k][kind] > 0 else 0.0
                 for k in self.err}
 
 
-def bn_scales(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
-    """``|γ|/sqrt(var + eps)`` of the BatchNorm that directly consumes each layer's output (if any).
+def batchnorms_after(model: nn.Module, layers: Sequence[str]) -> dict[str, str]:
+    """The BatchNorm that directly consumes each layer's output (if any), by the converter's own graph
+    analysis (timm's ``BatchNormAct2d`` included)."""
+    wanted = set(layers)
+    return {s.name: s.batchnorm for s in find_convs(model)[0] if s.batchnorm and s.name in wanted}
 
-    The converter's own graph analysis (timm's ``BatchNormAct2d`` included) and row weights, so the
-    BN-weighted error is the one the data-aware fits minimise.
-    """
+
+def bn_scales(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
+    """``|γ|/sqrt(var + eps)`` of the BatchNorm that directly consumes each layer's output (if any):
+    the converter's row weights, so the BN-weighted error is the one the data-aware fits minimise."""
     from igc_convert.calibrate import bn_row_weights
 
-    wanted = set(layers)
-    sites, _, _ = find_convs(model)
-    return bn_row_weights(model, {s.name: s.batchnorm for s in sites if s.batchnorm and s.name in wanted})
+    return bn_row_weights(model, batchnorms_after(model, layers))
 
 
-def bn_mean_offsets(original: nn.Module, converted: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
-    """Per layer whose following BatchNorm's running mean the converter moved (its bias correction), the
-    move as an output offset ``μ_orig − μ_conv`` (``1 × C × 1 × 1``): the isolated error is that of what
-    the BatchNorm sees, ``block(x) + offset`` against ``conv(x)``."""
-    wanted = set(layers)
+def bn_mean_offsets(original: nn.Module, converted: nn.Module, batchnorms: Mapping[str, str]) -> dict[str, Tensor]:
+    """Per layer whose following BatchNorm (``batchnorms``: :func:`batchnorms_after`) had its running mean
+    moved by the converter (its bias correction), the move as an output offset ``μ_orig − μ_conv``
+    (``1 × C × 1 × 1``): the isolated error is that of what the BatchNorm sees, ``block(x) + offset``
+    against ``conv(x)``."""
     out = {}
-    for s in find_convs(original)[0]:
-        if s.name in wanted and s.batchnorm:
-            before = original.get_submodule(s.batchnorm).running_mean
-            after = converted.get_submodule(s.batchnorm).running_mean
-            if before is not None and after is not None and not torch.equal(before, after):
-                out[s.name] = (before - after).view(1, -1, 1, 1)
+    for name, bn in batchnorms.items():
+        before, after = original.get_submodule(bn).running_mean, converted.get_submodule(bn).running_mean
+        if before is not None and after is not None and not torch.equal(before, after):
+            out[name] = (before - after).view(1, -1, 1, 1)
     return out
-
-
-def bn_running_means(model: nn.Module, layers: Sequence[str]) -> dict[str, Tensor]:
-    """The running mean of the BatchNorm that directly consumes each layer's output (if any)."""
-    wanted = set(layers)
-    return {s.name: model.get_submodule(s.batchnorm).running_mean for s in find_convs(model)[0]
-            if s.name in wanted and s.batchnorm and model.get_submodule(s.batchnorm).running_mean is not None}
 
 
 def _unchanged(module: nn.Module, reference: nn.Module) -> bool:
@@ -546,9 +539,13 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
     come plain (conv output) and ``_bn`` weighted by the following BatchNorm's scale (what the next
     layer sees, and what the data-aware fit minimises).
     """
-    scales = bn_scales(original, layers)
-    offsets = {k: bn_mean_offsets(original, m, layers) for k, m in converted.items()}
-    centres = bn_running_means(original, layers)
+    from igc_convert.calibrate import bn_row_weights
+
+    bns = batchnorms_after(original, layers)
+    scales = bn_row_weights(original, bns)
+    offsets = {k: bn_mean_offsets(original, m, bns) for k, m in converted.items()}
+    centres = {n: original.get_submodule(b).running_mean for n, b in bns.items()
+               if original.get_submodule(b).running_mean is not None}
     orig_in: dict[str, Tensor] = {}
     orig_out: dict[str, Tensor] = {}
     conv_out: dict[str, Tensor] = {}

@@ -1295,10 +1295,11 @@ class _LinearMoments:
         zero = torch.zeros(n, dtype=torch.float64)
         self.mu_o = st.mean_original.to(torch.float64).cpu() if centred else zero
         self.mu_a = st.mean_actual.to(torch.float64).cpu() if centred else zero
+        st = st.centred_moments() if centred else st
         sa = st.sigma_actual.to(torch.float64).cpu()
-        self.sa = 0.5 * (sa + sa.T) - torch.outer(self.mu_a, self.mu_a)
-        self.cross = st.cross.to(torch.float64).cpu() - torch.outer(self.mu_o, self.mu_a)
-        self.so = st.sigma_original.to(torch.float64).cpu() - torch.outer(self.mu_o, self.mu_o)
+        self.sa = 0.5 * (sa + sa.T)
+        self.cross = st.cross.to(torch.float64).cpu()
+        self.so = st.sigma_original.to(torch.float64).cpu()
         if not all(finite(t) for t in (self.sa, self.cross, self.so, self.mu_o, self.mu_a)):
             raise ConfigError("paired statistics contain NaN or Inf")
 

@@ -334,6 +334,11 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     means: dict[str, torch.Tensor] = {}  # layers fitted on their input covariance: E[p], for the shift
     mean_energy: dict[str, float] = {}  # ... of those without a BatchNorm: ‖W E[p]‖², part of their output
     row_weights: dict[str, torch.Tensor] = {}
+    # Where a bias or BatchNorm can take the mean of a fit's error, weights and bias are fitted together:
+    # the rank goes to how the inputs vary. A BatchNorm removes the output's mean, so the error counts
+    # against the output's variation; without one, against the whole output.
+    shift_into = {s.name: _shift_target(original, s) if bias_correction else "" for s in eligible}
+    mean_removed = {s.name for s in eligible if _batchnorm_with_mean(original, s) is not None}
     too_wide = _too_wide_for_statistics(eligible) if batches is not None else set()
     if batches is not None and eligible:
         from . import calibrate
@@ -344,13 +349,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             m = moments.pop(s.name, None)
             if m is None:
                 continue
-            # Where a bias or BatchNorm can take the mean of the fit's error, weights and bias are fitted
-            # together: the rank goes to how the inputs vary. A BatchNorm removes the output's mean, so
-            # the error counts against the output's variation; without one, against the whole output.
-            bn = _batchnorm_with_mean(original, s)
-            if bias_correction and (bn is not None or s.module.bias is not None):
+            if shift_into[s.name]:
                 sigmas[s.name], means[s.name] = m.covariance(), m.mean
-                if bn is None:
+                if s.name not in mean_removed:
                     mean_energy[s.name] = float((s.module.weight.detach().to(torch.float64).reshape(
                         s.module.out_channels, -1) @ m.mean).pow(2).sum())
             else:
@@ -439,7 +440,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             paired = (resumable(s.name) if resumable is not None else
                       calibrate.collect_paired_stats(reference, converted, s.name, batches,
                                                      max_positions=max_positions, seed=seed, progress=False))
-            if bias_correction and (s.module.bias is not None or _batchnorm_with_mean(converted, s) is not None):
+            if shift_into[s.name]:
                 paired = paired.centred_moments()  # the shift below takes the mean: fit how inputs vary
             shrink = calibrate.merge_weight(w, paired, spec.row_weights, damping=damping)
             if paired.merge_cross is not None:
@@ -466,7 +467,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             if paired.merge_cross is not None:  # the error at the residual sum: E‖W p + e − Ŵ p̃‖²
                 err2 += (2 * float((wm * paired.merge_original).sum()) + paired.merge_energy
                          - 2 * float((am * paired.merge_cross).sum()))
-            if paired.centred and _batchnorm_with_mean(converted, s) is None:
+            if paired.centred and s.name not in mean_removed:
                 # Centred moments give the error after the shift. With no BatchNorm to remove it, the
                 # layer's mean output reaches the next layer: the error is relative to all of it.
                 ref += float((wm @ paired.mean_original.to(wm)).pow(2).sum())
@@ -476,14 +477,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             ref = _quadratic(w, spec.sigma) + spec.mean_energy
             rec.output_error = math.sqrt(max(_quadratic(w - approx, spec.sigma), 0.0) / ref) if ref > 0 else 0.0
             if s.name in means:
-                shift = (w - approx).reshape(w.shape[0], -1) @ means[s.name]
-                rec.shifted_into = _absorb_shift(converted, new, s, shift)
-                if not rec.shifted_into:  # the bias or BatchNorm found above
-                    raise AssertionError(f"{s.name}: no bias or BatchNorm running mean to take the output shift")
-        if paired is not None and bias_correction:
+                _absorb_shift(converted, new, shift_into[s.name], (w - approx).reshape(w.shape[0], -1) @ means[s.name])
+                rec.shifted_into = shift_into[s.name]
+        if paired is not None and shift_into[s.name]:
             shift = calibrate.output_shift(w, approx, paired)
-            rec.shifted_into = "" if shift is None else _absorb_shift(converted, new, s, shift)
-            if rec.shifted_into and rec.output_error is not None and not paired.centred:
+            if shift is not None:
+                _absorb_shift(converted, new, shift_into[s.name], shift)
+                rec.shifted_into = shift_into[s.name]
+            if shift is not None and rec.output_error is not None and not paired.centred:
                 rec.output_error = math.sqrt(max(err2 - float(shift.pow(2).sum()), 0.0) / ref)
         records[s.name] = rec
         plan.append(dict(name=s.name, block=c.kind, shape=c.shape))
@@ -651,18 +652,23 @@ def _batchnorm_with_mean(model: nn.Module, site: ConvSite) -> nn.Module | None:
     return None
 
 
-def _absorb_shift(model: nn.Module, block: IGCBlock, site: ConvSite, shift: torch.Tensor) -> str:
-    """Add ``shift`` to the block's bias, else take it from the following BatchNorm's running mean;
-    where it went (``"bias"`` or the BatchNorm's name), ``""`` when nothing can take it."""
-    if block.bias is not None:
-        with torch.no_grad():
-            block.bias.add_(shift.to(block.bias))
+def _shift_target(model: nn.Module, site: ConvSite) -> str:
+    """What can take a constant added to ``site``'s output: ``"bias"`` (its own), the name of the
+    BatchNorm after it (its running mean), or ``""``."""
+    if site.module.bias is not None:
         return "bias"
-    bn = _batchnorm_with_mean(model, site)
-    if bn is not None:
-        bn.running_mean.sub_(shift.to(bn.running_mean))
-        return site.batchnorm
-    return ""
+    return site.batchnorm if _batchnorm_with_mean(model, site) is not None else ""
+
+
+def _absorb_shift(model: nn.Module, block: IGCBlock, into: str, shift: torch.Tensor) -> None:
+    """Add ``shift`` to the block's output: to its bias, or out of the BatchNorm ``into``'s running mean
+    (``into`` from :func:`_shift_target`)."""
+    with torch.no_grad():
+        if into == "bias":
+            block.bias.add_(shift.to(block.bias))
+        else:
+            bn = model.get_submodule(into)
+            bn.running_mean.sub_(shift.to(bn.running_mean))
 
 
 def _check_options(*, calibration_samples, damping, **counts: int) -> None:

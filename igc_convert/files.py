@@ -76,9 +76,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     fd, tmp = _mkstemp(path, f".tmp{suffix}")
     os.close(fd)
     with _replacing(path, tmp):
-        os.chmod(tmp, _umask_mode())
         yield Path(tmp)
-        # again: a writer may have replaced the file (safetensors' save_file leaves it 0600)
+        # after the writer: it may have replaced the file (safetensors' save_file leaves it 0600)
         os.chmod(tmp, _umask_mode())
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())

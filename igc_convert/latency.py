@@ -418,34 +418,27 @@ def revert_layer(original: nn.Module, result: "ConversionResult", name: str, rea
     setattr(result.model.get_submodule(parent) if parent else result.model, attr, new)
     if parent and isinstance(result.model.get_submodule(parent), LinearAsConv):  # a Linear converted as a conv
         result.model.set_submodule(parent, result.model.get_submodule(parent).to_linear())
-    restored = _restore_batchnorm_mean(original, result.model, name)
     result.plan[:] = [e for e in result.plan if e.get("name") != name]
     for rec in result.report.records:
         if rec.name == name:
             rec.block, rec.shape, rec.reason = "dense", {}, reason
-            if restored or rec.shifted_into == "bias":  # the dense copy has the original bias
-                rec.shifted_into = ""
             rec.params_after, rec.macs_after = rec.params_before, rec.macs_before
             rec.weight_error = rec.output_error = None
+            # the dense copy has the original bias; a BatchNorm that took the shift gets its mean back
+            if rec.shifted_into == "bias" or (
+                    rec.shifted_into and _restore_running_mean(original, result.model, rec.shifted_into, name)):
+                rec.shifted_into = ""
 
 
-def _restore_batchnorm_mean(original: nn.Module, model: nn.Module, name: str) -> bool:
-    """Give the BatchNorm after conv ``name`` in ``model`` the running mean it has in ``original``
-    (whether it did)."""
-    from .convert import find_convs
-
-    bn_name = next((s.batchnorm for s in find_convs(original)[0] if s.name == name), None)
-    if bn_name is None:
-        return False
+def _restore_running_mean(original: nn.Module, model: nn.Module, bn_name: str, layer: str) -> bool:
+    """Give ``model``'s BatchNorm ``bn_name`` the running mean it has in ``original``, unless anything
+    else of it changed since conversion (fine-tuned, say): then log and leave it. Whether it did."""
     src, dst = original.get_submodule(bn_name), model.get_submodule(bn_name)
-    if not isinstance(src, nn.modules.batchnorm._BatchNorm) or src.running_mean is None or dst.running_mean is None:
-        return False
-    same = [(a is None and b is None) or (a is not None and b is not None and torch.equal(a.detach().cpu(), b.detach().cpu()))
-            for a, b in ((src.running_var, dst.running_var), (src.weight, dst.weight), (src.bias, dst.bias))]
-    if not all(same):
-        log.warning("%s: the BatchNorm %s has changed since conversion; its running mean is left as it is",
-                    name, bn_name)
-        return False
+    for a, b in ((src.running_var, dst.running_var), (src.weight, dst.weight), (src.bias, dst.bias)):
+        if (a is None) != (b is None) or (a is not None and not torch.equal(a.detach().cpu(), b.detach().cpu())):
+            log.warning("%s: the BatchNorm %s has changed since conversion; its running mean is left as it is",
+                        layer, bn_name)
+            return False
     with torch.no_grad():
         dst.running_mean.copy_(src.running_mean)
     return True

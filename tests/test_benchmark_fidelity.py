@@ -115,7 +115,8 @@ def test_evaluate_counts_a_bias_moved_into_the_batchnorm(fd):
         shifted.features[0] = biased
         shifted.features[1].running_mean.add_(0.5)  # the BatchNorm takes the bias back out
     x = torch.randn(6, 1, 12, 12, generator=torch.Generator().manual_seed(1))
-    assert fd.bn_mean_offsets(model, shifted, layers)["features.0"].flatten().tolist() == [-0.5] * 16
+    offsets = fd.bn_mean_offsets(model, shifted, fd.batchnorms_after(model, layers))
+    assert offsets["features.0"].flatten().tolist() == [-0.5] * 16
     scores = fd.evaluate(model, {"shifted": shifted}, layers, x, batch_size=4)["shifted"]
     assert scores["isolated"]["features.0"] == pytest.approx(0, abs=1e-6)
     assert scores["drift"]["features.0"] == pytest.approx(0, abs=1e-6)
