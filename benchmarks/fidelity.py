@@ -10,6 +10,8 @@ were not used for calibration:
 * ``data``           (b) ``convert(..., calibration=calib, sequential=False)``: whitened one-shot fit;
 * ``sequential``     (c) ``convert(..., calibration=calib, sequential=True)``: each layer fitted to the
   inputs it really receives in the partly converted model;
+* ``weight-same-plan`` the weight-space fit of (b)'s plan (the same layers, blocks and shapes, via
+  ``apply_plan(..., fit=True)``): against (b) it measures the fit alone, the plan being equal;
 * ``svd-uniform``    (d) plain truncated SVD (IGCV1 with ``L = M = 1``, ``max_groups=1``), weight space,
   the same ratio for every layer (``allocation="uniform"``), as peer low-rank tools do;
 * ``svd-budget``     the same truncated SVD with our budget allocation across layers (weight space):
@@ -76,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from igc_convert.blocks import check_convertible
-from igc_convert.convert import convert, find_convs
+from igc_convert.convert import BLOCK_CHOICES, apply_plan, convert, find_convs
 from igc_convert.errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
 from igc_convert.files import atomic_write
 from igc_convert.plan import ParamsRatio
@@ -87,12 +89,14 @@ Tensor = torch.Tensor
 
 PHOTOS = ("china.jpg", "flower.jpg")  # the order of sklearn.datasets.load_sample_images
 DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves")
-DEFAULT_METHODS = ("weight", "data", "sequential", "svd-uniform", "svd-budget", "tucker2")
+DEFAULT_METHODS = ("weight", "data", "weight-same-plan", "sequential", "svd-uniform", "svd-budget", "tucker2")
 ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential")
 #: Methods that read the calibration images (converted once per calibration set).
 DATA_METHODS = ("data", "sequential", "sequential+head", "svd-sequential")
+#: Methods that depend on a calibration set through (b)'s plan, without reading the images.
+PLAN_METHODS = ("weight-same-plan",)
 #: The peers (c) must beat on logit KL.
-BASELINES = ("weight", "svd-uniform", "svd-budget", "tucker2")
+BASELINES = ("weight", "weight-same-plan", "svd-uniform", "svd-budget", "tucker2")
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Settings:
     batch_size: int = 16
     seed: int = 0
     damping: float | None = None  # None: convert()'s default
+    block: str = "igcv1"  # the block kind of (a), (b) and (c): convert()'s ``block``
 
     def __post_init__(self) -> None:
         for b in self.budgets:
@@ -430,25 +435,32 @@ def have_tensorly() -> bool:
 
 # ------------------------------------------------------------------------------------------ methods
 def build(method: str, model: nn.Module, layers: Sequence[str], budget: float, calib: Tensor | None,
-          settings: Settings) -> tuple[nn.Module, int, float | None]:
-    """The converted model of one method at one budget, how many layers it converted, and (data-aware
+          settings: Settings, plan: Sequence[dict[str, Any]] | None = None
+          ) -> tuple[nn.Module, int, float | None, list[dict[str, Any]] | None]:
+    """The converted model of one method at one budget, how many layers it converted, (data-aware
     methods) the mean over the convertible layers of the pass's own output error on the calibration
-    images (in sample; kept-dense layers count 0)."""
+    images (in sample; kept-dense layers count 0), and the conversion's plan. ``plan`` is (b)'s, which
+    ``weight-same-plan`` fits in weight space."""
     common: dict[str, Any] = dict(max_positions=settings.max_positions, seed=settings.seed, progress=False)
     if settings.damping is not None:
         common["damping"] = settings.damping
     example = calib[:1] if calib is not None else None
     if method == "tucker2":
-        return (*tucker2_convert(model, layers, budget), None)
+        return (*tucker2_convert(model, layers, budget), None, None)
+    if method == "weight-same-plan":
+        if plan is None:
+            raise ConfigError("weight-same-plan needs the data-aware method's plan")
+        return apply_plan(copy.deepcopy(model), plan, fit=True).eval(), len(plan), None, list(plan)
+    ours = dict(common, block=settings.block)
     if method == "weight":
-        result = convert(model, ParamsRatio(budget), example_inputs=example, **common)
+        result = convert(model, ParamsRatio(budget), example_inputs=example, **ours)
     elif method == "data":
-        result = convert(model, ParamsRatio(budget), calibration=calib, sequential=False, **common)
+        result = convert(model, ParamsRatio(budget), calibration=calib, sequential=False, **ours)
     elif method == "sequential":
-        result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, **common)
+        result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, **ours)
     elif method == "sequential+head":  # (c) with the classifier re-fitted to the converted features
         result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, refit_linears=True,
-                         **common)
+                         **ours)
     elif method == "svd-uniform":
         result = convert(model, ParamsRatio(uniform_ratio(model, layers, budget)), example_inputs=example,
                          max_groups=1, allocation="uniform", **common)
@@ -460,7 +472,7 @@ def build(method: str, model: nn.Module, layers: Sequence[str], budget: float, c
         raise ConfigError(f"unknown method {method!r}")
     errors = [r.output_error or 0.0 for r in result.records if r.name in layers]
     in_sample = sum(errors) / len(layers) if method in DATA_METHODS else None
-    return result.model.eval(), result.report.totals()["converted"], in_sample
+    return result.model.eval(), result.report.totals()["converted"], in_sample, result.plan
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -613,26 +625,34 @@ def run_benchmark(model: nn.Module, splits: Sequence[DataSplit], settings: Setti
     if "tucker2" in settings.methods and "tucker2" not in methods:
         log.warning("tensorly is not installed: the tucker2 baseline is skipped (pip install tensorly)")
     results: list[MethodResult] = []
-    jobs = [(b, m, s) for b in settings.budgets for m in methods
-            for s in (splits if m in DATA_METHODS else splits[:1])]
+    per_split = DATA_METHODS + PLAN_METHODS
+    # (b) first where a same-plan method needs its plan (built, not scored, unless asked for)
+    order = (["data"] if "data" not in methods and any(m in PLAN_METHODS for m in methods) else []) + \
+        sorted(methods, key=lambda m: m in PLAN_METHODS)
+    jobs = [(b, m, s) for b in settings.budgets for m in order
+            for s in (splits if m in per_split else splits[:1])]
     bar = tqdm(jobs, desc="converting", unit="model", file=sys.stderr)
     built: dict[tuple[float, str, str], tuple[nn.Module, int, float, float, str]] = {}
+    plans: dict[tuple[float, str], list[dict[str, Any]] | None] = {}
     for budget, method, split in bar:
         bar.set_postfix_str(f"{method} @ {budget:g} ({split.label})")
         t0, c0 = time.perf_counter(), time.process_time()
         note = ""
         try:
-            converted, count, in_sample = build(method, model, layers, budget, split.calib, settings)
+            converted, count, in_sample, plan = build(method, model, layers, budget, split.calib, settings,
+                                                      plan=plans.get((budget, split.label)))
         except ConfigError as err:  # e.g. an unreachable budget: reported, not fatal
             log.warning("%s at %g: %s", method, budget, err)
-            converted, count, in_sample, note = None, 0, None, str(err)
+            converted, count, in_sample, plan, note = None, 0, None, None, str(err)
+        if method == "data":
+            plans[budget, split.label] = plan
         built[budget, method, split.label] = (converted, count, time.perf_counter() - t0,
                                               time.process_time() - c0, note, in_sample)
     for budget in settings.budgets:
         for split in splits:
             models = {}
             for method in methods:
-                key = (budget, method, split.label if method in DATA_METHODS else splits[0].label)
+                key = (budget, method, split.label if method in per_split else splits[0].label)
                 converted, count, secs, cpu, note, in_sample = built[key]
                 res = MethodResult(method, budget, split.label, float("nan"), count, len(layers), secs, cpu,
                                    in_sample, note=note)
@@ -690,7 +710,7 @@ def goal_checks(results: Sequence[MethodResult]) -> list[str]:
     out = []
     by = {(r.split, r.budget, r.method): r for r in results if not r.note}
     for split, budget in dict.fromkeys((r.split, r.budget) for r in results):
-        w, d, c = (by.get((split, budget, m)) for m in ("weight", "data", "sequential"))
+        w, d, c, same = (by.get((split, budget, m)) for m in ("weight", "data", "sequential", "weight-same-plan"))
         parts = []
         if w and d and w.isolated_mean > 0:
             ratio = d.isolated_mean / w.isolated_mean
@@ -698,6 +718,11 @@ def goal_checks(results: Sequence[MethodResult]) -> list[str]:
                          f"BN-weighted {d.isolated_bn_mean / max(w.isolated_bn_mean, 1e-30):.2f}, "
                          f"at the BatchNorm {d.isolated_at_bn_mean / max(w.isolated_at_bn_mean, 1e-30):.2f}, "
                          f"drift {d.drift_mean / max(w.drift_mean, 1e-30):.2f}")
+        if same and d and same.isolated_mean > 0:
+            ratio = d.isolated_mean / same.isolated_mean
+            parts.append(f"the same plan fitted in weight space: data/weight isolated error {ratio:.2f} "
+                         f"({'halved' if ratio <= 0.5 else 'NOT halved'}), "
+                         f"at the BatchNorm {d.isolated_at_bn_mean / max(same.isolated_at_bn_mean, 1e-30):.2f}")
         if c:
             peers = [by[split, budget, m] for m in BASELINES if (split, budget, m) in by]
             worst = [p.method for p in peers if p.kl <= c.kl]
@@ -822,6 +847,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-positions", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="evaluation batch size")
     p.add_argument("--damping", type=float, default=None, help="convert()'s damping (default: its own)")
+    p.add_argument("--block", default="igcv1", choices=BLOCK_CHOICES,
+                   help="block kind of the weight, data, weight-same-plan and sequential methods (the SVD "
+                        "baselines are IGCV1 with one group)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and BLAS threads (1: on a loaded 2-core machine LAPACK calls with 2 threads "
                         "ran up to 80x slower)")
@@ -857,7 +885,8 @@ def main(argv: Sequence[str] | None = None, builders: Mapping[str, Callable[[], 
                     json.dump(dict(resnet50_speed=rows), f, indent=1)
             return 0
         settings = Settings(tuple(args.budgets), tuple(dict.fromkeys(args.methods)), args.calib_images,
-                            args.eval_images, args.max_positions, args.batch_size, args.seed, args.damping)
+                            args.eval_images, args.max_positions, args.batch_size, args.seed, args.damping,
+                            args.block)
         if builders and args.model in builders:
             model = builders[args.model]()
         elif args.model == "digits":

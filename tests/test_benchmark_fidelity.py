@@ -76,6 +76,23 @@ def test_main_on_tiny_model(fd, tmp_path, capsys):
         first = "features.0"
         assert r["drift"][first] == pytest.approx(r["isolated"][first], rel=1e-4, abs=1e-6)
         assert (r["in_sample"] is not None) == (r["method"] in fd.DATA_METHODS)
+    # the weight-space fit of (b)'s plan: the same layers and sizes, a different (worse in sample) fit
+    by = {r["method"]: r for r in results}
+    same, data = by["weight-same-plan"], by["data"]
+    assert same["converted"] == data["converted"] and same["params_ratio"] == pytest.approx(data["params_ratio"])
+    assert {k for k, v in same["isolated"].items() if v > 0} == {k for k, v in data["isolated"].items() if v > 0}
+    assert "the same plan fitted in weight space" in text
+
+
+def test_same_plan_method_alone_builds_the_plan_it_needs(fd):
+    """``--methods weight-same-plan`` without ``data``: (b) is converted for its plan, not scored."""
+    model = tiny_cnn()
+    x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    settings = fd.Settings(budgets=(0.6,), methods=("weight-same-plan",), calib_images=24, eval_images=16,
+                           batch_size=8)
+    results = fd.run_benchmark(model, [fd.DataSplit("random", x[:24], x[24:])], settings)
+    assert [r.method for r in results] == ["weight-same-plan"]
+    assert results[0].converted >= 1 and results[0].params_ratio <= 0.6 + 1e-9 and not results[0].note
 
 
 def test_evaluate_identity_and_known_error(fd):
@@ -203,3 +220,21 @@ def test_scene_halves_share_no_pixel(fd):
 def test_bad_budget_is_a_user_error(fd, capsys):
     assert fd.main(["--model", "tiny", "--budgets", "1.5"], builders={"tiny": tiny_cnn}) == 2
     assert "budgets must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_block_option_reaches_our_methods_only(fd, monkeypatch):
+    """``--block`` sets the block kind of (a), (b) and (c); the SVD baselines stay IGCV1 with one group."""
+    seen = []
+    real = fd.convert
+
+    def spy(model, target, **kwargs):
+        seen.append((kwargs.get("block", "igcv1"), kwargs.get("max_groups")))
+        return real(model, target, **kwargs)
+
+    monkeypatch.setattr(fd, "convert", spy)
+    model = tiny_cnn()
+    x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+    settings = fd.Settings(budgets=(0.6,), methods=("weight", "data", "svd-budget"), calib_images=24,
+                           eval_images=16, batch_size=8, block="igcv3")
+    fd.run_benchmark(model, [fd.DataSplit("random", x[:24], x[24:])], settings)
+    assert sorted(seen, key=str) == sorted([("igcv3", None), ("igcv3", None), ("igcv1", 1)], key=str)
