@@ -37,7 +37,9 @@ Metrics, over the evaluation images, for every convertible conv (kept-dense laye
   no longer holds the layer's mean);
 * **drift** ``‖y_conv − y_orig‖ / ‖y_orig‖`` with each model fed its own activations (the end-to-end
   error accumulated up to that layer's output);
-* logit ``KL(original ‖ converted)`` (nats, mean per image) and top-1 agreement with the original.
+* logit ``KL(original ‖ converted)`` (nats, mean per image) and top-1 agreement with the original;
+  the same on (up to ``--eval-images`` of) the calibration images themselves (*KL on calib*): against
+  the held-out KL it shows how much of a fit does not carry over to images it was not fitted on.
 
 Data (no download): random crops of scikit-learn's two sample photos. By default the calibration crops
 come from one photo (china.jpg) and the evaluation crops from the other (flower.jpg); ``--both-directions``
@@ -160,6 +162,8 @@ class MethodResult:
     isolated_at_bn: dict[str, float] = field(default_factory=dict)
     kl: float = 0.0
     top1: float = 1.0
+    calib_kl: float | None = None
+    calib_top1: float | None = None
     note: str = ""
 
     @property
@@ -597,8 +601,9 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
                         isolated[key].add(n, approx, orig_out[n], scales.get(n), centres.get(n))
                     conv_out.clear()
                     logq = F.log_softmax(y, dim=1)
-                    kl_sum[key] += float((logp.exp() * (logp - logq)).sum())
-                    agree[key] += int((logits.argmax(1) == y.argmax(1)).sum())
+                    kl, same_top1 = _kl_and_agreement(logp, y)
+                    kl_sum[key] += kl
+                    agree[key] += same_top1
                 orig_in.clear()
                 orig_out.clear()
     finally:
@@ -609,6 +614,30 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
                     isolated_at_bn=isolated[k].relative(_Sums.AT_BN),
                     drift=drift[k].relative(_Sums.PLAIN), drift_bn=drift[k].relative(_Sums.WEIGHTED), kl=kl_sum[k] / n,
                     top1=agree[k] / n) for k in converted}
+
+
+def _kl_and_agreement(logp: Tensor, logits: Tensor) -> tuple[float, int]:
+    """``Σ KL(p ‖ q)`` over a batch (``logp``: the original's log-probabilities, ``logits``: the converted
+    model's) and how many images have the same top-1 class."""
+    logq = F.log_softmax(logits.double(), dim=1)
+    return float((logp.exp() * (logp - logq)).sum()), int((logp.argmax(1) == logits.argmax(1)).sum())
+
+
+def logit_agreement(original: nn.Module, converted: Mapping[str, nn.Module], images: Tensor,
+                    batch_size: int = 16) -> dict[str, tuple[float, float]]:
+    """Mean logit KL from the original and top-1 agreement of each converted model on ``images`` (no
+    per-layer metrics: :func:`evaluate` gives those)."""
+    kl = {k: 0.0 for k in converted}
+    agree = {k: 0 for k in converted}
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            x = images[start:start + batch_size]
+            logp = F.log_softmax(original(x).double(), dim=1)
+            for key, model in converted.items():
+                batch_kl, batch_agree = _kl_and_agreement(logp, model(x))
+                kl[key] += batch_kl
+                agree[key] += batch_agree
+    return {k: (kl[k] / len(images), agree[k] / len(images)) for k in converted}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -662,11 +691,13 @@ def run_benchmark(model: nn.Module, splits: Sequence[DataSplit], settings: Setti
                 results.append(res)
             log.info("evaluating %d models at budget %g on %s", len(models), budget, split.label)
             scores = evaluate(model, models, layers, split.eval, settings.batch_size)
+            in_sample_logits = logit_agreement(model, models, split.calib[:settings.eval_images], settings.batch_size)
             for res in results[-len(methods):]:
                 if res.method in scores:
                     s = scores[res.method]
                     res.isolated, res.drift, res.kl, res.top1 = s["isolated"], s["drift"], s["kl"], s["top1"]
                     res.isolated_bn, res.drift_bn, res.isolated_at_bn = s["isolated_bn"], s["drift_bn"], s["isolated_at_bn"]
+                    res.calib_kl, res.calib_top1 = in_sample_logits[res.method]
     return results
 
 
@@ -683,20 +714,22 @@ def format_tables(results: Sequence[MethodResult], splits: Sequence[DataSplit]) 
                   f"evaluation images)", ""]
         lines.append("| budget | method | params ratio | converted | isolated err | isolated err, converted only | "
                      "isolated err BN-w | isolated err at BN | in-sample err (pass) | drift err | drift err BN-w | logit KL | top-1 agree | "
+                     "KL on calib (top-1) | "
                      "convert s (CPU s) |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in results:
             if r.split != split.label:
                 continue
             if r.note:
-                lines.append(f"| {r.budget:g} | {r.method} | - | - | {r.note} | | | | | | | | | |")
+                lines.append(f"| {r.budget:g} | {r.method} | - | - | {r.note} | | | | | | | | | | |")
                 continue
             lines.append(f"| {r.budget:g} | {r.method} | {r.params_ratio:.3f} | {r.converted}/{r.convertible} | "
                          f"{_f(r.isolated_mean)} | {_f(r.isolated_converted_mean)} | {_f(r.isolated_bn_mean)} | "
                          f"{_f(r.isolated_at_bn_mean)} | "
                          f"{_f(r.in_sample)} | "
                          f"{_f(r.drift_mean)} | {_f(r.drift_bn_mean)} | "
-                         f"{r.kl:.4f} | {100 * r.top1:.1f}% | {r.seconds:.0f} ({r.cpu_seconds:.0f}) |")
+                         f"{r.kl:.4f} | {100 * r.top1:.1f}% | {_f(r.calib_kl, 4)} ({_f(None if r.calib_top1 is None else 100 * r.calib_top1, 1)}%) | "
+                         f"{r.seconds:.0f} ({r.cpu_seconds:.0f}) |")
         lines.append("")
     lines += ["### goals", ""]
     for check in goal_checks(results):
@@ -738,7 +771,8 @@ def to_json(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
                  in_sample=r.in_sample,
                  isolated_mean=r.isolated_mean, drift_mean=r.drift_mean, isolated_bn_mean=r.isolated_bn_mean,
                  isolated_at_bn_mean=r.isolated_at_bn_mean, isolated_at_bn=r.isolated_at_bn,
-                 drift_bn_mean=r.drift_bn_mean, kl=r.kl, top1=r.top1, isolated=r.isolated, drift=r.drift,
+                 drift_bn_mean=r.drift_bn_mean, kl=r.kl, top1=r.top1, calib_kl=r.calib_kl, calib_top1=r.calib_top1,
+                 isolated=r.isolated, drift=r.drift,
                  isolated_bn=r.isolated_bn, drift_bn=r.drift_bn) for r in results]
 
 

@@ -76,6 +76,7 @@ def test_main_on_tiny_model(fd, tmp_path, capsys):
         first = "features.0"
         assert r["drift"][first] == pytest.approx(r["isolated"][first], rel=1e-4, abs=1e-6)
         assert (r["in_sample"] is not None) == (r["method"] in fd.DATA_METHODS)
+        assert r["calib_kl"] >= 0 and 0 <= r["calib_top1"] <= 1
     # the weight-space fit of (b)'s plan: the same layers and sizes, a different (worse in sample) fit
     by = {r["method"]: r for r in results}
     same, data = by["weight-same-plan"], by["data"]
@@ -238,3 +239,15 @@ def test_block_option_reaches_our_methods_only(fd, monkeypatch):
                            eval_images=16, batch_size=8, block="igcv3")
     fd.run_benchmark(model, [fd.DataSplit("random", x[:24], x[24:])], settings)
     assert sorted(seen, key=str) == sorted([("igcv3", None), ("igcv3", None), ("igcv1", 1)], key=str)
+
+
+def test_logit_agreement_matches_evaluate(fd):
+    """The KL-only pass (used on the calibration images) gives what the full evaluation gives."""
+    model = tiny_cnn()
+    scaled = tiny_cnn()
+    with torch.no_grad():
+        scaled.features[3].weight.mul_(1.3)
+    x = torch.randn(10, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    full = fd.evaluate(model, {"scaled": scaled}, fd.convertible_layers(model), x, batch_size=4)["scaled"]
+    kl, top1 = fd.logit_agreement(model, {"scaled": scaled}, x, batch_size=3)["scaled"]
+    assert kl > 0 and kl == pytest.approx(full["kl"], rel=1e-9) and top1 == pytest.approx(full["top1"])
