@@ -355,7 +355,14 @@ def fitted_candidates(layer: LayerSpec, kind: str, shapes: Sequence[dict[str, An
 
 def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, fit_iters: int = 15,
                damping: float = fz.DEFAULT_DAMPING, multiple: int = DEFAULT_CHANNEL_MULTIPLE) -> list[Candidate]:
-    """Every candidate of the given block kinds for ``layer``, plus staying dense."""
+    """Every candidate of the given block kinds for ``layer``, plus staying dense.
+
+    With IGCV1 among the kinds, a 1×1 layer gets no IGCV3 candidates: on a 1×1 kernel an IGCV3 block
+    (``g`` groups, ``C_int`` mid channels) computes what the IGCV1 block with ``L = M = g`` and rank
+    ``C_int/g²`` computes (its depthwise conv is a per-channel scale that the 1×1 convs absorb), with
+    ``C_int`` more parameters and MACs; IGCV1 scores it in closed form, where IGCV3 takes a short
+    iterative fit.
+    """
     out = [layer.dense()]
     for kind in kinds:
         if kind == "igcv1":
@@ -364,6 +371,8 @@ def candidates(layer: LayerSpec, kinds: Sequence[str], *, max_groups: int = 4, f
             out += fitted_candidates(layer, kind, igcv2_shapes(layer, max_groups=max_groups), max_iter=fit_iters,
                                      damping=damping, multiple=multiple)
         elif kind == "igcv3":
+            if layer.taps == 1 and "igcv1" in kinds:
+                continue
             out += fitted_candidates(layer, kind, igcv3_shapes(layer), max_iter=fit_iters, damping=damping,
                                      multiple=multiple)
         else:

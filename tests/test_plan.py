@@ -66,3 +66,33 @@ def test_the_allocation_fits_its_budget_and_no_single_upgrade_that_fits_is_left(
     for cur, cands in zip(chosen, per_layer):
         assert cur in cands
         assert not [c for c in cands if c.error < cur.error and spent - cur.params + c.params <= budget]
+
+
+@pytest.mark.parametrize("groups, mid", [(1, 12), (2, 16)])
+def test_an_igcv3_block_on_a_1x1_kernel_is_an_igcv1_block(groups, mid):
+    """Why ``auto`` scores no IGCV3 shape on a 1×1 layer: IGCV1 with ``L = M = g`` and rank
+    ``C_int/g²`` fits any such block's kernel exactly, with ``C_int`` fewer parameters."""
+    import torch
+
+    from igc_convert.blocks import IGCV1, IGCV3
+    from igc_convert.plan import LayerSpec, candidates
+
+    torch.manual_seed(0)
+    v3 = IGCV3(32, 24, 1, expand_groups=groups, reduce_groups=groups, mid_channels=mid, bias=False,
+               dtype=torch.float64)
+    with torch.no_grad():
+        for p in v3.parameters():
+            p.normal_()
+    kernel = v3.dense_weight().detach().double()
+    v1 = IGCV1.from_conv(torch.nn.Conv2d(32, 24, 1, bias=False).double(), primary_groups=groups,
+                         secondary_groups=groups, rank=mid // groups**2)
+    fit = IGCV1.fit(kernel, primary_groups=groups, secondary_groups=groups, rank=mid // groups**2)
+    v1.load_factors(fit.factors, None)
+    torch.testing.assert_close(v1.dense_weight().detach(), kernel, rtol=1e-9, atol=1e-9)
+    assert v1.num_params() == v3.num_params() - mid
+
+    spec = LayerSpec("conv", kernel, False, (1, 1), (0, 0), (1, 1))
+    assert {c.kind for c in candidates(spec, ["igcv1", "igcv3"])} == {"dense", "igcv1"}
+    assert "igcv3" in {c.kind for c in candidates(spec, ["igcv3"])}  # asked for alone, it is scored
+    spec3 = LayerSpec("conv", torch.randn(24, 32, 3, 3, dtype=torch.float64), False, (1, 1), (1, 1), (1, 1))
+    assert "igcv3" in {c.kind for c in candidates(spec3, ["igcv1", "igcv3"])}
