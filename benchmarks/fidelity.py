@@ -76,9 +76,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from igc_convert.agreement import kl_and_top1, measure_agreement
 from igc_convert.blocks import check_convertible
 from igc_convert.convert import BLOCK_CHOICES, apply_plan, convert, find_convs
 from igc_convert.errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError
@@ -585,7 +585,6 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
             for start in range(0, len(images), batch_size):
                 x = images[start:start + batch_size]
                 logits = original(x).double()
-                logp = F.log_softmax(logits, dim=1)
                 for key, model in converted.items():
                     hs = [model.get_submodule(n).register_forward_hook(keep(None, conv_out, n)) for n in layers]
                     try:
@@ -600,8 +599,7 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
                         approx = orig_out[n] if same else model.get_submodule(n)(orig_in[n]) + shift
                         isolated[key].add(n, approx, orig_out[n], scales.get(n), centres.get(n))
                     conv_out.clear()
-                    logq = F.log_softmax(y, dim=1)
-                    kl, same_top1 = _kl_and_agreement(logp, y)
+                    kl, same_top1 = kl_and_top1(logits, y)
                     kl_sum[key] += kl
                     agree[key] += same_top1
                 orig_in.clear()
@@ -614,30 +612,6 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
                     isolated_at_bn=isolated[k].relative(_Sums.AT_BN),
                     drift=drift[k].relative(_Sums.PLAIN), drift_bn=drift[k].relative(_Sums.WEIGHTED), kl=kl_sum[k] / n,
                     top1=agree[k] / n) for k in converted}
-
-
-def _kl_and_agreement(logp: Tensor, logits: Tensor) -> tuple[float, int]:
-    """``Σ KL(p ‖ q)`` over a batch (``logp``: the original's log-probabilities, ``logits``: the converted
-    model's) and how many images have the same top-1 class."""
-    logq = F.log_softmax(logits.double(), dim=1)
-    return float((logp.exp() * (logp - logq)).sum()), int((logp.argmax(1) == logits.argmax(1)).sum())
-
-
-def logit_agreement(original: nn.Module, converted: Mapping[str, nn.Module], images: Tensor,
-                    batch_size: int = 16) -> dict[str, tuple[float, float]]:
-    """Mean logit KL from the original and top-1 agreement of each converted model on ``images`` (no
-    per-layer metrics: :func:`evaluate` gives those)."""
-    kl = {k: 0.0 for k in converted}
-    agree = {k: 0 for k in converted}
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            x = images[start:start + batch_size]
-            logp = F.log_softmax(original(x).double(), dim=1)
-            for key, model in converted.items():
-                batch_kl, batch_agree = _kl_and_agreement(logp, model(x))
-                kl[key] += batch_kl
-                agree[key] += batch_agree
-    return {k: (kl[k] / len(images), agree[k] / len(images)) for k in converted}
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -691,13 +665,14 @@ def run_benchmark(model: nn.Module, splits: Sequence[DataSplit], settings: Setti
                 results.append(res)
             log.info("evaluating %d models at budget %g on %s", len(models), budget, split.label)
             scores = evaluate(model, models, layers, split.eval, settings.batch_size)
-            in_sample_logits = logit_agreement(model, models, split.calib[:settings.eval_images], settings.batch_size)
+            in_sample_logits = {k: measure_agreement(model, m, split.calib[:settings.eval_images],
+                                                     batch_size=settings.batch_size) for k, m in models.items()}
             for res in results[-len(methods):]:
                 if res.method in scores:
                     s = scores[res.method]
                     res.isolated, res.drift, res.kl, res.top1 = s["isolated"], s["drift"], s["kl"], s["top1"]
                     res.isolated_bn, res.drift_bn, res.isolated_at_bn = s["isolated_bn"], s["drift_bn"], s["isolated_at_bn"]
-                    res.calib_kl, res.calib_top1 = in_sample_logits[res.method]
+                    res.calib_kl, res.calib_top1 = in_sample_logits[res.method].kl, in_sample_logits[res.method].top1
     return results
 
 

@@ -54,8 +54,31 @@ class LayerRecord:
 
 
 @dataclass
+class Agreement:
+    """How closely the converted model's outputs follow the original's on images that the fit did not
+    see (:func:`igc_convert.agreement.measure_agreement`)."""
+
+    images: int
+    #: ``‖ŷ − y‖ / ‖y‖`` over every output of every image.
+    output_error: float
+    #: For N × classes outputs: mean ``KL(softmax(y) ‖ softmax(ŷ))`` per image (nats) and the fraction
+    #: of images with the same top-1 class; None for other outputs.
+    kl: float | None = None
+    top1: float | None = None
+    source: str = ""
+
+    def text(self) -> str:
+        parts = ([f"top-1 agreement {100 * self.top1:.1f}%", f"logit KL {self.kl:.4f}"] if self.top1 is not None
+                 else [])
+        parts.append(f"relative output error {self.output_error:.4f}")
+        where = f" ({self.source})" if self.source else ""
+        return f"against the original on {self.images} held-out images{where}: " + ", ".join(parts)
+
+
+@dataclass
 class Report:
-    """Per-layer records plus how the model was analysed (``path``: ``fx`` or ``by-name``)."""
+    """Per-layer records plus how the model was analysed (``path``: ``fx`` or ``by-name``), and, when it
+    was measured, the whole model's agreement with the original on held-out images."""
 
     records: list[LayerRecord]
     path: str = "fx"
@@ -63,6 +86,7 @@ class Report:
     target: str = ""
     mode: str = "weight"
     model: str = ""
+    agreement: Agreement | None = None
 
     # ------------------------------------------------------------------------------------- totals
     def totals(self) -> dict[str, Any]:
@@ -82,14 +106,17 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return dict(model=self.model, target=self.target, mode=self.mode, path=self.path,
                     path_reason=self.path_reason, totals=self.totals(),
+                    agreement=None if self.agreement is None else asdict(self.agreement),
                     layers=[asdict(r) for r in self.records])
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
         records = [LayerRecord(**{**r, "kernel_size": tuple(r["kernel_size"]), "stride": tuple(r["stride"])})
                    for r in data.get("layers", [])]
+        agreement = data.get("agreement")
         return cls(records, data.get("path", ""), data.get("path_reason", ""), data.get("target", ""),
-                   data.get("mode", ""), data.get("model", ""))
+                   data.get("mode", ""), data.get("model", ""),
+                   None if agreement is None else Agreement(**agreement))
 
     # -------------------------------------------------------------------------------------- output
     def table(self) -> str:
@@ -120,6 +147,8 @@ class Report:
         footer = ([f"bias correction: the mean of the output error of {into_bn} layer(s) moved into the running "
                    f"mean of the BatchNorm after it, of {into_bias} into the block's bias"]
                   if into_bn or into_bias else [])
+        if self.agreement is not None:
+            footer.append(self.agreement.text())
         return "\n".join([header] + lines + footer)
 
     def save_json(self, path: str | os.PathLike) -> None:

@@ -241,7 +241,7 @@ def test_block_option_reaches_our_methods_only(fd, monkeypatch):
     assert sorted(seen, key=str) == sorted([("igcv3", None), ("igcv3", None), ("igcv1", 1)], key=str)
 
 
-def test_logit_agreement_matches_evaluate(fd):
+def test_calibration_kl_pass_matches_evaluate(fd):
     """The KL-only pass (used on the calibration images) gives what the full evaluation gives."""
     model = tiny_cnn()
     scaled = tiny_cnn()
@@ -249,5 +249,6 @@ def test_logit_agreement_matches_evaluate(fd):
         scaled.features[3].weight.mul_(1.3)
     x = torch.randn(10, 1, 12, 12, generator=torch.Generator().manual_seed(4))
     full = fd.evaluate(model, {"scaled": scaled}, fd.convertible_layers(model), x, batch_size=4)["scaled"]
-    kl, top1 = fd.logit_agreement(model, {"scaled": scaled}, x, batch_size=3)["scaled"]
+    a = fd.measure_agreement(model, scaled, x, batch_size=3)
+    kl, top1 = a.kl, a.top1
     assert kl > 0 and kl == pytest.approx(full["kl"], rel=1e-9) and top1 == pytest.approx(full["top1"])

@@ -88,11 +88,12 @@ def test_example_documents_itself(name, capsys):
 def test_convert_torchvision(converted, digits_weights):
     path, text = converted
     assert "TOTAL" in text and "fit: data-aware, sequential" in text
-    assert "on 16 held-out images: top-1 agreement with the original" in text
+    assert "against the original on 16 held-out images (digits, val split): top-1 agreement" in text
     assert f"wrote {path}" in text
     meta = read_metadata(path)
     assert meta["origin"]["weights"] == str(digits_weights.resolve())
     assert meta["plan"] and meta["report"]["totals"]["params_ratio"] <= 0.25
+    assert meta["report"]["agreement"]["images"] == 16 and 0 <= meta["report"]["agreement"]["top1"] <= 1
     model = load(path).model
     assert model(torch.zeros(2, 1, 12, 12)).shape == (2, 10)
 
@@ -134,6 +135,7 @@ def test_efficientnet_lite0(tmp_path):
     for photo in ("china.jpg", "flower.jpg"):
         assert f"\n{photo}\n  original : " in text
     assert text.count("converted: ") == 2
-    assert "on 4 held-out crops: top-1 agreement" in text and "KL(original || converted)" in text
+    assert "against the original on 4 held-out images (" in text and "val split): top-1 agreement" in text
+    assert "logit KL" in text and read_metadata(out)["report"]["agreement"]["images"] == 4
     assert read_metadata(out)["origin"] == {"kind": "efficientnet_lite0", "name": "efficientnet_lite0",
                                             "weights": "DEFAULT", "kwargs": {}}

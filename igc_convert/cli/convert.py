@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import Any
 
 import torch
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, DataError, ModelError
 
 HELP = "convert the dense convolutions of a model into IGC blocks and save it with its per-layer report"
 EXAMPLE = ("igc-convert convert resnet18 --weights DEFAULT -o resnet18-igc.safetensors --params-ratio 0.25 "
@@ -39,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="calibration images for a data-aware fit: digits, sample-images, photos (18 photos; needs "
                              "scikit-image), or an image folder")
     parser.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration images (default 256)")
+    parser.add_argument("--check-samples", type=int, default=64, metavar="N",
+                        help="with --calib: compare the converted model with the original on N images of the "
+                             "source's validation split, which calibration never reads (other crops of the same "
+                             "photos for sample-images), and keep the result in the report (default 64; 0: skip)")
     parser.add_argument("--one-shot", action="store_true",
                         help="data-aware fit from the original model's statistics only (faster, less accurate "
                              "than the default sequential fit)")
@@ -93,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--input-size must be positive, got {args.input_size}")
     if args.calib_samples < 1:
         raise ConfigError(f"--calib-samples must be positive, got {args.calib_samples}")
+    if args.check_samples < 0:
+        raise ConfigError(f"--check-samples must be 0 or more, got {args.check_samples}")
     for path in (args.output, args.report, args.plot):
         if path:
             check_writable(path)
@@ -115,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
                      residual_correction=not args.no_residual_correction,
                      refit_linears=args.refit_linears, seed=args.seed,
                      linear=args.linear, channel_multiple=args.channel_multiple, model_name=args.model)
+    if args.calib and args.check_samples:
+        result.report.agreement = _check(model, result.model, args, width, channels)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
     print(result.report.table())
     if args.report:
@@ -126,3 +135,23 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {args.output}: {t['converted']}/{t['convs']} {kind} converted, params x{t['params_ratio']:.3f}"
           + (f", MACs x{t['macs_ratio']:.3f}" if t["macs_ratio"] is not None else ""), file=sys.stderr)
     return 0
+
+
+def _check(original: torch.nn.Module, converted: torch.nn.Module, args: argparse.Namespace, width: int,
+           channels: int) -> Any:
+    """The converted model's agreement with the original on ``--check-samples`` images of ``--calib``'s
+    validation split; None (with a warning) when the source is too small to have one."""
+    from ..agreement import measure_agreement
+    from ..data import resolve_source
+
+    try:
+        held_out = resolve_source(args.calib, image_size=width, channels=channels, split="val",
+                                  samples=args.check_samples, seed=args.seed)
+    except DataError as err:
+        log.warning("no agreement check: %s", err)
+        return None
+    agreement = measure_agreement(original, converted, held_out, source=f"{args.calib}, validation split",
+                                  progress=True)
+    log.info("%s", agreement.text())
+    return agreement
+
