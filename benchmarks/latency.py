@@ -221,7 +221,8 @@ def _f(v: float | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--models", nargs="+", default=list(MODELS), metavar="MODEL",
+                   help=f"torchvision classification models (default: {' '.join(MODELS)})")
     p.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=[v.name for v in VARIANTS])
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     p.add_argument("--runs", type=int, default=20, help="alternating runs at batch <= 8 (default 20)")
@@ -241,6 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         args.models, args.size, args.batch_sizes, args.runs, args.guard_runs = ["resnet18"], 112, [1], 5, 5
         args.variants = ["params-0.25", "latency-1.0", "latency-0.5"]
+    import torchvision
+
+    known = set(torchvision.models.list_models(module=torchvision.models))
+    unknown = [m for m in args.models if m not in known]
+    if unknown:
+        p.error(f"not torchvision classification models: {', '.join(unknown)}")
     variants = [v for v in VARIANTS if v.name in args.variants]
     torch.set_num_threads(THREADS)
     import onnxruntime as ort

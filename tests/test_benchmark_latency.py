@@ -32,3 +32,9 @@ def test_main_prints_the_ratios_and_the_originals_own_times(latency_benchmark, c
     original = re.search(r"^originals, median ms: resnet18 ([0-9.]+) at batch 1$", out, re.M)
     assert original and float(original.group(1)) > 0
     assert (tmp_path / "igc-convert" / "latency.json").is_file()
+
+
+def test_models_must_be_torchvision_classifiers(latency_benchmark, capsys):
+    with pytest.raises(SystemExit) as info:
+        latency_benchmark.main(["--models", "resnet18", "resnet9000"])
+    assert info.value.code == 2 and "resnet9000" in capsys.readouterr().err
