@@ -86,7 +86,5 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
     finally:
         original.train(modes[0])
         converted.train(modes[1])
-    if count == 0:
-        raise DataError("no images to measure agreement on")
     error = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
     return Agreement(count, error, kl / count if logits else None, same / count if logits else None, source)

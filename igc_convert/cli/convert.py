@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any
 
 import torch
 
 from ..errors import ConfigError, DataError, ModelError
+from ..report import Agreement
 
 HELP = "convert the dense convolutions of a model into IGC blocks and save it with its per-layer report"
 EXAMPLE = ("igc-convert convert resnet18 --weights DEFAULT -o resnet18-igc.safetensors --params-ratio 0.25 "
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check(original: torch.nn.Module, converted: torch.nn.Module, args: argparse.Namespace, width: int,
-           channels: int) -> Any:
+           channels: int) -> Agreement | None:
     """The converted model's agreement with the original on ``--check-samples`` images of ``--calib``'s
     validation split; None (with a warning) when the source is too small to have one."""
     from ..agreement import measure_agreement
@@ -154,4 +154,3 @@ def _check(original: torch.nn.Module, converted: torch.nn.Module, args: argparse
                                   progress=True)
     log.info("%s", agreement.text())
     return agreement
-
