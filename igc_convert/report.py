@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import FileFormatError
 from .files import atomic_path, atomic_write
 
 
@@ -111,12 +112,17 @@ class Report:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Report":
-        records = [LayerRecord(**{**r, "kernel_size": tuple(r["kernel_size"]), "stride": tuple(r["stride"])})
-                   for r in data.get("layers", [])]
-        agreement = data.get("agreement")
-        return cls(records, data.get("path", ""), data.get("path_reason", ""), data.get("target", ""),
-                   data.get("mode", ""), data.get("model", ""),
-                   None if agreement is None else Agreement(**agreement))
+        """The report :meth:`to_dict` wrote; :class:`FileFormatError` for anything else (a damaged or
+        foreign file's metadata)."""
+        try:
+            records = [LayerRecord(**{**r, "kernel_size": tuple(r["kernel_size"]), "stride": tuple(r["stride"])})
+                       for r in data.get("layers", [])]
+            agreement = data.get("agreement")
+            return cls(records, data.get("path", ""), data.get("path_reason", ""), data.get("target", ""),
+                       data.get("mode", ""), data.get("model", ""),
+                       None if agreement is None else Agreement(**agreement))
+        except (AttributeError, KeyError, TypeError) as err:
+            raise FileFormatError(f"malformed conversion report: {err}") from err
 
     # -------------------------------------------------------------------------------------- output
     def table(self) -> str:

@@ -109,3 +109,17 @@ def test_cli_convert_checks_on_the_validation_split(tmp_path, capsys):
 def test_cli_rejects_a_negative_check_count(tmp_path, capsys):
     code = main(["convert", "resnet18", "-o", str(tmp_path / "x.safetensors"), "--check-samples", "-1"])
     assert code == 2 and "--check-samples" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", [{"agreement": {"images": 3, "bogus": 1}}, {"layers": [{"name": "x"}]}, {"layers": 5}])
+def test_a_malformed_report_is_a_file_format_error(bad, tmp_path, capsys):
+    from igc_convert.errors import FileFormatError
+    from igc_convert.serialize import save
+
+    with pytest.raises(FileFormatError, match="malformed conversion report"):
+        Report.from_dict(bad)
+    path = tmp_path / "m.safetensors"
+    save(path, nn.Conv2d(1, 1, 1), origin={"kind": "module", "name": "x"}, plan=[], report=bad)
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "malformed conversion report" in err[0]
