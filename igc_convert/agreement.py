@@ -45,7 +45,7 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
 
     The relative output error covers every floating-point tensor a model returns. For a classifier (one
     ``N × classes`` output) it also gives the mean logit KL divergence from the original and top-1
-    agreement. Both models run in eval mode, without gradients; their modes are restored.
+    agreement. Both models run in eval mode, without gradients; every module's mode is restored.
 
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.LazyLinear(3))
     >>> _ = net(torch.zeros(1, 1, 6, 6))
@@ -55,6 +55,7 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
     """
     from tqdm.auto import tqdm
 
+    from .calibrate import _Modes
     from .convert import calibration_batches
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -63,28 +64,21 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
         batches = calibration_batches(images, batch_size=batch_size)
     except DataError as err:
         raise DataError(f"held-out images: {err}") from err
-    modes = (original.training, converted.training)
-    original.eval()
-    converted.eval()
     count, err2, ref2, kl, same, logits = 0, 0.0, 0.0, 0.0, 0, True
-    try:
-        with torch.no_grad():
-            for x in tqdm(batches, desc="checking", unit="batch", disable=not progress):
-                ys, yhats = _outputs(original, x, "original"), _outputs(converted, x, "converted")
-                if [t.shape for t in ys] != [t.shape for t in yhats]:
-                    raise ModelError(f"the converted model's outputs have shapes {[tuple(t.shape) for t in yhats]}, "
-                                     f"the original's {[tuple(t.shape) for t in ys]}")
-                for y, yhat in zip(ys, yhats):
-                    err2 += float((yhat.double() - y.double()).pow(2).sum())
-                    ref2 += float(y.double().pow(2).sum())
-                logits = logits and len(ys) == 1 and ys[0].dim() == 2 and ys[0].shape[1] > 1
-                if logits:
-                    batch_kl, batch_same = kl_and_top1(ys[0], yhats[0])
-                    kl += batch_kl
-                    same += batch_same
-                count += len(x)
-    finally:
-        original.train(modes[0])
-        converted.train(modes[1])
+    with _Modes(original, converted), torch.no_grad():
+        for x in tqdm(batches, desc="checking", unit="batch", disable=not progress):
+            ys, yhats = _outputs(original, x, "original"), _outputs(converted, x, "converted")
+            if [t.shape for t in ys] != [t.shape for t in yhats]:
+                raise ModelError(f"the converted model's outputs have shapes {[tuple(t.shape) for t in yhats]}, "
+                                 f"the original's {[tuple(t.shape) for t in ys]}")
+            for y, yhat in zip(ys, yhats):
+                err2 += float((yhat.double() - y.double()).pow(2).sum())
+                ref2 += float(y.double().pow(2).sum())
+            logits = logits and len(ys) == 1 and ys[0].dim() == 2 and ys[0].shape[1] > 1
+            if logits:
+                batch_kl, batch_same = kl_and_top1(ys[0], yhats[0])
+                kl += batch_kl
+                same += batch_same
+            count += len(x)
     error = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
     return Agreement(count, error, kl / count if logits else None, same / count if logits else None, source)

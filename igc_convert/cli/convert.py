@@ -150,7 +150,4 @@ def _check(original: torch.nn.Module, converted: torch.nn.Module, args: argparse
     except DataError as err:
         log.warning("no agreement check: %s", err)
         return None
-    agreement = measure_agreement(original, converted, held_out, source=f"{args.calib}, validation split",
-                                  progress=True)
-    log.info("%s", agreement.text())
-    return agreement
+    return measure_agreement(original, converted, held_out, source=f"{args.calib}, validation split", progress=True)
