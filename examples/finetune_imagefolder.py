@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         student, origin, plan = converted.model, converted.origin, converted.plan
         teacher = build_model_from_origin(origin)
     else:
-        torch.manual_seed(args.seed)  # random init with --weights none
-        teacher, origin = build_model(args.model, args.weights)
+        torch.manual_seed(args.seed)
+        teacher, origin = build_model(args.model, args.weights, seed=args.seed)  # seeds a random init
         result = ic.convert(teacher, ic.ParamsRatio(args.params_ratio), calibration=train, seed=args.seed,
                             model_name=args.model)
         student, plan = result.model, result.plan

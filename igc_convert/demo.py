@@ -72,7 +72,8 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoSummary:
     from .export import export_onnx
     from .files import check_writable
     from .finetune import FinetuneConfig, finetune
-    from .serialize import save
+    from .models import build_model
+    from .serialize import save, save_state_dict
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -103,8 +104,12 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoSummary:
                                                progress=config.progress))
         tuned_acc = evaluate(tuned.model, val)
     model = result.model.eval()
-    origin = {"kind": "factory", "name": "igc_convert.digits:digits_resnet", "weights": None, "kwargs": {}}
-    files = [out / "converted.safetensors", out / "original.onnx", out / "converted.onnx", out / "summary.png"]
+    files = [out / "converted.safetensors", out / "original.onnx", out / "converted.onnx", out / "summary.png",
+             out / "original.safetensors"]
+    # The trained original's weights, named by the converted file's origin: `igc-convert finetune
+    # --teacher auto` and `export --original` rebuild this very model from it.
+    save_state_dict(files[4], dense)
+    _, origin = build_model("igc_convert.digits:digits_resnet", files[4])
     save(files[0], model, origin=origin, plan=result.plan, report=result.report.to_dict())
 
     log.info("4/5 exporting both models to ONNX and checking them in onnxruntime")

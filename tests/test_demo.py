@@ -3,6 +3,10 @@
 import pytest
 
 from igc_convert.cli import main
+from igc_convert.data import resolve_source
+from igc_convert.digits import CHANNELS, IMAGE_SIZE, evaluate
+from igc_convert.models import build_model_from_origin
+from igc_convert.serialize import load
 from igc_convert.demo import DemoConfig, run_demo
 from igc_convert.errors import ConfigError
 
@@ -12,9 +16,13 @@ def test_demo_tiny(tmp_path, capsys):
                                   batch_sizes=(1,), progress=False))
     out = capsys.readouterr().out
     assert "TOTAL" in out and "accuracy (held-out digits)" in out
-    for name in ("converted.safetensors", "original.onnx", "converted.onnx", "summary.png"):
+    for name in ("converted.safetensors", "original.onnx", "converted.onnx", "summary.png", "original.safetensors"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "x0.2" in summary.rows["conv params"]
+    # The converted file's origin names the trained original, so `finetune --teacher auto` distils from it.
+    original = build_model_from_origin(load(tmp_path / "converted.safetensors").origin)
+    val = resolve_source("digits", image_size=IMAGE_SIZE, channels=CHANNELS, split="val")
+    assert f"dense {100 * evaluate(original, val):.1f}%" in summary.rows["accuracy (held-out digits)"]
     assert oct((tmp_path / "summary.png").stat().st_mode & 0o777) != "0o600"
 
 

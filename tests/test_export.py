@@ -343,16 +343,22 @@ FACTORY = textwrap.dedent("""
 """)
 
 
-def test_cli_export_with_original(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded-random-init", "unrecorded-random-init"])
+def test_cli_export_with_original(tmp_path, monkeypatch, capsys, caplog, seeded):
+    """The original is rebuilt from the file's origin; random weights that the origin did not record
+    (no seed) give a fresh init of the same architecture, with a warning."""
     from igc_convert import serialize
     from igc_convert.cli import export as cli
+    from igc_convert.models import build_model, build_model_from_origin
 
     (tmp_path / "igc_test_export_factory.py").write_text(FACTORY)
     monkeypatch.syspath_prepend(str(tmp_path))
-    origin = {"kind": "factory", "name": "igc_test_export_factory:make", "weights": None, "kwargs": {}}
-    from igc_convert.models import build_model_from_origin
-
-    serialize.save(tmp_path / "conv.safetensors", build_model_from_origin(origin), origin=origin, plan=[])
+    if seeded:
+        model, origin = build_model("igc_test_export_factory:make", seed=3)
+    else:
+        origin = {"kind": "factory", "name": "igc_test_export_factory:make", "weights": None, "kwargs": {}}
+        model = build_model_from_origin(origin, architecture_only=True)
+    serialize.save(tmp_path / "conv.safetensors", model, origin=origin, plan=[])
     parser = argparse.ArgumentParser()
     cli.add_arguments(parser)
     args = parser.parse_args([str(tmp_path / "conv.safetensors"), "-o", str(tmp_path / "conv.onnx"),
@@ -365,6 +371,7 @@ def test_cli_export_with_original(tmp_path, monkeypatch, capsys):
     for name in ("conv.onnx", "orig.onnx"):
         dims = [d.dim_value for d in onnx.load(str(tmp_path / name)).graph.input[0].type.tensor_type.shape.dim]
         assert dims == [2, 3, 12, 10]
+    assert ("fresh random init of the same architecture" in caplog.text) is not seeded
 
 
 def test_cli_input_channels():

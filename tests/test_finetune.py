@@ -408,3 +408,30 @@ def test_cli_finetune_bad_input_is_exit_2_and_writes_nothing(converted_files, tm
     err = capsys.readouterr().err
     assert rc == 2 and expected in err, err
     assert out.read_bytes() == b"previous result"
+
+
+def test_cli_teacher_of_a_random_init_conversion_is_that_very_model(tmp_path, monkeypatch):
+    """`convert --weights none` then `finetune --teacher auto`: the teacher is the model that was
+    converted (same seeded init), not another random draw of its architecture."""
+    import igc_convert.finetune as finetune_module
+    from igc_convert.models import build_model, state_digest
+
+    out = tmp_path / "c.safetensors"
+    assert cli_main(["convert", "igc_convert.digits:digits_resnet", "--weights", "none", "--seed", "4",
+                     "--params-ratio", "0.5", "-o", str(out)]) == 0
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, data, teacher=None, **kwargs):
+        seen["teacher"] = teacher
+        raise Stop
+
+    monkeypatch.setattr(finetune_module, "finetune", capture)
+    torch.manual_seed(99)  # the rebuild must not depend on the global generator
+    with pytest.raises(Stop):
+        cli_main(["finetune", str(out), "-o", str(tmp_path / "ft.safetensors"), "--data", "digits"])
+    original, _ = build_model("igc_convert.digits:digits_resnet", seed=4)
+    assert state_digest(seen["teacher"]) == state_digest(original)
+    assert not (tmp_path / "ft.safetensors").exists()

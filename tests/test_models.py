@@ -13,7 +13,7 @@ import torchvision
 
 from igc_convert import models
 from igc_convert.errors import ConfigError, FileFormatError, ModelError
-from igc_convert.models import build_model, build_model_from_origin, load_state_dict_file, parse_spec
+from igc_convert.models import build_model, build_model_from_origin, load_state_dict_file, parse_spec, state_digest
 
 from conftest import importable_module
 
@@ -83,16 +83,59 @@ def test_malformed_spec_is_a_model_error(spec):
         parse_spec(spec)
 
 
-def test_torchvision_random_init_is_eval_and_origin_rebuilds_same_architecture():
+def test_torchvision_random_init_is_eval_and_origin_rebuilds_the_same_model():
     torch.manual_seed(0)
     model, origin = build_model("resnet18", num_classes=7)
     assert not model.training
     assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 7
-    assert json.loads(json.dumps(origin)) == {"kind": "torchvision", "name": "resnet18", "weights": None,
-                                              "kwargs": {"num_classes": 7}}
+    assert json.loads(json.dumps(origin)) == origin
+    assert {k: origin[k] for k in ("kind", "name", "weights", "kwargs")} == {
+        "kind": "torchvision", "name": "resnet18", "weights": None, "kwargs": {"num_classes": 7}}
+    torch.manual_seed(123)  # the rebuild does not depend on the global generator
     again = build_model_from_origin(origin)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    assert {k: v.shape for k, v in again.state_dict().items()} == shapes
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(v2, v, rtol=0, atol=0)
+    skeleton = build_model_from_origin(origin, architecture_only=True)
+    assert {k: v.shape for k, v in skeleton.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert not torch.equal(skeleton.conv1.weight, model.conv1.weight)
+
+
+def test_random_init_seed_decides_the_weights_and_leaves_the_global_generator_alone():
+    torch.manual_seed(5)
+    state = torch.random.get_rng_state()
+    a, origin_a = build_model("resnet18", seed=11)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    b, _ = build_model("resnet18", seed=11)
+    c, origin_c = build_model("resnet18", seed=12)
+    assert origin_a["seed"] == 11 and torch.equal(a.conv1.weight, b.conv1.weight)
+    assert not torch.equal(a.conv1.weight, c.conv1.weight)
+    assert origin_a["state_sha256"] == state_digest(b) != origin_c["state_sha256"]
+    # Without a seed, torch.manual_seed before the call decides it, as it always did.
+    torch.manual_seed(3)
+    d, origin_d = build_model("resnet18")
+    torch.manual_seed(3)
+    e, origin_e = build_model("resnet18")
+    assert origin_d == origin_e and torch.equal(d.conv1.weight, e.conv1.weight)
+
+
+@pytest.mark.parametrize("seed", [-1, 2 ** 63, 1.5, True, "0"])
+def test_bad_seed_is_a_config_error(seed):
+    with pytest.raises(ConfigError, match="seed"):
+        build_model("resnet18", seed=seed)
+
+
+def test_random_origin_that_cannot_be_rebuilt_is_a_model_error():
+    _, origin = build_model("resnet18", seed=0)
+    unseeded = {k: v for k, v in origin.items() if k not in ("seed", "state_sha256")}
+    with pytest.raises(ModelError, match="random weights that were not recorded"):
+        build_model_from_origin(unseeded)
+    with pytest.raises(ModelError, match=r"random init with seed 0 differs .*this torch"):
+        build_model_from_origin({**origin, "state_sha256": "0" * 64})
+    for bad in ({**origin, "seed": "0"}, {**origin, "seed": -3}, {**origin, "state_sha256": 7}):
+        with pytest.raises(ModelError, match="cannot rebuild resnet18"):
+            build_model_from_origin(bad)
+    assert isinstance(build_model_from_origin(unseeded, architecture_only=True), torchvision.models.ResNet)
 
 
 def test_unknown_torchvision_name_lists_close_matches():
@@ -111,10 +154,11 @@ def test_timm_model_and_unknown_timm_name():
 
 def test_factory_builds_with_kwargs_and_rebuilds(nets):
     model, origin = _small(nets, num_classes=4)
-    assert origin == {"kind": "factory", "name": f"{nets}:small_cnn", "weights": None,
-                      "kwargs": {"num_classes": 4}}
+    assert {k: origin[k] for k in ("kind", "name", "weights", "kwargs")} == {
+        "kind": "factory", "name": f"{nets}:small_cnn", "weights": None, "kwargs": {"num_classes": 4}}
     assert model(torch.randn(2, 3, 8, 8)).shape == (2, 4)
-    assert not build_model_from_origin(origin).training
+    again = build_model_from_origin(origin)
+    assert not again.training and state_digest(again) == state_digest(model) == origin["state_sha256"]
 
 
 @pytest.mark.parametrize("factory, message", [

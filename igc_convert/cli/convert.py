@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             check_writable(path)
     torch.manual_seed(args.seed)
     weights = None if str(args.weights).lower() == "none" else args.weights
-    model, origin = build_model(args.model, weights, num_classes=args.num_classes)
+    model, origin = build_model(args.model, weights, num_classes=args.num_classes, seed=args.seed)
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         raise ModelError(f"{args.model} has no Conv2d layers to convert")
     channels, (height, width) = input_hw(model, [args.input_size] if args.input_size else None)

@@ -8,7 +8,7 @@ import logging
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelError
 
 HELP = "export a converted model (and optionally its original) to ONNX, with onnxruntime parity"
 EXAMPLE = "igc-convert export resnet18-igc.safetensors -o resnet18-igc.onnx --original resnet18.onnx --input-size 224"
@@ -82,6 +82,21 @@ def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
     return channels, width
 
 
+def _original(origin: dict) -> nn.Module:
+    """The original model of a converted file; for timing, a fresh random init of its architecture when
+    its random weights cannot be rebuilt (a file that recorded no seed)."""
+    from ..models import build_model_from_origin
+
+    try:
+        return build_model_from_origin(origin)
+    except ModelError as err:
+        if origin.get("weights") is not None:
+            raise
+        log.warning("%s; exporting a fresh random init of the same architecture instead: the same latency, "
+                    "other outputs", err)
+        return build_model_from_origin(origin, architecture_only=True)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..export import export_onnx
     from ..files import check_writable
@@ -103,9 +118,7 @@ def run(args: argparse.Namespace) -> int:
     options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter)
     results = [("converted", export_onnx(converted.model, args.output, x, **options))]
     if args.original:
-        from ..models import build_model_from_origin
-
-        original = build_model_from_origin(converted.origin)
+        original = _original(converted.origin)
         results.append(("original", export_onnx(original, args.original, x, **options)))
     for name, result in results:
         print(f"{name}: {result.summary()}\n")
