@@ -1358,12 +1358,15 @@ def linear_refit(weight: Tensor, bias: Tensor | None, folds: Sequence[PairedStat
     energy = sum(p.energy(w) for p in parts)
     kept = sum(p.error2(w, w) for p in parts)
     best, best_error = None, kept
+    # A fit must beat the kept W by more than round-off: without drift both errors are ~0, and which
+    # is smaller is noise.
+    margin = 1e-12 * energy
     for delta in grid:
         fits = [rest.fit(w, delta) for rest in rests]
         if any(f is None for f in fits):
             continue
         e = sum(part.error2(w, f) for part, f in zip(parts, fits))
-        if e < best_error:
+        if e < best_error - margin:
             best, best_error = delta, e
 
     def relative(e2: float) -> float:
