@@ -809,9 +809,12 @@ def test_residual_statistics_see_the_shortcut_as_converted_so_far():
         y = torch.relu(net.bn(net.stem(batches[0].clone() * 2)))
         e = (net.b(y) - converted.b(y)).permute(0, 2, 3, 1).reshape(-1, 8).double()
         p = F.unfold(F.pad(y, (1, 1, 1, 1)), 3).transpose(1, 2).reshape(-1, 72).double()
-    torch.testing.assert_close(stats.merge_mean, e.mean(0))
-    torch.testing.assert_close(stats.merge_cross, e.T @ p / len(p))
-    torch.testing.assert_close(stats.merge_energy, float(e.pow(2).sum(1).mean()))
+    # Both sides accumulate in float64 what float32 convs computed, in whatever order this CPU's
+    # kernels take: float32 round-off, not float64's.
+    tol = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.merge_mean, e.mean(0), **tol)
+    torch.testing.assert_close(stats.merge_cross, e.T @ p / len(p), **tol)
+    torch.testing.assert_close(stats.merge_energy, float(e.pow(2).sum(1).mean()), **tol)
 
 
 def _merges(model: nn.Module) -> list[str]:
