@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import DataError, ModelError
+from .modes import eval_mode
 from .report import Agreement
 
 
@@ -55,7 +56,6 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
     """
     from tqdm.auto import tqdm
 
-    from .calibrate import _Modes
     from .convert import calibration_batches
 
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -65,7 +65,7 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
     except DataError as err:
         raise DataError(f"held-out images: {err}") from err
     count, err2, ref2, kl, same, logits = 0, 0.0, 0.0, 0.0, 0, True
-    with _Modes(original, converted), torch.no_grad():
+    with eval_mode(original, converted), torch.no_grad():
         for x in tqdm(batches, desc="checking", unit="batch", disable=not progress):
             ys, yhats = _outputs(original, x, "original"), _outputs(converted, x, "converted")
             if [t.shape for t in ys] != [t.shape for t in yhats]:

@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError, DataError, IGCError, ModelError
 from .factorize import DEFAULT_DAMPING, finite, whitener
+from .modes import eval_mode
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -259,22 +260,6 @@ def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[tor
     if device is None:
         device = tensors[0].device if tensors else torch.device("cpu")
     return torch.device(device), dtype
-
-
-class _Modes:
-    """Put modules in eval mode; restore every module's own ``training`` flag afterwards."""
-
-    def __init__(self, *models: nn.Module) -> None:
-        self.models = models
-        self.saved = [(m, m.training) for model in models for m in model.modules()]
-
-    def __enter__(self) -> None:
-        for model in self.models:
-            model.eval()  # through train(False): modules that override train() get their say
-
-    def __exit__(self, *exc: Any) -> None:
-        for m, mode in self.saved:  # the flags themselves: model.train(mode) would flatten mixed modes
-            m.training = mode
 
 
 class BatchNormLeafTracer(torch.fx.Tracer):
@@ -549,7 +534,7 @@ def collect_input_moments(model: nn.Module, layers: Sequence[str], batches: Batc
     dev, dtype = _placement(model, device)
     out: dict[str, InputMoments] = {}
     channels_last = None
-    with torch.no_grad(), _Modes(model):
+    with torch.no_grad(), eval_mode(model):
         run = _batchnorms_folded(model)
         convs = {name: _conv(run, name) for name in names}
         for g, group in enumerate(groups):
@@ -700,7 +685,7 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
     dev, dtype = _placement(original, device)
     sums = _PairedSums(layer, geom, dev)
     converted_dtype = _placement(converted, dev)[1]
-    with torch.no_grad(), _Modes(original, converted):
+    with torch.no_grad(), eval_mode(original, converted):
         layouts = None
         for x in _iterate(batches, dtype, dev, progress, f"paired statistics {layer}"):
             if layouts is None:
@@ -991,7 +976,7 @@ class SequentialStats:
             raise ConfigError("layers must be listed in the order the model runs them")
         dev, dtype = _placement(original, device)
         xs = list(_iterate(batches, dtype, dev, False, ""))
-        with torch.no_grad(), _Modes(original, converted):
+        with torch.no_grad(), eval_mode(original, converted):
             channels_last = _channels_last_works(original, xs[0])
             if channels_last:
                 xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
@@ -1028,7 +1013,7 @@ class SequentialStats:
         merge = _find_merge(self.nodes, stop, self.modules, self.order) if self.residual else None
         # With a residual term, alternate batches go to two folds (merged after): merge_weight needs them.
         folds = [_PairedSums(layer, geom, self.device) for _ in range(2 if merge is not None else 1)]
-        with torch.no_grad(), _Modes(self.original, self.converted):
+        with torch.no_grad(), eval_mode(self.original, self.converted):
             for i, (env_o, env_c) in enumerate(tqdm(list(zip(*self.envs)), desc=f"paired statistics {layer}",
                                                     unit="batch", disable=not progress, leave=False)):
                 sums = folds[i % len(folds)]
@@ -1245,7 +1230,7 @@ def collect_linear_pairs(original: nn.Module, converted: nn.Module, layer: str, 
     converted_dtype = _placement(converted, dev)[1]
     sums = [_PairedSums(layer, geom, dev) for _ in range(folds)]
     seen = 0
-    with torch.no_grad(), _Modes(original, converted):
+    with torch.no_grad(), eval_mode(original, converted):
         for x in _iterate(batches, dtype, dev, False, ""):
             rows = []
             for model, module, xx in ((original, modules[0], x), (converted, modules[1], x.to(converted_dtype))):

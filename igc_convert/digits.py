@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 
 from .data import make_loader, resolve_source
 from .errors import ConfigError, DataError
+from .modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -150,10 +151,8 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256) -> fl
 
     The model's train/eval mode is restored afterwards.
     """
-    was_training = model.training
-    model.eval()
     correct = total = 0
-    try:
+    with eval_mode(model):
         device = next(model.parameters()).device
         for x, y in make_loader(dataset, batch_size, shuffle=False, distributed=False):
             if (y < 0).any():
@@ -161,8 +160,6 @@ def evaluate(model: nn.Module, dataset: Dataset, *, batch_size: int = 256) -> fl
             pred = model(x.to(device)).argmax(1).cpu()
             correct += int((pred == y).sum())
             total += len(y)
-    finally:
-        model.train(was_training)
     if total == 0:
         raise DataError("cannot evaluate on an empty data set")
     return correct / total

@@ -73,15 +73,13 @@ def call_model(model: Any, example: Any) -> None:
     restore its mode; a failure of the model's own code becomes a :class:`ModelError`."""
     import torch
 
-    was_training = model.training
+    from .modes import eval_mode
+
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     except IGCError:
         raise
     except Exception as err:
         raise ModelError(f"the model failed on an input of shape {tuple(example.shape)}: "
                          f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from err
-    finally:
-        model.train(was_training)

@@ -44,6 +44,7 @@ from torch import nn
 
 from .errors import ConfigError, ExportError, IGCError, ModelError
 from .files import atomic_write, check_writable
+from .modes import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
         raise ConfigError("example_input contains NaN or Inf")
     device = _device_of(model)
     x = example_input.detach().to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         inputs, refs = [x], []
         if reference:
             refs.append(_reference(model, x))
@@ -289,18 +290,6 @@ def format_op_counts(before: dict[str, int], after: dict[str, int], *, one_line:
 # ---------------------------------------------------------------------------------------------
 # PyTorch side: eval mode, reference outputs, export
 # ---------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode for the duration, then every submodule's own train flag back (never the user's model changed)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in flags:
-            m.training = training
-
 
 def _device_of(model: nn.Module) -> torch.device:
     for t in (*model.parameters(), *model.buffers()):

@@ -36,6 +36,7 @@ from . import bench
 from .blocks import BLOCKS
 from .errors import ConfigError, IGCError
 from .linear import LinearAsConv, dense_conv
+from .modes import eval_mode
 from .plan import Candidate, LayerSpec, lower_hull
 
 if TYPE_CHECKING:  # convert imports this module lazily; avoid the cycle at import time
@@ -475,17 +476,14 @@ def _layer_ratios(original: nn.Module, result: "ConversionResult", x: torch.Tens
         return record
 
     handles = [result.model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    was_training = result.model.training
     param = next(result.model.parameters(), None)
     try:
-        result.model.eval()
-        with torch.no_grad():
+        with eval_mode(result.model), torch.no_grad():
             result.model(x[:1].to(device=param.device if param is not None else "cpu",
                                   dtype=param.dtype if param is not None else torch.float32))
     finally:
         for h in handles:
             h.remove()
-        result.model.train(was_training)
     out: dict[str, float] = {}
     for n in names:
         if n not in sizes:  # not called: cannot be what makes the model slower

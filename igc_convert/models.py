@@ -171,7 +171,8 @@ def state_digest(model: nn.Module) -> str:
             continue
         value = value.detach().cpu().contiguous()
         digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
-        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+        if value.numel():
+            digest.update(value.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, no copy
     return digest.hexdigest()
 
 

@@ -71,6 +71,18 @@ def test_convert_meets_params_target_and_keeps_the_callers_model():
         assert isinstance(result.model.get_submodule(entry["name"]), ic.IGCBlock)
 
 
+@pytest.mark.parametrize("calibrated", [False, True], ids=["weight-space", "data-aware"])
+def test_mixed_train_eval_modes_survive_conversion(calibrated):
+    """A model training with a frozen BatchNorm (a common fine-tuning set-up): conversion runs it in eval
+    mode, then gives every module its own flag back, in the caller's model and in the converted one."""
+    net = _net().train()
+    net.b1.eval()
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2)) if calibrated else None
+    result = ic.convert(net, ic.ParamsRatio(0.5), example_inputs=X, calibration=calib, progress=False)
+    assert net.training and not net.b1.training and net.c2.training
+    assert result.model.training and not result.model.b1.training and result.model.head.training
+
+
 def test_report_figures_match_the_model():
     net = _net()
     result = ic.convert(net, ic.ParamsRatio(0.5), example_inputs=X, progress=False)
