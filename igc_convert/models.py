@@ -189,8 +189,8 @@ def _rebuild_random(clean: dict[str, Any], origin: Mapping[str, Any]) -> nn.Modu
     model = _build({**clean, "seed": seed})
     if expected is not None and state_digest(model) != expected:
         raise ModelError(f"cannot rebuild {spec} from origin: its random init with seed {seed} differs from the "
-                         f"original's (sha256 {expected[:12]}... expected); this torch {torch.__version__} "
-                         "draws it differently from the one that built it")
+                         f"original's (sha256 {expected[:12]}... expected): torch {torch.__version__} or the "
+                         "model's definition is not the one that built it")
     return model
 
 
