@@ -376,6 +376,43 @@ def test_cli_finetune_bn_option_reaches_the_config(converted_files, tmp_path, mo
     assert seen["config"].freeze_bn is freeze and not out.exists()
 
 
+@pytest.mark.parametrize("source, samples, val_samples, want", [
+    ("photos", ["--samples", "48"], [], (48, 64)),  # crops: 48 asked for, 64 by default
+    ("photos", ["--samples", "40"], ["--val-samples", "8"], (40, 8)),
+    ("digits", ["--samples", "100"], ["--val-samples", "30"], (100, 30)),  # a seeded subset of each split
+    ("digits", [], [], (1438, 359)),
+])
+def test_cli_finetune_sample_counts(converted_files, tmp_path, monkeypatch, source, samples, val_samples, want):
+    import igc_convert.finetune as finetune_module
+
+    if source == "photos":
+        pytest.importorskip("skimage")
+    _, files = converted_files
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, data, teacher=None, val_data=None, **kwargs):
+        seen["counts"] = (len(data), len(val_data))
+        raise Stop
+
+    monkeypatch.setattr(finetune_module, "finetune", capture)
+    with pytest.raises(Stop):
+        cli_main(["finetune", str(files["a"]), "-o", str(tmp_path / "ft.safetensors"), "--data", source]
+                 + samples + val_samples)
+    assert seen["counts"] == want
+
+
+@pytest.mark.parametrize("flag", ["--samples", "--val-samples"])
+def test_cli_finetune_sample_count_must_be_positive(converted_files, tmp_path, capsys, flag):
+    _, files = converted_files
+    assert cli_main(["finetune", str(files["a"]), "-o", str(tmp_path / "ft.safetensors"), "--data", "digits",
+                     flag, "0"]) == 2
+    assert f"{flag} must be positive" in capsys.readouterr().err
+    assert not (tmp_path / "ft.safetensors").exists()
+
+
 @pytest.mark.parametrize("case", ["teacher-gone", "labels-on-unlabelled", "empty-folder", "no-teacher-no-labels",
                                   "other-model-checkpoint"])
 def test_cli_finetune_bad_input_is_exit_2_and_writes_nothing(converted_files, tmp_path, capsys, case):

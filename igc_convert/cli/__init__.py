@@ -76,7 +76,8 @@ def reference_markdown() -> str:
             if not action.option_strings or action.dest == "help":
                 continue
             flags = ", ".join(f"`{o}`" for o in action.option_strings)
-            parts.append(f"- {flags}: {action.help or ''}".rstrip())
+            text = p._get_formatter()._expand_help(action) if action.help else ""  # "%%" -> "%", as --help shows
+            parts.append(f"- {flags}: {text}".rstrip())
         parts += ["", f"Example: `{p.epilog.split(chr(10))[-1].strip()}`", ""]
     return "\n".join(parts).rstrip() + "\n"
 

@@ -16,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calib-samples", type=int, default=256, help="calibration images (default 256)")
     parser.add_argument("--bench-runs", type=int, default=30, help="onnxruntime runs per model and batch size")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (default 2)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of training, calibration sampling and distillation (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:

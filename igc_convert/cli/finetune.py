@@ -10,6 +10,7 @@ import argparse
 import logging
 from typing import Any
 
+from ..data import DEFAULT_CROPS
 from ..errors import ConfigError, IGCError, ModelError
 from ..finetune import OPTIMIZERS, FinetuneConfig, FinetuneResult
 from .export import DEFAULT_IMAGE_SIZE, input_shape
@@ -30,6 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "give labels)")
     parser.add_argument("--val-data", metavar="SOURCE",
                         help="validation images (default: a seeded 20%% of --data, held out from training)")
+    parser.add_argument("--samples", type=int, metavar="N",
+                        help="training images: the number of crops for 'sample-images' and 'photos' (default "
+                             f"{DEFAULT_CROPS}), a seeded subset of other sources (default: all)")
+    parser.add_argument("--val-samples", type=int, metavar="N",
+                        help=f"validation images, the same way (default: {DEFAULT_CROPS} crops for 'sample-images' "
+                             "and 'photos', else the whole held-out split or --val-data)")
     parser.add_argument("--teacher", choices=("auto", "none"), default="auto",
                         help="auto: distil from the original model rebuilt from the file's origin; "
                              "none: learn from labels only (needs --labels)")
@@ -77,6 +84,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--teacher none learns from labels only: add --labels (with labelled --data)")
     if args.image_size is not None and args.image_size < 1:
         raise ConfigError(f"--image-size must be positive, got {args.image_size}")
+    for flag, value in (("--samples", args.samples), ("--val-samples", args.val_samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be positive, got {value}")
     check_writable(args.output)  # before minutes of training
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                             temperature=args.temperature, feature_weight=args.feature_weight,
@@ -99,11 +109,11 @@ def run(args: argparse.Namespace) -> int:
     channels, size = input_shape(converted.model, args.image_size)
     options = dict(image_size=size, channels=channels, seed=args.seed)
     if args.val_data:
-        train = resolve_source(args.data, split="all", labels=args.labels, **options)
-        val = resolve_source(args.val_data, split="all", **options)
+        train = resolve_source(args.data, split="all", labels=args.labels, samples=args.samples, **options)
+        val = resolve_source(args.val_data, split="all", samples=args.val_samples, **options)
     else:
-        train = resolve_source(args.data, split="train", labels=args.labels, **options)
-        val = resolve_source(args.data, split="val", **options)
+        train = resolve_source(args.data, split="train", labels=args.labels, samples=args.samples, **options)
+        val = resolve_source(args.data, split="val", samples=args.val_samples, **options)
         if is_main_process():
             log.info("validation: %d images of %s held out (seed %d); %d to train on", len(val), args.data,
                      args.seed, len(train))
