@@ -4,11 +4,11 @@ import pytest
 
 from igc_convert.cli import main
 from igc_convert.data import resolve_source
+from igc_convert.demo import DemoConfig, run_demo
 from igc_convert.digits import CHANNELS, IMAGE_SIZE, evaluate
+from igc_convert.errors import ConfigError
 from igc_convert.models import build_model_from_origin
 from igc_convert.serialize import load
-from igc_convert.demo import DemoConfig, run_demo
-from igc_convert.errors import ConfigError
 
 
 def test_demo_tiny(tmp_path, capsys):
