@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .agreement import kl_and_top1
 from .data import collate, has_labels, make_loader, resolve_source
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .files import atomic_write, remove_stale_temporaries
@@ -636,10 +637,9 @@ class _Trainer:
                 sums[2] += int((pred[lab] == y[lab]).sum())
                 sums[5] += float(F.cross_entropy(s[lab], y[lab], reduction="sum"))
             if t is not None:
-                t = t.float()
-                sums[3] += int((pred == t.argmax(1)).sum())
-                sums[4] += float(F.kl_div(F.log_softmax(s, 1), F.log_softmax(t, 1), log_target=True,
-                                          reduction="sum"))
+                kl, same = kl_and_top1(t.float(), s)
+                sums[3] += same
+                sums[4] += kl
         if ctx.world > 1:
             sums = sums.to(dev)
             dist.all_reduce(sums)

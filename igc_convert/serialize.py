@@ -66,7 +66,6 @@ def save(path: str | os.PathLike, model: nn.Module, *, origin: Mapping[str, Any]
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"cannot save a {type(model).__name__}: expected a torch.nn.Module")
-    path = check_writable(path)  # before any work: an unwritable destination fails fast, untouched
     from . import __version__  # lazy: the package __init__ imports the modules that import this one
 
     metadata = {
@@ -92,7 +91,7 @@ def save_state_dict(path: str | os.PathLike, model: nn.Module, metadata: Mapping
         save_state_dict("resnet18-tuned.safetensors", model)
         model, origin = build_model("resnet18", "resnet18-tuned.safetensors")
     """
-    path = check_writable(path)
+    path = check_writable(path)  # before the tensors are copied: an unwritable destination fails fast, untouched
     tensors = _plain_tensors(model.state_dict())
     try:
         with atomic_path(path) as tmp:

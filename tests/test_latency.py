@@ -545,7 +545,7 @@ def test_latency_target_end_to_end(ratio, cache_home, monkeypatch):
     """Real measurements: the plan holds only blocks measured faster than their dense conv, and
     model, plan and report agree (no speed asserted)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
-    model = _cnn(width=32)
+    model = _cnn(width=64)  # width 32 left 0.7 within noise of its floor on an Intel Xeon (0.49-0.63)
     x = torch.randn(1, 3, 32, 32)
     # convert() itself ends with the whole-model guard (enforce_not_slower) for a latency target
     result = igc_convert.convert(model, igc_convert.LatencyRatio(ratio), example_inputs=x, progress=False)
