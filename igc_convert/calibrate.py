@@ -853,7 +853,8 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
     before (``nn.Identity`` modules on the way are passed over); ``a = γ / sqrt(var + eps)`` of that
     BatchNorm (1 without one) converts the other addend's miss into the conv's output units.
     Channels whose ``|a|`` is under 1e-3 of the largest get no correction: the fit clamps its row
-    weights there (:mod:`igc_convert.factorize`), so it would over-weight their huge ``e / a``.
+    weights there (:mod:`igc_convert.factorize`), so it would over-weight their huge ``e / a``. A
+    BatchNorm whose ``γ`` is zero everywhere (a zero-initialised residual branch) gets none at all.
     """
     chain = nodes[index]
     conv = modules[str(chain.target)]
@@ -892,6 +893,8 @@ def _find_merge(nodes: Sequence[torch.fx.Node], index: int, modules: Mapping[str
     if not torch.isfinite(scale).all() or any(_mutates_input(n, modules) and n.args and n.args[0] not in needed
                                                for n in needed):
         return None  # running ahead would change a value the resumed forward still needs
+    if not float(scale.abs().max()) > 0:
+        return None  # γ = 0 everywhere (zero-init residual): the conv adds nothing to the sum to correct with
     big = scale.abs() >= 1e-3 * float(scale.abs().max())
     inverse = torch.where(big, 1 / torch.where(big, scale, torch.ones_like(scale)), torch.zeros_like(scale))
     return _Merge(inverse, others[0], tuple(sorted(needed, key=order.__getitem__)))

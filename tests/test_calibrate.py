@@ -6,8 +6,10 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
+import igc_convert as ic
 from igc_convert import calibrate as cal
 from igc_convert import factorize as fz
 from igc_convert.errors import ConfigError, DataError
@@ -795,6 +797,35 @@ def test_residual_correction_is_skipped_where_it_does_not_apply(make):
     want = cal.collect_paired_stats(net, net, "conv", batches, max_positions=36, progress=False)
     assert got.merge_cross is None
     torch.testing.assert_close(got.sigma_actual, want.sigma_actual)
+
+
+def test_a_zero_initialised_residual_branch_gets_no_correction():
+    """γ = 0 everywhere after the conv (``zero_init_residual`` in torchvision, ``zero_init_last`` in
+    timm): the conv adds nothing to the sum, so there is nothing to correct, and the statistics stay
+    finite (they were 1/0 = inf, and sequential conversion of such models failed)."""
+    net, converted, _ = _skip_pair(bn=True)
+    with torch.no_grad():
+        net.bn.weight.zero_()
+        converted.bn.weight.zero_()
+    batches = [torch.randn(4, 8, 5, 5, dtype=torch.float64) for _ in range(2)]
+    got = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=25)("conv")
+    plain = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=25, residual=False)("conv")
+    assert got.merge_cross is None and got.folds == ()
+    torch.testing.assert_close(got.sigma_actual, plain.sigma_actual)
+
+
+def test_sequential_conversion_of_a_zero_init_residual_resnet():
+    """torchvision's ResNet with ``zero_init_residual=True``: every block's last BatchNorm has γ = 0."""
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10, zero_init_residual=True).eval()
+    calib = torch.randn(8, 3, 32, 32)
+    result = ic.convert(net, ic.ParamsRatio(0.95), calibration=calib, include=["layer1.*", "layer2.*"], progress=False)
+    assert result.report.totals()["converted"] > 0
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out, want = result.model(x), net(x)
+    assert torch.isfinite(out).all()
+    assert (out - want).norm() < 0.5 * want.norm()
 
 
 def test_residual_statistics_see_the_shortcut_as_converted_so_far():
