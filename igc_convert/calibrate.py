@@ -253,7 +253,7 @@ def _module(model: nn.Module, name: str, what: str = "layer") -> nn.Module:
                           f"'layer1.0.conv1')") from None
 
 
-def _placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
+def placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
     """Device batches are sent to and the floating dtype they are cast to (the model's own)."""
     tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
     dtype = tensors[0].dtype if tensors else torch.float32
@@ -531,7 +531,7 @@ def collect_input_moments(model: nn.Module, layers: Sequence[str], batches: Batc
     if len(groups) > 1:
         logger.info("statistics of %d layers need %.1f MiB, over memory_budget (%.1f MiB): %d passes over the "
                     "calibration data", len(names), sum(sizes.values()) / 2**20, memory_budget / 2**20, len(groups))
-    dev, dtype = _placement(model, device)
+    dev, dtype = placement(model, device)
     out: dict[str, InputMoments] = {}
     channels_last = None
     with torch.no_grad(), eval_mode(model):
@@ -682,9 +682,9 @@ def collect_paired_stats(original: nn.Module, converted: nn.Module, layer: str, 
     geom = _Geometry.of(conv)
     _passes_possible(batches, 1)
     gen = _layer_generator(seed, layer)
-    dev, dtype = _placement(original, device)
+    dev, dtype = placement(original, device)
     sums = _PairedSums(layer, geom, dev)
-    converted_dtype = _placement(converted, dev)[1]
+    converted_dtype = placement(converted, dev)[1]
     with torch.no_grad(), eval_mode(original, converted):
         layouts = None
         for x in _iterate(batches, dtype, dev, progress, f"paired statistics {layer}"):
@@ -977,7 +977,7 @@ class SequentialStats:
             return None
         if [order[name] for name in layers] != sorted(order[name] for name in layers):
             raise ConfigError("layers must be listed in the order the model runs them")
-        dev, dtype = _placement(original, device)
+        dev, dtype = placement(original, device)
         xs = list(_iterate(batches, dtype, dev, False, ""))
         with torch.no_grad(), eval_mode(original, converted):
             channels_last = _channels_last_works(original, xs[0])
@@ -1229,8 +1229,8 @@ def collect_linear_pairs(original: nn.Module, converted: nn.Module, layer: str, 
         raise ConfigError("is not an nn.Linear in both models", layer=layer)
     geom = _Geometry.of(modules[0])
     _passes_possible(batches, 1)
-    dev, dtype = _placement(original, device)
-    converted_dtype = _placement(converted, dev)[1]
+    dev, dtype = placement(original, device)
+    converted_dtype = placement(converted, dev)[1]
     sums = [_PairedSums(layer, geom, dev) for _ in range(folds)]
     seen = 0
     with torch.no_grad(), eval_mode(original, converted):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
-from .calibrate import BatchNormLeafTracer
+from .calibrate import BatchNormLeafTracer, placement
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
@@ -295,6 +295,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if not isinstance(example, torch.Tensor) or example.dim() != 4:
             raise DataError(f"example inputs must be an N×C×H×W tensor, got "
                             f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
+        if example.is_floating_point():  # float32 images for a double, half or bfloat16 model
+            device, dtype = placement(original, None)
+            example = example.to(device=device, dtype=dtype)
     owned = inplace  # whether convert may change ``original`` itself (the caller's model, or its own copy)
     if linear:
         working, wrapped = _with_linears_as_convs(original, example, inplace)

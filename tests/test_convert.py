@@ -83,6 +83,22 @@ def test_mixed_train_eval_modes_survive_conversion(calibrated):
     assert result.model.training and not result.model.b1.training and result.model.head.training
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-shot", "sequential"])
+def test_float32_calibration_images_convert_a_model_of_another_dtype(dtype, sequential):
+    """Data loaders give float32 images; a double or bfloat16 model takes them in its own dtype (the
+    size probe failed with torch's dtype mismatch before), and stays in that dtype."""
+    net = _net().to(dtype)
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    result = ic.convert(net, ic.ParamsRatio(0.5), calibration=calib, sequential=sequential, progress=False)
+    assert result.report.totals()["converted"] > 0
+    assert all(p.dtype == dtype for p in result.model.parameters())
+    with torch.no_grad():
+        out, want = result.model(X.to(dtype)), net(X.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert float((out - want).float().norm()) < 0.5 * float(want.float().norm())
+
+
 def test_report_figures_match_the_model():
     net = _net()
     result = ic.convert(net, ic.ParamsRatio(0.5), example_inputs=X, progress=False)
