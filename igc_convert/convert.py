@@ -265,6 +265,13 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     """
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module) and type(model).__name__ == "OptimizedModule":
+        # torch.compile's wrapper: calibration through it recompiles for every hook (minutes, for the
+        # same statistics), and its graph is stale once layers are swapped. Convert what it wraps.
+        log.warning("converting the module inside torch.compile's wrapper; the result is not compiled: "
+                       "call torch.compile on it again")
+        model = compiled
     if not isinstance(target, (ParamsRatio, MacsRatio, MaxError, LatencyRatio)):
         raise ConfigError(f"target must be ParamsRatio, MacsRatio, MaxError or LatencyRatio, got {target!r}")
     if block not in BLOCK_CHOICES:

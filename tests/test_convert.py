@@ -1,6 +1,7 @@
 """The conversion pass: graph analysis, budget planning, swap, report, round trip, CLI."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -97,6 +98,22 @@ def test_float32_calibration_images_convert_a_model_of_another_dtype(dtype, sequ
         out, want = result.model(X.to(dtype)), net(X.to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert float((out - want).float().norm()) < 0.5 * float(want.float().norm())
+
+
+def test_a_compiled_model_is_converted_inside_its_wrapper(caplog):
+    """torch.compile's wrapper is looked through (calibrating through it recompiled for every hook):
+    the result is the converted plain module, the caller's compiled model untouched."""
+    net = _net()
+    compiled = torch.compile(net)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calib = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    with caplog.at_level(logging.WARNING, logger="igc_convert.convert"):
+        result = ic.convert(compiled, ic.ParamsRatio(0.5), calibration=calib, progress=False)
+    assert type(result.model) is SmallNet and "torch.compile" in caplog.text
+    assert result.report.totals()["converted"] > 0
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        assert float((result.model(X) - net(X)).norm()) < 0.5 * float(net(X).norm())
 
 
 def test_report_figures_match_the_model():
