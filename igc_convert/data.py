@@ -68,6 +68,11 @@ class SourceDataset(Dataset):
     def targets(self) -> Tensor | None:
         return None
 
+    def num_classes(self) -> int | None:
+        """How many classes the labels index when the source defines a closed set (a folder's
+        sub-folders, the ten digits), else ``None``: a labelled tensor may hold a few classes only."""
+        return None
+
     def __len__(self) -> int:
         raise NotImplementedError
 
@@ -111,6 +116,9 @@ class DigitsImages(SourceDataset):
 
     def targets(self) -> Tensor:
         return self.labels
+
+    def num_classes(self) -> int:
+        return 10
 
     def __len__(self) -> int:
         return len(self.base)
@@ -218,6 +226,9 @@ class FolderImages(SourceDataset):
     def targets(self) -> Tensor | None:
         return self.labels if self.labelled else None
 
+    def num_classes(self) -> int | None:
+        return len(self.classes) if self.labelled else None
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -275,11 +286,27 @@ class SubsetImages(SourceDataset):
         t = self.base.targets()
         return None if t is None else t[torch.as_tensor(self.indices, dtype=torch.long)]
 
+    def num_classes(self) -> int | None:
+        return self.base.num_classes()
+
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         return self.base[self.indices[index]]
+
+
+class WithoutLabels(SourceDataset):
+    """The images of a data set, its labels hidden (every item's label is -1)."""
+
+    def __init__(self, base: Dataset) -> None:
+        self.base, self.source = base, getattr(base, "source", type(base).__name__)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return _split_item(self.base[index], self.source, index)[0], -1
 
 
 # ----------------------------------------------------------------------------------- entry point
@@ -365,6 +392,11 @@ def has_labels(dataset: Dataset) -> bool:
     if isinstance(dataset, SourceDataset):
         return dataset.labelled
     return len(dataset) > 0 and _split_item(dataset[0], "dataset", 0)[1] is not None
+
+
+def first_image(dataset: Dataset) -> Tensor:
+    """The image of a data set's first item (``C×H×W``), whether items are images or ``(image, label)``."""
+    return _split_item(dataset[0], getattr(dataset, "source", type(dataset).__name__), 0)[0]
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,

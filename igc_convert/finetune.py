@@ -49,10 +49,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .agreement import kl_and_top1
-from .data import collate, has_labels, make_loader, resolve_source
+from .data import (SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
+                   resolve_source)
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .files import atomic_write, remove_stale_temporaries
 from .linear import linear_site
+from .modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +218,8 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
+    if not _labels_fit(student, config, train_set, val_set):
+        train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
     blocks = _feature_pairs(student, teacher) if config.feature_weight > 0 else {}
     with _preserved_rng(), _distributed(config) as ctx:
         trainer = _Trainer(student, teacher, train_set, val_set, config, ctx, blocks, on_step)
@@ -271,6 +275,45 @@ def _check_sources(cfg: FinetuneConfig, teacher: nn.Module | None, train: Datase
                         f"({getattr(train, 'source', type(train).__name__)}) has none")
     if val is not None and not has_labels(val) and teacher is None:
         raise DataError("the validation data has no labels and there is no teacher to compare with")
+
+
+def _labels_fit(student: nn.Module, cfg: FinetuneConfig, train: Dataset, val: Dataset | None) -> bool:
+    """Whether the data's labels can be the model's classes (``True`` too when that cannot be told).
+
+    A folder's labels number its sorted class sub-folders: they index a model's outputs only when the
+    folder has exactly as many classes (ImageNet's synset folders for an ImageNet model). Else they
+    cannot teach (:class:`DataError` when ``ce_weight > 0``) and must not pick the best epoch (top-1
+    against them is 0 or chance whatever the student learns, so the start state would always be kept):
+    they are hidden, with a warning, and the teacher's agreement picks.
+    """
+    labelled = [d for d in (train, val) if d is not None and has_labels(d)]
+    outputs = _output_count(student, labelled[0]) if labelled else None
+    if outputs is None:
+        return True
+    for data in labelled:
+        count = data.num_classes() if isinstance(data, SourceDataset) else None
+        targets = data.targets() if isinstance(data, SourceDataset) else None
+        top = int(targets.max()) + 1 if targets is not None and len(targets) else 0
+        if (count is None or count == outputs) and top <= outputs:
+            continue
+        what = f"{count} classes" if count is not None else f"labels up to {top - 1}"
+        message = (f"the labels of {getattr(data, 'source', 'the data')} index {what}, but the model has {outputs} "
+                   "outputs: they cannot be its classes")
+        if cfg.ce_weight > 0:
+            raise DataError(f"{message}; give the model a head for these classes first, or fine-tune by "
+                            "distillation alone (ce_weight=0; on the CLI, without --labels)")
+        log.warning("%s; they are ignored: the teacher's agreement picks the best epoch", message)
+        return False
+    return True
+
+
+def _output_count(model: nn.Module, data: Dataset) -> int | None:
+    """The model's number of outputs per image (one forward of one item), if it gives ``N × K`` logits."""
+    x = first_image(data)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad(), eval_mode(model):
+        out = model(x.unsqueeze(0).to(device))
+    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
 def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, nn.Conv2d | nn.Linear]:

@@ -301,6 +301,48 @@ def test_loss_and_data_mismatches_are_clear_errors(teacher, data):
                  config=FinetuneConfig(feature_weight=1, progress=False))
 
 
+def _two_class_folder(root: Path, per_class: int = 12) -> Path:
+    """Digits images saved as PNGs under two class sub-folders: labels 0 and 1 of a 2-class set."""
+    from PIL import Image
+
+    images = digits("all", 2 * per_class)
+    for i in range(len(images)):
+        x, _ = images[i]
+        sub = root / ("ants" if i % 2 else "bees")
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = ((x[0] - x.min()) / (x.max() - x.min() + 1e-9) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(sub / f"{i}.png")
+    return root
+
+
+def test_folder_labels_that_are_not_the_models_classes(teacher, tmp_path, caplog):
+    """Two class sub-folders against ten outputs: the labels are not the model's classes. Distillation
+    ignores them (before, top-1 against them picked the epoch, and the start was always kept); a loss on
+    them is refused."""
+    root = _two_class_folder(tmp_path / "imgs")
+    train = resolve_source(root, image_size=8, channels=1, split="train")
+    val = resolve_source(root, image_size=8, channels=1, split="val")
+    assert train.num_classes() == 2 and val.num_classes() == 2
+    with caplog.at_level(logging.WARNING, logger="igc_convert.finetune"):
+        result = finetune(converted(teacher), train, teacher=teacher, val_data=val,
+                          config=FinetuneConfig(epochs=1, progress=False))
+    assert result.best.metric == "agreement" and result.best.accuracy is None
+    assert "2 classes, but the model has 10 outputs" in caplog.text
+    with pytest.raises(DataError, match="2 classes, but the model has 10 outputs"):
+        finetune(converted(teacher), train, teacher=teacher, val_data=val,
+                 config=FinetuneConfig(epochs=1, ce_weight=1, progress=False))
+
+
+def test_labels_past_the_models_outputs_are_refused_before_training(teacher):
+    """Labels from a tensor source index up to 11 for a 10-output model: a clear error, not torch's
+    cross-entropy IndexError in the first step."""
+    x = torch.randn(24, 1, 8, 8)
+    y = torch.arange(24) % 12
+    with pytest.raises(DataError, match="labels up to 11, but the model has 10 outputs"):
+        finetune(copy.deepcopy(teacher), list(zip(x, y)), config=FinetuneConfig(kd_weight=0, ce_weight=1,
+                                                                               progress=False))
+
+
 # ------------------------------------------------------------------------------------ torchrun
 def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

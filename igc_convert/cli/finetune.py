@@ -41,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: distil from the original model rebuilt from the file's origin; "
                              "none: learn from labels only (needs --labels)")
     parser.add_argument("--labels", action="store_true",
-                        help="the data must have labels; adds cross-entropy on them to the loss")
+                        help="the data must have labels, and they must be the model's classes (a folder: one "
+                             "sub-folder per output, in sorted order); adds cross-entropy on them to the loss. "
+                             "Without it, labels that are not the model's classes are ignored")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
