@@ -26,6 +26,7 @@ before it. onnxruntime parity checks the result.
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import math
@@ -194,8 +195,18 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
     if example_input.is_floating_point() and not bool(torch.isfinite(example_input).all()):
         raise ConfigError("example_input contains NaN or Inf")
+    kinds = sorted({str(t.dtype).replace("torch.", "") for t in (*model.parameters(), *model.buffers())
+                    if t.is_floating_point() and t.dtype != torch.float32})
+    if kinds:
+        # onnxruntime's CPU kernels are float32 (no bfloat16 Conv; float16 Conv off the fast path and
+        # off PyTorch's numbers by more than the parity tolerance): deploy a float32 graph.
+        logger.warning("exporting a float32 copy of the model (its weights are %s): onnxruntime's CPU kernels "
+                       "are float32; convert the ONNX file to float16 afterwards if you need it", ", ".join(kinds))
+        model = copy.deepcopy(model).float()
     device = _device_of(model)
     x = example_input.detach().to(device)
+    if x.is_floating_point():
+        x = x.float()
     with eval_mode(model):
         inputs, refs = [x], []
         if reference:

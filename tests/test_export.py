@@ -120,6 +120,22 @@ def test_model_left_as_it_was(grouped):
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_model_in_another_dtype_exports_as_float32(tmp_path, dtype, caplog):
+    """onnxruntime's CPU kernels are float32: a double, half or bfloat16 model is exported as a float32
+    copy (bfloat16 was a bare TypeError, double had no Conv kernel, half missed parity), the caller's
+    model untouched."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), _bn(16), nn.ReLU(), nn.Conv2d(16, 8, 1)).to(dtype)
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 8, 8)
+    with caplog.at_level("WARNING", logger="igc_convert.export"):
+        result = export_onnx(model, tmp_path / "m.onnx", x.to(dtype))
+    assert "float32 copy" in caplog.text and result.rel_diff <= 1e-4
+    _assert_parity(tmp_path / "m.onnx", copy.deepcopy(model).float(), x)
+    assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 # --------------------------------------------------------------------------- folding shuffles away
 @pytest.fixture(scope="module")
 def folding(tmp_path_factory):
