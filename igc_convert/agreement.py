@@ -12,13 +12,13 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import DataError, ModelError
-from .modes import eval_mode
+from .modes import as_input, eval_mode
 from .report import Agreement
 
 
 def _outputs(model: nn.Module, x: torch.Tensor, which: str) -> list[torch.Tensor]:
     try:
-        out = model(x)
+        out = model(as_input(x, model))
     except RuntimeError as err:  # e.g. images of the wrong size or channel count for this model
         raise ModelError(f"the {which} model failed on held-out images of shape {tuple(x.shape)}: "
                          f"{str(err).splitlines()[0]}") from err

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 from .errors import ConfigError, DataError, IGCError, ModelError
 from .factorize import DEFAULT_DAMPING, finite, whitener
-from .modes import eval_mode
+from .modes import eval_mode, placement
 
 Tensor = torch.Tensor
 logger = logging.getLogger(__name__)
@@ -251,15 +251,6 @@ def _module(model: nn.Module, name: str, what: str = "layer") -> nn.Module:
     except AttributeError:
         raise ConfigError(f"no {what} named {name!r} in the model (expected a qualified module name such as "
                           f"'layer1.0.conv1')") from None
-
-
-def placement(model: nn.Module, device: torch.device | str | None) -> tuple[torch.device, torch.dtype]:
-    """Device batches are sent to and the floating dtype they are cast to (the model's own)."""
-    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
-    dtype = tensors[0].dtype if tensors else torch.float32
-    if device is None:
-        device = tensors[0].device if tensors else torch.device("cpu")
-    return torch.device(device), dtype
 
 
 class BatchNormLeafTracer(torch.fx.Tracer):

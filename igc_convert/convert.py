@@ -31,9 +31,10 @@ from tqdm.auto import tqdm
 
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
-from .calibrate import BatchNormLeafTracer, placement
+from .calibrate import BatchNormLeafTracer
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
+from .modes import as_input
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, allocate_fast_first, candidates, uniform)
 from .plan import channel_multiple as resolve_channel_multiple
@@ -302,9 +303,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if not isinstance(example, torch.Tensor) or example.dim() != 4:
             raise DataError(f"example inputs must be an N×C×H×W tensor, got "
                             f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
-        if example.is_floating_point():  # float32 images for a double, half or bfloat16 model
-            device, dtype = placement(original, None)
-            example = example.to(device=device, dtype=dtype)
+        example = as_input(example, original)  # float32 images for a double, half or bfloat16 model
     owned = inplace  # whether convert may change ``original`` itself (the caller's model, or its own copy)
     if linear:
         working, wrapped = _with_linears_as_convs(original, example, inplace)

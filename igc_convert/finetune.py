@@ -54,7 +54,7 @@ from .data import (SourceDataset, WithoutLabels, collate, first_image, has_label
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .files import atomic_write, remove_stale_temporaries
 from .linear import linear_site
-from .modes import eval_mode
+from .modes import as_input, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +309,8 @@ def _labels_fit(student: nn.Module, cfg: FinetuneConfig, train: Dataset, val: Da
 
 def _output_count(model: nn.Module, data: Dataset) -> int | None:
     """The model's number of outputs per image (one forward of one item), if it gives ``N × K`` logits."""
-    x = first_image(data)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad(), eval_mode(model):
-        out = model(x.unsqueeze(0).to(device))
+        out = model(as_input(first_image(data).unsqueeze(0), model))
     return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
 
 
@@ -621,13 +619,13 @@ class _Trainer:
         with self.autocast():
             if hooks is not None:
                 hooks.recording = True
-            logits = model(x)
+            logits = model(as_input(x, self.student))
             if hooks is not None:
                 hooks.recording = False
             t_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    t_logits = self.teacher(x)
+                    t_logits = self.teacher(as_input(x, self.teacher))
         logits = logits.float()
         loss = logits.new_zeros(())
         if t_logits is not None and cfg.kd_weight > 0:
@@ -670,8 +668,8 @@ class _Trainer:
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
             with self.autocast():
-                s = student(x)
-                t = self.teacher(x) if self.teacher is not None else None
+                s = student(as_input(x, student))
+                t = self.teacher(as_input(x, self.teacher)) if self.teacher is not None else None
             s = s.float()
             pred, lab = s.argmax(1), y >= 0
             sums[0] += len(x)

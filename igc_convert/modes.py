@@ -1,10 +1,12 @@
-"""Running a model in eval mode for a while without changing any module's own train/eval flag."""
+"""A model's state around a computation: eval mode for a while without changing any module's own
+train/eval flag, and the device and dtype its inputs must have."""
 
 from __future__ import annotations
 
 import contextlib
 from typing import Iterator
 
+import torch
 from torch import nn
 
 
@@ -28,3 +30,21 @@ def eval_mode(*models: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in saved:  # the flags themselves, not train(mode)
             m.training = mode
+
+
+def placement(model: nn.Module, device: torch.device | str | None = None) -> tuple[torch.device, torch.dtype]:
+    """The device (``device`` if given) and floating dtype a model's inputs must have: its own.
+
+    Data loaders give float32 images; a double, float16 or bfloat16 model needs them cast.
+    """
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    dtype = tensors[0].dtype if tensors else torch.float32
+    if device is None:
+        device = tensors[0].device if tensors else torch.device("cpu")
+    return torch.device(device), dtype
+
+
+def as_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """``x`` on ``model``'s device, and in its floating dtype when ``x`` is floating."""
+    device, dtype = placement(model)
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)

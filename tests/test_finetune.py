@@ -301,6 +301,21 @@ def test_loss_and_data_mismatches_are_clear_errors(teacher, data):
                  config=FinetuneConfig(feature_weight=1, progress=False))
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_float32_images_fine_tune_a_model_of_another_dtype(teacher, data, dtype):
+    """Data loaders give float32 images: a double or bfloat16 student and teacher take them in their own
+    dtype (torch's dtype mismatch error before), and the student stays in its dtype."""
+    from igc_convert.agreement import measure_agreement
+
+    train, val = data
+    student, teacher = converted(teacher).to(dtype), copy.deepcopy(teacher).to(dtype)
+    result = finetune(student, train, teacher=teacher, val_data=val,
+                      config=FinetuneConfig(epochs=1, lr=3e-3, progress=False))
+    assert result.best.agreement > 0.5 and all(p.dtype == dtype for p in student.parameters())
+    agreement = measure_agreement(teacher, student, [val[i][0] for i in range(32)])
+    assert agreement.images == 32 and agreement.top1 > 0.5
+
+
 def _two_class_folder(root: Path, per_class: int = 12) -> Path:
     """Digits images saved as PNGs under two class sub-folders: labels 0 and 1 of a 2-class set."""
     from PIL import Image
