@@ -409,10 +409,36 @@ def _load_into(model: nn.Module, state: dict[str, Tensor], source: str, spec: st
     expected = model.state_dict()
     problem = describe_state_mismatch(expected, state)
     if problem:
-        raise ModelError(f"weights from {source} do not fit {spec}: {problem}")
+        state = _nested_state(expected, state, source, spec, problem)
     for key in expected:  # tolerated missing BatchNorm counters keep the model's own value
         state.setdefault(key, expected[key])
     model.load_state_dict(state, strict=True)
+
+
+def _nested_state(expected: Mapping[str, Tensor], state: dict[str, Tensor], source: str, spec: str,
+                  problem: str) -> dict[str, Tensor]:
+    """The part of ``state`` under the one key prefix that fits ``expected`` (e.g. ``model.``).
+
+    Training wrappers save the network as a sub-module: a Lightning module's ``self.model`` gives keys
+    ``model.conv1.weight``, next to whatever else it holds (a loss, a teacher). The prefix is found from
+    where the model's own first key occurs, and used only when exactly one such prefix fits entirely;
+    otherwise the original mismatch is raised.
+    """
+    anchor = next(k for k in expected if not k.endswith(_OPTIONAL_SUFFIX))
+    prefixes = {k[:-len(anchor)] for k in state if k.endswith("." + anchor)}
+    fits = {}
+    for prefix in sorted(prefixes):
+        nested = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not describe_state_mismatch(expected, nested):
+            fits[prefix] = nested
+    if len(fits) == 1:
+        (prefix, nested), = fits.items()
+        log.info("weights from %s: using the %d tensors under %r (%d others ignored)",
+                    source, len(nested), prefix, len(state) - len(nested))
+        return nested
+    if len(fits) > 1:
+        problem = f"several sub-models fit ({', '.join(repr(p) for p in fits)}); save the one you mean on its own"
+    raise ModelError(f"weights from {source} do not fit {spec}: {problem}")
 
 
 # ------------------------------------------------------------------------------------------ weights files

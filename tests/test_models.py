@@ -411,3 +411,21 @@ def test_efficientnet_lite0_order_mapping_checks_every_shape(lite0, tmp_path, mo
     monkeypatch.setattr(models, "_lite0_weights_path", lambda: _save_pth(state, tmp_path / "l0.pth"))
     with pytest.raises(ModelError, match=r"do not map by order.*classifier.bias 999 -> classifier.bias 1000"):
         build_model("efficientnet_lite0", "DEFAULT")
+
+
+def test_a_model_nested_in_a_training_module_loads_from_its_prefix(nets, tmp_path):
+    # A Lightning-style checkpoint: the network under "model.", next to another sub-module's tensors.
+    reference, _ = _small(nets, seed=1)
+    state = {f"model.{k}": v for k, v in reference.state_dict().items()}
+    state["criterion.pos_weight"] = torch.ones(3)
+    path = _save_pth({"state_dict": state, "epoch": 7}, tmp_path / "lightning.ckpt")
+    model, _ = _small(nets, seed=2, weights=path)
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(model(x), reference.eval()(x), rtol=0, atol=0)
+
+
+def test_two_nested_models_that_both_fit_are_ambiguous(nets, tmp_path):
+    reference, _ = _small(nets, seed=1)
+    state = {f"{p}.{k}": v for p in ("student", "ema") for k, v in reference.state_dict().items()}
+    with pytest.raises(ModelError, match="several sub-models fit.*'ema.'.*'student.'"):
+        _small(nets, weights=_save_pth(state, tmp_path / "two.pth"))

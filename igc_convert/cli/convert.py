@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torchvision model name (resnet50), timm:NAME, efficientnet_lite0, or module.path:factory")
     parser.add_argument("-o", "--output", required=True, help="converted model file to write (.safetensors)")
     parser.add_argument("--weights", default="none",
-                        help="PATH to a state dict (.pt/.pth/.safetensors), DEFAULT (pretrained, may need internet) "
+                        help="PATH to a state dict (.pt/.pth/.safetensors; also a checkpoint's 'state_dict' or 'model' "
+                             "entry, and a network nested under a prefix such as Lightning's 'model.'), "
+                             "DEFAULT (pretrained, may need internet) "
                              "or none (random init; default)")
     parser.add_argument("--num-classes", type=int, default=None, help="classifier size passed to the model builder")
     parser.add_argument("--block", choices=("igcv1", "igcv2", "igcv3", "auto"), default="igcv1",
