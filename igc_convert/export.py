@@ -370,14 +370,21 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, op
     dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     # torch.export logs whole tracebacks at ERROR level when it cannot trace a model (e.g. circular
     # padding with a dynamic batch); that failure is ours to report, in one line (see _export).
+    # torch.export also print()s the partial graph of a failed trace to stderr (dozens of lines);
+    # it is kept for the debug log.
+    printed = io.StringIO()
     with warnings.catch_warnings(), _quiet("onnxscript", "onnx_ir"), \
-            _quiet(*_TORCH_EXPORT_LOGGERS, level=logging.CRITICAL + 1):
+            _quiet(*_TORCH_EXPORT_LOGGERS, level=logging.CRITICAL + 1), contextlib.redirect_stderr(printed):
         warnings.simplefilter("ignore")
         # optimize=False: simplify() runs the same onnxscript optimizer plus our own pass, and the
         # raw graph gives the "before" node counts.
-        program = torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False, opset_version=opset,
-                                    input_names=[INPUT_NAME], output_names=output_names,
-                                    dynamic_shapes=dynamic_shapes)
+        try:
+            program = torch.onnx.export(model, (x,), dynamo=True, optimize=False, verbose=False,
+                                        opset_version=opset, input_names=[INPUT_NAME], output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes)
+        finally:
+            if printed.getvalue().strip():
+                logger.debug("torch.export printed:\n%s", printed.getvalue())
     return program.model
 
 
@@ -385,11 +392,28 @@ def _export_torchscript(model: nn.Module, x: torch.Tensor, *, dynamic_batch: boo
                         output_names: list[str]) -> ir.Model:
     buf = io.BytesIO()
     axes = {n: {0: "batch"} for n in (INPUT_NAME, *output_names)} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
                           output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+    _warn_constant_trace(caught)
     return ir.from_proto(onnx.load_from_string(buf.getvalue()))
+
+
+def _warn_constant_trace(caught: Sequence[warnings.WarningMessage]) -> None:
+    """Say where the trace froze a tensor's value into Python control flow.
+
+    The TorchScript exporter records only the branch the example input took: ``if x.mean() > 0`` in
+    a forward becomes a constant, the parity check passes on that input, and other inputs may get
+    the wrong output. The tracer says so in a ``TracerWarning`` that would otherwise be lost.
+    """
+    frozen = [w for w in caught if issubclass(w.category, torch.jit.TracerWarning)
+              and "might not generalize" in str(w.message)]
+    if frozen:
+        first = frozen[0]
+        logger.warning("the TorchScript trace may not generalise to other inputs: %s (%s:%d%s)",
+                       str(first.message).split(". ")[0], first.filename, first.lineno,
+                       f"; {len(frozen) - 1} more such place(s)" if len(frozen) > 1 else "")
 
 
 def _first_line(err: BaseException) -> str:

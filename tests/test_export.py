@@ -136,6 +136,31 @@ def test_a_model_in_another_dtype_exports_as_float32(tmp_path, dtype, caplog):
     assert all(v.dtype == state[k].dtype and torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
+class _Branchy(nn.Module):
+    """A forward that branches on a tensor's value: torch.export cannot trace it, TorchScript freezes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        if y.mean() > 0:
+            y = y * 2
+        return y.mean((2, 3))
+
+
+def test_a_frozen_branch_is_reported_and_torch_exports_graph_dump_is_not(tmp_path, caplog, capfd):
+    """The fallback's trace follows the example's branch; the user is told where, in one line. The
+    partial graph that torch.export print()s on failure (60 lines) stays out of the user's stderr."""
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="igc_convert.export"):
+        result = export_onnx(_Branchy(), tmp_path / "b.onnx", torch.randn(1, 3, 8, 8))
+    assert result.exporter == "torchscript"
+    assert "may not generalise to other inputs" in caplog.text and "test_export.py" in caplog.text
+    assert "def forward" not in capfd.readouterr().err
+
+
 # --------------------------------------------------------------------------- folding shuffles away
 @pytest.fixture(scope="module")
 def folding(tmp_path_factory):
