@@ -79,19 +79,21 @@ class ConversionResult:
 # ------------------------------------------------------------------------------------------ analyse
 def find_convs(model: nn.Module) -> tuple[list[ConvSite], str, str]:
     """Convs of ``model`` in execution order, with the path used (``"fx"`` or ``"by-name"``) and why."""
+    blocks = [name + "." for name, _ in existing_blocks(model)]
     try:
         gm = torch.fx.GraphModule(model, BatchNormLeafTracer().trace(model))
     except Exception as err:  # FX raises many types (TraceError, TypeError, AssertionError, ...)
         reason = f"torch.fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-        sites = [ConvSite(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        sites = [ConvSite(n, m) for n, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and not n.startswith(tuple(blocks))]
         return sites, "by-name", reason
     sites: dict[str, ConvSite] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, nn.Conv2d):
-            continue
+        if not isinstance(mod, nn.Conv2d) or node.target.startswith(tuple(blocks)):
+            continue  # the convs inside an IGC block are its sparse factors, not dense convs
         site = sites.get(node.target)
         if site is None:
             site = sites[node.target] = ConvSite(node.target, model.get_submodule(node.target), calls=0)
@@ -101,6 +103,15 @@ def find_convs(model: nn.Module) -> tuple[list[ConvSite], str, str]:
                 gm.get_submodule(users[0].target), nn.BatchNorm2d):
             site.batchnorm = users[0].target if site.calls == 1 else None
     return list(sites.values()), "fx", ""
+
+
+def existing_blocks(model: nn.Module) -> list[tuple[str, IGCBlock]]:
+    """The IGC blocks already in ``model`` (converted earlier), outermost only, with their names."""
+    found: list[tuple[str, IGCBlock]] = []
+    for name, module in model.named_modules():
+        if getattr(module, "is_igc_block", False) and not any(name.startswith(f + ".") for f, _ in found):
+            found.append((name, module))
+    return found
 
 
 def _record_input_sizes(model: nn.Module, sites: Sequence[ConvSite], example: torch.Tensor) -> None:
@@ -232,7 +243,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
     ``sequential`` then fits each layer against the inputs it really gets after upstream layers were
-    converted. ``exclude``/``include`` are glob patterns over qualified layer names. ``allocation``
+    converted. A model converted earlier can be converted further (progressive conversion): its IGC
+    blocks are kept as they are, the target applies to the dense convs left, and the result's plan
+    lists the earlier blocks too, so it saves and reloads whole. ``exclude``/``include`` are glob patterns over qualified layer names. ``allocation``
     ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (data-aware
     modes) moves the mean of each fitted layer's output error into its bias, or into the running mean
@@ -293,8 +306,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ModelError(f"parameter {name!r} contains NaN or Inf")
     sites, path, path_reason = find_convs(original)
+    # Blocks of an earlier conversion stay as they are; the plan keeps them so the result saves whole.
+    kept = [dict(name=name, block=b.kind, shape=b.shape()) for name, b in existing_blocks(original)]
     if not sites:
-        raise ModelError("the model has no Conv2d layers to convert")
+        raise ModelError("every conv of the model is already an IGC block" if kept
+                         else "the model has no Conv2d layers to convert")
+    if kept:
+        log.info("%d layers converted earlier are kept as they are; the target applies to the %d dense convs",
+                 len(kept), len(sites))
     batches = None
     if calibration is not None:
         batches = calibration_batches(calibration, limit=calibration_samples)
@@ -516,6 +535,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         result = latency.enforce_not_slower(guard_reference, result, example, ratio=target.ratio)
     if linear:
         unwrap_dense(result.model)  # Linears left dense become plain nn.Linear again: the plan rebuilds the rest
+    result.plan[:0] = kept
     return result
 
 

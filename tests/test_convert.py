@@ -593,3 +593,38 @@ def test_cli_residual_correction_is_on_by_default_and_can_be_turned_off(tmp_path
     before = lambda m, name: m.get_submodule(name).dense_weight()  # noqa: E731
     torch.testing.assert_close(before(on, "layer1.conv1"), before(off, "layer1.conv1"))
     assert not torch.allclose(before(on, "layer2.conv2"), before(off, "layer2.conv2"), atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", [SmallNet, Untraceable], ids=["fx", "by-name"])
+def test_converting_a_converted_model_converts_only_its_dense_convs(cls, tmp_path):
+    """Progressive conversion: the blocks of a first pass are kept as they are (their inner convs were
+    converted again, nesting blocks in blocks), and the second result's plan rebuilds both passes."""
+    torch.manual_seed(0)
+    model = _net(cls)
+    first = ic.convert(model, ic.ParamsRatio(0.6), include=["c2"], calibration=X, progress=False)
+    block = first.model.c2
+    kept = {k: v.clone() for k, v in block.state_dict().items()}
+    second = ic.convert(first.model, ic.ParamsRatio(0.6), calibration=X, progress=False)
+    converted = [n for n, m in second.model.named_modules() if isinstance(m, ic.IGCBlock)]
+    assert "c2" in converted and "c3" in converted
+    assert not any(a.startswith(b + ".") for a in converted for b in converted)  # no block inside a block
+    torch.testing.assert_close(second.model.c2.state_dict(), kept, rtol=0, atol=0)
+    assert [e["name"] for e in second.plan][0] == "c2" and {e["name"] for e in second.plan} == set(converted)
+    assert "c2" not in {r.name for r in second.report.records}  # the report covers what this pass saw
+
+    # The second plan rebuilds the structure of both passes on the original architecture.
+    rebuilt = apply_plan(_net(cls, seed=5), second.plan)
+    rebuilt.load_state_dict(second.model.state_dict())
+    torch.testing.assert_close(rebuilt(X), second.model(X))
+
+
+def test_a_model_of_blocks_only_says_it_is_converted_already():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(2, 16, 8, 8)
+    for layer in ("0", "2"):
+        result = ic.convert(net, ic.ParamsRatio(0.9), include=[layer], example_inputs=x, progress=False)
+        net = result.model
+    assert [e["name"] for e in result.plan] == ["0", "2"]
+    with pytest.raises(ModelError, match="already an IGC block"):
+        ic.convert(net, ic.ParamsRatio(0.5), example_inputs=x, progress=False)
