@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from . import factorize as fz
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .calibrate import BatchNormLeafTracer
+from .data import split_item
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .modes import as_input
@@ -136,8 +137,9 @@ def _record_input_sizes(model: nn.Module, sites: Sequence[ConvSite], example: to
 def calibration_batches(calibration: Any, *, batch_size: int = 32, limit: int | None = None) -> list[torch.Tensor]:
     """Normalise calibration data to a list of float image batches ``N×C×H×W``.
 
-    Accepts a tensor, a sequence/iterable of tensors or ``(images, labels)`` pairs, a DataLoader, or a
-    map-style Dataset of images / ``(image, label)`` pairs. ``limit`` caps the number of images.
+    Accepts a tensor, a sequence/iterable of tensors, ``(images, labels)`` pairs or dicts
+    (``{"pixel_values": images, ...}``, :func:`igc_convert.data.split_item`), a DataLoader, or a
+    map-style Dataset of images / ``(image, label)`` pairs / dicts. ``limit`` caps the number of images.
     """
     if isinstance(calibration, torch.Tensor):
         items: Iterable[Any] = calibration.split(batch_size)
@@ -151,8 +153,8 @@ def calibration_batches(calibration: Any, *, batch_size: int = 32, limit: int | 
         raise DataError(f"calibration data of type {type(calibration).__name__} is not iterable") from err
     out: list[torch.Tensor] = []
     count = 0
-    for item in iterator:
-        x = item[0] if isinstance(item, (tuple, list)) else item
+    for i, item in enumerate(iterator):
+        x = item[0] if isinstance(item, (tuple, list)) else split_item(item, "calibration data", i)[0]
         if not isinstance(x, torch.Tensor):
             raise DataError(f"calibration items must be tensors, got {type(x).__name__}")
         if x.dim() == 3:

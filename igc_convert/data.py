@@ -20,7 +20,8 @@ a folder path
     ImageNet preprocessing: resize the short side to ``1.14·image_size``, centre crop, normalise.
 Python objects
     a ``Dataset``, a ``DataLoader`` (its data set is used), a tensor ``N×C×H×W``, or any iterable of
-    tensors (single images or batches) or ``(x, y)`` pairs. They are used as they are (no resizing).
+    tensors (single images or batches), ``(x, y)`` pairs or dicts (``{"pixel_values": x, "labels": y}``,
+    as Hugging Face ``datasets`` gives them; :func:`split_item`). They are used as they are (no resizing).
 
 ``split="train"``/``"val"`` picks a deterministic, seeded 80/20 split (stratified when labelled), so
 train and val never overlap; ``"all"`` keeps everything. :func:`make_loader` batches a data set with an
@@ -33,7 +34,7 @@ from __future__ import annotations
 import operator
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -267,7 +268,7 @@ class WrappedDataset(SourceDataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        x, y = _split_item(self.dataset[index], self.source, index)
+        x, y = split_item(self.dataset[index], self.source, index)
         x = _check_image(x, self.source, self.channels, what=f"item {index}")
         if self.labelled != (y is not None):
             raise DataError(f"{self.source}: item {index} {'has no' if self.labelled else 'has a'} label, "
@@ -306,7 +307,7 @@ class WithoutLabels(SourceDataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        return _split_item(self.base[index], self.source, index)[0], -1
+        return split_item(self.base[index], self.source, index)[0], -1
 
 
 # ----------------------------------------------------------------------------------- entry point
@@ -391,12 +392,12 @@ def has_labels(dataset: Dataset) -> bool:
     """Whether a data set's items carry real labels (``label >= 0``)."""
     if isinstance(dataset, SourceDataset):
         return dataset.labelled
-    return len(dataset) > 0 and _split_item(dataset[0], "dataset", 0)[1] is not None
+    return len(dataset) > 0 and split_item(dataset[0], "dataset", 0)[1] is not None
 
 
 def first_image(dataset: Dataset) -> Tensor:
     """The image of a data set's first item (``C×H×W``), whether items are images or ``(image, label)``."""
-    return _split_item(dataset[0], getattr(dataset, "source", type(dataset).__name__), 0)[0]
+    return split_item(dataset[0], getattr(dataset, "source", type(dataset).__name__), 0)[0]
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, epoch: int = 0,
@@ -520,14 +521,14 @@ def _from_object(obj: Any, channels: int | None) -> SourceDataset:
     if isinstance(obj, Dataset) and not isinstance(obj, IterableDataset) and hasattr(obj, "__len__"):
         if len(obj) == 0:
             raise DataError(f"data set {name} is empty")
-        x, y = _split_item(obj[0], name, 0)
+        x, y = split_item(obj[0], name, 0)
         _check_image(x, name, channels, what="item 0")
         if y is not None:
             _check_label(y, name, 0)
         return WrappedDataset(obj, name, y is not None, channels)
-    if isinstance(obj, (dict, bytes)) or not isinstance(obj, Iterable):
+    if isinstance(obj, (Mapping, bytes)) or not isinstance(obj, Iterable):
         raise DataError(f"cannot use a {name} as data: give 'digits', 'sample-images', a folder, a Dataset, "
-                        "a DataLoader, an N×C×H×W tensor, or an iterable of tensors / (x, y) pairs")
+                        "a DataLoader, an N×C×H×W tensor, or an iterable of tensors / (x, y) pairs / dicts")
     return _materialise(obj, name, channels)
 
 
@@ -537,7 +538,7 @@ def _materialise(iterable: Iterable, name: str, channels: int | None) -> TensorI
     ys: list[Tensor] = []
     labelled: bool | None = None
     for i, item in enumerate(iterable):
-        x, y = _split_item(item, name, i)
+        x, y = split_item(item, name, i)
         if labelled is None:
             labelled = y is not None
         elif labelled != (y is not None):
@@ -566,8 +567,24 @@ def _materialise(iterable: Iterable, name: str, channels: int | None) -> TensorI
     return TensorImages(torch.cat(xs), labels, name)
 
 
-def _split_item(item: Any, source: str, index: int) -> tuple[Any, Any]:
-    """``x`` or ``(x, y)`` (also ``[x, y]``, or ``(x,)``) -> ``(x, y or None)``."""
+#: Keys under which a dict item (Hugging Face ``datasets``, many training loops) holds its images / labels.
+IMAGE_KEYS = ("pixel_values", "image", "images", "img", "input", "inputs", "x")
+LABEL_KEYS = ("labels", "label", "target", "targets", "y")
+
+
+def split_item(item: Any, source: str, index: int) -> tuple[Any, Any]:
+    """``x``, ``(x, y)`` (also ``[x, y]``, or ``(x,)``) or a dict -> ``(x, y or None)``.
+
+    A dict gives its images under the first of :data:`IMAGE_KEYS` it has (``{"pixel_values": x,
+    "labels": y}``) and its labels under the first of :data:`LABEL_KEYS`.
+    """
+    if isinstance(item, Mapping):
+        key = next((k for k in IMAGE_KEYS if k in item), None)
+        if key is None:
+            raise DataError(f"{source}: item {index} is a dict with keys {sorted(map(str, item))[:8]}; its images "
+                            f"must be under one of {', '.join(IMAGE_KEYS)}")
+        label = next((k for k in LABEL_KEYS if k in item), None)
+        return item[key], item[label] if label is not None else None
     if isinstance(item, (tuple, list)):
         if len(item) == 1:
             return item[0], None

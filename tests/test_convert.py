@@ -628,3 +628,15 @@ def test_a_model_of_blocks_only_says_it_is_converted_already():
     assert [e["name"] for e in result.plan] == ["0", "2"]
     with pytest.raises(ModelError, match="already an IGC block"):
         ic.convert(net, ic.ParamsRatio(0.5), example_inputs=x, progress=False)
+
+
+def test_calibration_batches_may_be_dicts():
+    """A DataLoader over dict items ({"pixel_values": x, "labels": y}) calibrates like the tensors."""
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    items = [{"pixel_values": images[i], "labels": i % 2} for i in range(8)]
+    loader = torch.utils.data.DataLoader(items, batch_size=4)
+    a = ic.convert(_net(), ic.ParamsRatio(0.5), calibration=loader, progress=False)
+    b = ic.convert(_net(), ic.ParamsRatio(0.5), calibration=images, progress=False)
+    torch.testing.assert_close(a.model(X), b.model(X))
+    with pytest.raises(DataError, match="item 0 is a dict"):
+        ic.convert(_net(), ic.ParamsRatio(0.5), calibration=[{"feat": images}], progress=False)

@@ -224,6 +224,31 @@ def test_dataset_and_dataloader_are_wrapped():
     assert len(train) + len(val) == 10 and not set(train.indices) & set(val.indices)
 
 
+class _DictItems(torch.utils.data.Dataset):
+    """Items as Hugging Face ``datasets`` gives them with a torch transform."""
+
+    def __init__(self, keys=("pixel_values", "labels")):
+        self.x, self.y, self.keys = torch.randn(6, 3, 8, 8), torch.arange(6), keys
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        return dict(zip(self.keys, (self.x[i], self.y[i])))
+
+
+def test_dict_items_give_their_images_and_labels():
+    ds = _DictItems()
+    data = resolve_source(DataLoader(ds, batch_size=4))
+    assert data.labelled and len(data) == 6
+    torch.testing.assert_close(data[2][0], ds.x[2])
+    assert data[2][1] == 2
+    batches = resolve_source([{"image": ds.x[:3]}, {"image": ds.x[3:]}])  # an iterable of dict batches
+    assert len(batches) == 6 and not batches.labelled
+    with pytest.raises(DataError, match=r"keys \['feat', 'labels'\].*pixel_values"):
+        resolve_source(_DictItems(keys=("feat", "labels")))
+
+
 def test_dataset_with_bad_items_is_a_data_error():
     with pytest.raises(DataError, match="shape"):
         resolve_source(TensorDataset(torch.randn(4, 8, 8)))  # items are 2-D
