@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import factorize as fz
+from . import stdconv
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .calibrate import BatchNormLeafTracer
 from .data import split_item
@@ -207,6 +208,8 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
             raise ConfigError(f"plan names layer {name!r}, which the model does not have") from err
         if not isinstance(conv, nn.Conv2d):
             raise ConfigError(f"plan names layer {name!r}, which is a {type(conv).__name__}, not a Conv2d")
+        if stdconv.is_standardised(conv):  # a fit approximates the weight its forward computes
+            conv = stdconv.as_plain_conv(conv) or conv
         swaps.append((name, wrapper, make_block(kind, conv, shape, fit=fit, name=name)))
     for name, wrapper, block in swaps:
         if wrapper is not None:  # a Linear converted as a 1×1 conv: wrap it first, then swap its conv
@@ -307,6 +310,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             raise ModelError(f"parameter {name!r} is on the meta device (not materialised); load real weights first")
         if p.is_floating_point() and not torch.isfinite(p).all():
             raise ModelError(f"parameter {name!r} contains NaN or Inf")
+    # timm's weight-standardised convs (BiT, NFNets) are converted as the plain convs they compute.
+    original, standardised = stdconv.with_plain_convs(original, inplace)
     sites, path, path_reason = find_convs(original)
     # Blocks of an earlier conversion stay as they are; the plan keeps them so the result saves whole.
     kept = [dict(name=name, block=b.kind, shape=b.shape()) for name, b in existing_blocks(original)]
@@ -325,9 +330,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             raise DataError(f"example inputs must be an N×C×H×W tensor, got "
                             f"{tuple(example.shape) if isinstance(example, torch.Tensor) else type(example).__name__}")
         example = as_input(example, original)  # float32 images for a double, half or bfloat16 model
-    owned = inplace  # whether convert may change ``original`` itself (the caller's model, or its own copy)
+    # whether convert may change ``original`` itself (the caller's model, or its own copy)
+    owned = inplace or bool(standardised)
     if linear:
-        working, wrapped = _with_linears_as_convs(original, example, inplace)
+        working, wrapped = _with_linears_as_convs(original, example, owned)
         if wrapped:
             original, owned = working, True
             sites, path, path_reason = find_convs(original)
@@ -537,6 +543,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         result = latency.enforce_not_slower(guard_reference, result, example, ratio=target.ratio)
     if linear:
         unwrap_dense(result.model)  # Linears left dense become plain nn.Linear again: the plan rebuilds the rest
+    stdconv.restore(result.model, standardised)
     result.plan[:0] = kept
     return result
 
