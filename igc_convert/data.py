@@ -240,7 +240,7 @@ class FolderImages(SourceDataset):
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                img = img.convert("L" if self.channels == 1 else "RGB")
+                img = _eight_bit(img).convert("L" if self.channels == 1 else "RGB")
         except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on corrupt files
             raise DataError(f"cannot read image {str(path)!r}: {err}") from None
         # Standard ImageNet evaluation preprocessing: short side to 1.14x, centre crop, normalise.
@@ -250,6 +250,27 @@ class FolderImages(SourceDataset):
         if self.channels == 1:  # grey images: the ImageNet statistics of the green channel (luma-like)
             mean, std = IMAGENET_MEAN[1:2], IMAGENET_STD[1:2]
         return TF.normalize(x, mean, std), int(self.labels[index])
+
+
+#: Pillow modes of more than 8 bits per pixel: 16-bit (PNG, TIFF), 32-bit integer and float grey images.
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def _eight_bit(img: Any) -> Any:
+    """``img`` scaled to 8 bits when it has more; Pillow's ``convert("RGB")`` clips them instead.
+
+    A 16-bit image (and Pillow's 32-bit ``"I"`` mode, which older Pillows give 16-bit PNGs) is taken
+    as 0-65535; a float image as 0-1 when it stays within that, else as 0-255. Clipping made a 16-bit
+    scan all white and a 0-1 float image all black.
+    """
+    if img.mode not in WIDE_MODES:
+        return img
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(img, dtype=np.float64)
+    scale = (255.0 if a.size and a.max() <= 1.0 else 1.0) if img.mode == "F" else 255.0 / 65535.0
+    return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8))  # 2-D uint8: mode "L"
 
 
 class WrappedDataset(SourceDataset):

@@ -287,3 +287,18 @@ def test_loader_order_is_a_function_of_seed_and_epoch():
 def test_split_indices_partition(n, targets):
     train, val = split_indices(n, targets, seed=0)
     assert sorted(train + val) == list(range(n)) and not set(train) & set(val)
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, channels):
+    """A 16-bit PNG (medical, scientific scans) came out all white and a 0-1 float TIFF all black:
+    Pillow's convert() clips such modes to 8 bits. Both now read as the 8-bit image they hold."""
+    grey = (np.random.default_rng(0).random((40, 48)) * 255).astype(np.uint8)
+    Image.fromarray(grey).save(tmp_path / "a_8bit.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "b_16bit.png")
+    Image.fromarray(grey.astype(np.float32) / 255).save(tmp_path / "c_float.tiff")
+    data = resolve_source(tmp_path, image_size=32, channels=channels)
+    assert [f.name for f in data.files] == ["a_8bit.png", "b_16bit.png", "c_float.tiff"]
+    assert Image.open(tmp_path / "b_16bit.png").mode.startswith("I")
+    torch.testing.assert_close(data[1][0], data[0][0])
+    torch.testing.assert_close(data[2][0], data[0][0])
