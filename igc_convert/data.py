@@ -241,7 +241,8 @@ class FolderImages(SourceDataset):
         try:
             with Image.open(path) as img:
                 img = _eight_bit(img).convert("L" if self.channels == 1 else "RGB")
-        except (OSError, ValueError, SyntaxError) as err:  # PIL raises all three on corrupt files
+        # PIL raises all three on corrupt files, DecompressionBombError on images over MAX_IMAGE_PIXELS
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {str(path)!r}: {err}") from None
         # Standard ImageNet evaluation preprocessing: short side to 1.14x, centre crop, normalise.
         img = TF.resize(img, round(self.image_size * 256 / 224), antialias=True)
@@ -525,7 +526,7 @@ def _check_image_files(files: Sequence[Path]) -> None:
         try:
             with Image.open(path) as img:
                 img.size  # noqa: B018 - the header parse is the check
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {str(path)!r}: {err}") from None
 
 

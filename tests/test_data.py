@@ -302,3 +302,12 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, channels):
     assert Image.open(tmp_path / "b_16bit.png").mode.startswith("I")
     torch.testing.assert_close(data[1][0], data[0][0])
     torch.testing.assert_close(data[2][0], data[0][0])
+
+
+def test_an_image_over_pillows_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
+    """Pillow refuses images over 2 x MAX_IMAGE_PIXELS (decompression bombs) with its own exception type,
+    which escaped as a traceback; it is a DataError naming the file (here with the limit lowered)."""
+    Image.new("RGB", (64, 64)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DataError, match="big.png.*exceeds limit"):
+        resolve_source(tmp_path, image_size=32)
