@@ -250,8 +250,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     ``sequential`` then fits each layer against the inputs it really gets after upstream layers were
     converted. A model converted earlier can be converted further (progressive conversion): its IGC
     blocks are kept as they are, the target applies to the dense convs left, and the result's plan
-    lists the earlier blocks too, so it saves and reloads whole. ``exclude``/``include`` are glob patterns over qualified layer names. ``allocation``
-    ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
+    lists the earlier blocks too, so it saves and reloads whole. ``exclude``/``include`` are glob
+    patterns over qualified layer names. ``allocation`` ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
     baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (data-aware
     modes) moves the mean of each fitted layer's output error into its bias, or into the running mean
     of the BatchNorm that follows it, and such a layer is fitted on the covariance of its inputs

@@ -424,8 +424,8 @@ def _nested_state(expected: Mapping[str, Tensor], state: dict[str, Tensor], sour
     where the model's own first key occurs, and used only when exactly one such prefix fits entirely;
     otherwise the original mismatch is raised.
     """
-    anchor = next(k for k in expected if not k.endswith(_OPTIONAL_SUFFIX))
-    prefixes = {k[:-len(anchor)] for k in state if k.endswith("." + anchor)}
+    anchor = next((k for k in expected if not k.endswith(_OPTIONAL_SUFFIX)), None)
+    prefixes = {k[:-len(anchor)] for k in state if k.endswith("." + anchor)} if anchor else set()
     fits = {}
     for prefix in sorted(prefixes):
         nested = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
