@@ -81,20 +81,20 @@ class ConversionResult:
 # ------------------------------------------------------------------------------------------ analyse
 def find_convs(model: nn.Module) -> tuple[list[ConvSite], str, str]:
     """Convs of ``model`` in execution order, with the path used (``"fx"`` or ``"by-name"``) and why."""
-    blocks = [name + "." for name, _ in existing_blocks(model)]
+    inside_blocks = tuple(name + "." for name, _ in existing_blocks(model))
     try:
         gm = torch.fx.GraphModule(model, BatchNormLeafTracer().trace(model))
     except Exception as err:  # FX raises many types (TraceError, TypeError, AssertionError, ...)
         reason = f"torch.fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
         sites = [ConvSite(n, m) for n, m in model.named_modules()
-                 if isinstance(m, nn.Conv2d) and not n.startswith(tuple(blocks))]
+                 if isinstance(m, nn.Conv2d) and not n.startswith(inside_blocks)]
         return sites, "by-name", reason
     sites: dict[str, ConvSite] = {}
     for node in gm.graph.nodes:
         if node.op != "call_module":
             continue
         mod = gm.get_submodule(node.target)
-        if not isinstance(mod, nn.Conv2d) or node.target.startswith(tuple(blocks)):
+        if not isinstance(mod, nn.Conv2d) or node.target.startswith(inside_blocks):
             continue  # the convs inside an IGC block are its sparse factors, not dense convs
         site = sites.get(node.target)
         if site is None:
@@ -110,8 +110,8 @@ def find_convs(model: nn.Module) -> tuple[list[ConvSite], str, str]:
 def existing_blocks(model: nn.Module) -> list[tuple[str, IGCBlock]]:
     """The IGC blocks already in ``model`` (converted earlier), outermost only, with their names."""
     found: list[tuple[str, IGCBlock]] = []
-    for name, module in model.named_modules():
-        if getattr(module, "is_igc_block", False) and not any(name.startswith(f + ".") for f, _ in found):
+    for name, module in model.named_modules():  # parents come before their children
+        if getattr(module, "is_igc_block", False) and not (found and name.startswith(found[-1][0] + ".")):
             found.append((name, module))
     return found
 
@@ -251,8 +251,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     converted. A model converted earlier can be converted further (progressive conversion): its IGC
     blocks are kept as they are, the target applies to the dense convs left, and the result's plan
     lists the earlier blocks too, so it saves and reloads whole. ``exclude``/``include`` are glob
-    patterns over qualified layer names. ``allocation`` ``"budget"`` spreads a ratio target across layers by error per unit of cost; ``"uniform"`` (the
-    baseline it is measured against) gives every layer the same ratio. ``bias_correction`` (data-aware
+    patterns over qualified layer names. ``allocation`` ``"budget"`` spreads a ratio target across
+    layers by error per unit of cost; ``"uniform"`` (the baseline it is measured against) gives every
+    layer the same ratio. ``bias_correction`` (data-aware
     modes) moves the mean of each fitted layer's output error into its bias, or into the running mean
     of the BatchNorm that follows it, and such a layer is fitted on the covariance of its inputs
     rather than their second moment, weights and bias together

@@ -434,7 +434,7 @@ def _nested_state(expected: Mapping[str, Tensor], state: dict[str, Tensor], sour
     if len(fits) == 1:
         (prefix, nested), = fits.items()
         log.info("weights from %s: using the %d tensors under %r (%d others ignored)",
-                    source, len(nested), prefix, len(state) - len(nested))
+                 source, len(nested), prefix, len(state) - len(nested))
         return nested
     if len(fits) > 1:
         problem = f"several sub-models fit ({', '.join(repr(p) for p in fits)}); save the one you mean on its own"

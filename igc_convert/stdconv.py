@@ -65,7 +65,7 @@ def as_plain_conv(conv: nn.Conv2d) -> nn.Conv2d | None:
     if ref.shape != out.shape or not torch.allclose(out, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max()) + 1e-6):
         return None
     plain.train(conv.training)
-    plain.weight.requires_grad_(w.requires_grad)
+    plain.requires_grad_(w.requires_grad)
     return plain
 
 
