@@ -17,7 +17,8 @@ Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H
     split of the photos, stratified colour/grey), so val crops are truly unseen scenes.
 a folder path
     class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled.
-    ImageNet preprocessing: resize the short side to ``1.14·image_size``, centre crop, normalise.
+    Turned upright by their EXIF orientation (camera photos), then ImageNet preprocessing: resize the
+    short side to ``1.14·image_size``, centre crop, normalise.
 Python objects
     a ``Dataset``, a ``DataLoader`` (its data set is used), a tensor ``N×C×H×W``, or any iterable of
     tensors (single images or batches), ``(x, y)`` pairs or dicts (``{"pixel_values": x, "labels": y}``,
@@ -234,13 +235,14 @@ class FolderImages(SourceDataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
+        from PIL import Image, ImageOps
         import torchvision.transforms.functional as TF
 
         path = self.files[index]
         try:
             with Image.open(path) as img:
-                img = _eight_bit(img).convert("L" if self.channels == 1 else "RGB")
+                # turned as the camera's EXIF orientation says, as viewers show it (phone photos)
+                img = _eight_bit(ImageOps.exif_transpose(img)).convert("L" if self.channels == 1 else "RGB")
         # PIL raises all three on corrupt files, DecompressionBombError on images over MAX_IMAGE_PIXELS
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {str(path)!r}: {err}") from None

@@ -311,3 +311,17 @@ def test_an_image_over_pillows_pixel_limit_is_a_data_error(tmp_path, monkeypatch
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.raises(DataError, match="big.png.*exceeds limit"):
         resolve_source(tmp_path, image_size=32)
+
+
+def test_camera_orientation_is_applied(tmp_path):
+    """Phone and camera JPEGs store the sensor's pixels and say in EXIF how to turn them. Calibration
+    and fine-tuning read such photos sideways; they are now turned as every image viewer shows them."""
+    stored = np.zeros((32, 32, 3), np.uint8)
+    stored[:16] = 255  # top half white as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    x, _ = resolve_source(tmp_path, image_size=32)[0]
+    left, right = x[..., :12].mean(), x[..., -12:].mean()
+    top, bottom = x[..., :12, :].mean(), x[..., -12:, :].mean()
+    assert right - left > 3 and abs(top - bottom) < 0.5  # turned: the white half is on the right
