@@ -1,14 +1,15 @@
 """Data sources for calibration and fine-tuning: one entry point, :func:`resolve_source`.
 
 Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H×W, label int)`` items,
-``label = -1`` when the source has no labels. Sources:
+``label = -1`` when the source has no labels. ``image_size`` is one side (square images) or
+``(height, width)``. Sources:
 
 ``"digits"``
     scikit-learn's bundled handwritten digits (1797 real 8×8 images, 10 classes), scaled to [0, 1],
     resized (bilinear) to ``image_size``, replicated to ``channels``, normalised with fixed statistics.
 ``"sample-images"``
-    scikit-learn's two bundled photos, cut into ``samples`` seeded random crops (default 64) resized
-    to ``image_size`` and normalised with the ImageNet statistics. Unlabelled. Train and val crops
+    scikit-learn's two bundled photos, cut into ``samples`` seeded random crops (default 64, of the
+    output's aspect ratio) resized to ``image_size`` and normalised with the ImageNet statistics. Unlabelled. Train and val crops
     differ but come from the same two photos.
 ``"photos"``
     the same kind of crops from 18 real photos that packages ship: scikit-learn's two, matplotlib's
@@ -18,7 +19,8 @@ Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H
 a folder path
     class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled.
     Turned upright by their EXIF orientation (camera photos), then ImageNet preprocessing: resize the
-    short side to ``1.14·image_size``, centre crop, normalise.
+    short side to ``1.14·image_size``, centre crop, normalise (a non-square size: scaled to cover
+    1.14× it both ways, then the centre crop).
 Python objects
     a ``Dataset``, a ``DataLoader`` (its data set is used), a tensor ``N×C×H×W``, or any iterable of
     tensors (single images or batches), ``(x, y)`` pairs or dicts (``{"pixel_values": x, "labels": y}``,
@@ -106,7 +108,7 @@ class DigitsImages(SourceDataset):
     source = "digits"
     labelled = True
 
-    def __init__(self, image_size: int, channels: int) -> None:
+    def __init__(self, size: tuple[int, int], channels: int) -> None:
         from sklearn.datasets import load_digits  # heavy import: only when the source is used
 
         digits = load_digits()
@@ -114,7 +116,7 @@ class DigitsImages(SourceDataset):
         base = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
         self.base = (base - DIGITS_MEAN) / DIGITS_STD
         self.labels = torch.as_tensor(digits.target, dtype=torch.long)
-        self.image_size, self.channels = image_size, channels
+        self.size, self.channels = size, channels
 
     def targets(self) -> Tensor:
         return self.labels
@@ -127,8 +129,8 @@ class DigitsImages(SourceDataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         x = self.base[index : index + 1]
-        if x.shape[-1] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         return x[0].expand(self.channels, -1, -1).contiguous(), int(self.labels[index])
 
 
@@ -180,11 +182,12 @@ def _photo_split(photos: list[tuple[str, Tensor]], split: str, seed: int) -> lis
 
 
 class PhotoCrops(SourceDataset):
-    """Seeded random square crops of photos (default: scikit-learn's two), ImageNet-normalised."""
+    """Seeded random crops of photos (default: scikit-learn's two) of the output's aspect ratio,
+    resized to ``size`` (height, width), ImageNet-normalised."""
 
     source = "sample-images"
 
-    def __init__(self, count: int, image_size: int, channels: int, generator: torch.Generator,
+    def __init__(self, count: int, size: tuple[int, int], channels: int, generator: torch.Generator,
                  photos: Sequence[tuple[str, Tensor]] | None = None, source: str | None = None) -> None:
         named = list(photos) if photos is not None else sample_photos()
         if not named:
@@ -193,25 +196,28 @@ class PhotoCrops(SourceDataset):
         self.names = [name for name, _ in named]
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.photos = [(p - mean) / std for _, p in named]
-        self.image_size, self.channels = image_size, channels
-        # Crop side between 20% and 100% of the photo's short side: a mix of close-ups and wide views.
+        self.size, self.channels = size, channels
+        # Crops between 20% and 100% of the largest box of the output's aspect ratio that fits the photo
+        # (for square outputs, of the photo's short side): a mix of close-ups and wide views.
+        aspect = size[1] / size[0]
         self.boxes = []
         for _ in range(count):
             which = int(torch.randint(len(self.photos), (1,), generator=generator))
             h, w = self.photos[which].shape[1:]
-            side = int(min(h, w) * (0.2 + 0.8 * float(torch.rand((), generator=generator))))
-            top = int(torch.randint(h - side + 1, (1,), generator=generator))
-            left = int(torch.randint(w - side + 1, (1,), generator=generator))
-            self.boxes.append((which, top, left, side))
+            box_h, box_w = (h, h * aspect) if w >= h * aspect else (w / aspect, w)
+            scale = 0.2 + 0.8 * float(torch.rand((), generator=generator))
+            crop_h, crop_w = max(1, int(box_h * scale)), max(1, int(box_w * scale))
+            top = int(torch.randint(h - crop_h + 1, (1,), generator=generator))
+            left = int(torch.randint(w - crop_w + 1, (1,), generator=generator))
+            self.boxes.append((which, top, left, crop_h, crop_w))
 
     def __len__(self) -> int:
         return len(self.boxes)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        which, top, left, side = self.boxes[index]
-        crop = self.photos[which][None, :, top : top + side, left : left + side]
-        x = F.interpolate(crop, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                          antialias=True)[0]
+        which, top, left, crop_h, crop_w = self.boxes[index]
+        crop = self.photos[which][None, :, top : top + crop_h, left : left + crop_w]
+        x = F.interpolate(crop, size=self.size, mode="bilinear", align_corners=False, antialias=True)[0]
         return _match_channels(x, self.channels), -1
 
 
@@ -219,11 +225,11 @@ class FolderImages(SourceDataset):
     """Image files of a folder (ImageFolder layout or flat), decoded and preprocessed on access."""
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int] | None, classes: Sequence[str],
-                 image_size: int, channels: int, source: str) -> None:
+                 size: tuple[int, int], channels: int, source: str) -> None:
         self.files, self.classes, self.source = list(files), list(classes), source
         self.labelled = labels is not None
         self.labels = torch.as_tensor(labels if labels is not None else [-1] * len(self.files), dtype=torch.long)
-        self.image_size, self.channels = image_size, channels
+        self.size, self.channels = size, channels
 
     def targets(self) -> Tensor | None:
         return self.labels if self.labelled else None
@@ -246,9 +252,16 @@ class FolderImages(SourceDataset):
         # PIL raises all three on corrupt files, DecompressionBombError on images over MAX_IMAGE_PIXELS
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
             raise DataError(f"cannot read image {str(path)!r}: {err}") from None
-        # Standard ImageNet evaluation preprocessing: short side to 1.14x, centre crop, normalise.
-        img = TF.resize(img, round(self.image_size * 256 / 224), antialias=True)
-        x = TF.to_tensor(TF.center_crop(img, [self.image_size, self.image_size]))
+        # Standard ImageNet evaluation preprocessing: short side to 1.14x, centre crop, normalise. For a
+        # non-square output, the image is scaled to cover 1.14x the output in both directions.
+        h, w = self.size
+        if h == w:
+            img = TF.resize(img, round(h * 256 / 224), antialias=True)
+        else:
+            scale = max(h * 256 / 224 / img.height, w * 256 / 224 / img.width)
+            img = TF.resize(img, [max(h, round(img.height * scale)), max(w, round(img.width * scale))],
+                            antialias=True)
+        x = TF.to_tensor(TF.center_crop(img, [h, w]))
         mean, std = IMAGENET_MEAN[: self.channels], IMAGENET_STD[: self.channels]
         if self.channels == 1:  # grey images: the ImageNet statistics of the green channel (luma-like)
             mean, std = IMAGENET_MEAN[1:2], IMAGENET_STD[1:2]
@@ -335,11 +348,13 @@ class WithoutLabels(SourceDataset):
 
 
 # ----------------------------------------------------------------------------------- entry point
-def resolve_source(source: Any, *, image_size: int = 224, channels: int | None = None, split: str = "all",
+def resolve_source(source: Any, *, image_size: int | tuple[int, int] = 224, channels: int | None = None,
+                   split: str = "all",
                    samples: int | None = None, labels: bool = False, seed: int = 0) -> SourceDataset:
     """Turn a data source (name, folder, or Python object) into a data set of ``(image, label)`` items.
 
-    ``image_size`` and ``channels`` shape the images of named and folder sources (``channels=None``:
+    ``image_size`` (one side, or ``(height, width)``) and ``channels`` shape the images of named and
+    folder sources (``channels=None``:
     the source's own, 1 for digits, 3 for photos); Python objects are not resized, and their channels
     are checked when ``channels`` is given. ``labels=True`` requires
     labels (:class:`DataError` otherwise). ``samples`` caps the number of items (a seeded random
@@ -351,8 +366,7 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
     """
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {SPLITS}, got {split!r}")
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ConfigError(f"image_size must be a positive integer, got {image_size!r}")
+    size = _size_hw(image_size)
     if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
         raise ConfigError(f"channels must be a positive integer or None, got {channels!r}")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
@@ -361,16 +375,16 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
         if name == "digits":
-            dataset: SourceDataset = DigitsImages(image_size, channels or 1)
+            dataset: SourceDataset = DigitsImages(size, channels or 1)
         elif name in ("sample-images", "photos"):
             # sample-images: every split crops both photos (its own seed stream, so the crops differ);
             # photos: each split has its own photos.
             photos = sample_photos() if name == "sample-images" else _photo_split(all_photos(), split, seed)
             gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
-            crops = PhotoCrops(samples or DEFAULT_CROPS, image_size, channels or 3, gen, photos, name)
+            crops = PhotoCrops(samples or DEFAULT_CROPS, size, channels or 3, gen, photos, name)
             return _require_labels(crops, labels)
         elif Path(name).exists():
-            dataset = _folder(Path(name), image_size, channels or 3)
+            dataset = _folder(Path(name), size, channels or 3)
         else:
             raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos' "
                             "or an existing folder")
@@ -390,6 +404,14 @@ def resolve_source(source: Any, *, image_size: int = 224, channels: int | None =
         keep = torch.randperm(len(dataset), generator=gen)[:samples].sort().values.tolist()
         dataset = SubsetImages(dataset, keep, f"{samples} samples")
     return dataset
+
+
+def _size_hw(image_size: Any) -> tuple[int, int]:
+    """``(height, width)`` of ``image_size``: one positive int (square) or a pair of them."""
+    sides = list(image_size) if isinstance(image_size, (tuple, list)) else [image_size]
+    if len(sides) not in (1, 2) or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in sides):
+        raise ConfigError(f"image_size must be a positive integer or (height, width), got {image_size!r}")
+    return sides[0], sides[-1]
 
 
 def split_indices(n: int, targets: Tensor | None, seed: int,
@@ -487,7 +509,7 @@ def _require_labels(dataset: SourceDataset, labels: bool) -> SourceDataset:
     return dataset
 
 
-def _folder(root: Path, image_size: int, channels: int) -> FolderImages:
+def _folder(root: Path, size: tuple[int, int], channels: int) -> FolderImages:
     if not root.is_dir():
         raise DataError(f"data source {str(root)!r} is a file, not a folder of images")
     if channels not in (1, 3):
@@ -511,7 +533,7 @@ def _folder(root: Path, image_size: int, channels: int) -> FolderImages:
     if not files:
         raise DataError(f"folder {str(root)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     _check_image_files(files)
-    return FolderImages(files, targets, classes, image_size, channels, str(root))
+    return FolderImages(files, targets, classes, size, channels, str(root))
 
 
 def _is_image_name(path: Path) -> bool:

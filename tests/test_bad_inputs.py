@@ -573,7 +573,7 @@ def _cli_cases() -> list[Case]:
         cli("convert-weights-of-another-architecture", lambda e: conv("--weights", e.i("other.pt"))(e),
             "do not fit"),
         cli("convert-weights-with-nan", lambda e: conv("--weights", e.i("nan.pt"))(e), "NaN/Inf"),
-        cli("convert-input-size-zero", conv("--input-size", "0"), "--input-size must be positive"),
+        cli("convert-input-size-zero", conv("--input-size", "0"), "--input-size takes one or two positive integers"),
         cli("convert-input-too-small", conv("--input-size", "3"), r"failed on an input of shape \(1, 3, 3, 3\)"),
         cli("convert-calibration-empty-folder", lambda e: conv("--calib", e.i("empty"))(e), "holds no images"),
         cli("convert-calibration-corrupt-image", lambda e: conv("--calib", e.i("corrupt"))(e), "cannot read image"),

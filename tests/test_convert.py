@@ -640,3 +640,33 @@ def test_calibration_batches_may_be_dicts():
     torch.testing.assert_close(a.model(X), b.model(X))
     with pytest.raises(DataError, match="item 0 is a dict"):
         ic.convert(_net(), ic.ParamsRatio(0.5), calibration=[{"feat": images}], progress=False)
+
+
+def test_cli_non_square_input_size_reaches_calibration_check_and_fine_tuning(tmp_path, monkeypatch):
+    """``--input-size H W`` (convert) and ``--image-size H W`` (finetune) shape every image the commands
+    read: the size probe, the calibration images, the agreement check and fine-tuning's data. Before,
+    both flags took one side and calibration was square even for a model declaring a non-square input."""
+    import igc_convert.data as data
+
+    sizes = []
+
+    def recording(source, **kwargs):
+        if isinstance(source, str):  # named sources; fine-tuning re-wraps the data sets it is given
+            sizes.append(kwargs["image_size"])
+        return resolve(source, **kwargs)
+
+    resolve = data.resolve_source
+    monkeypatch.setattr(data, "resolve_source", recording)
+    out, rep = tmp_path / "m.safetensors", tmp_path / "r.json"
+    assert main(["convert", "igc_convert.digits:digits_resnet", "-o", str(out), "--params-ratio", "0.3",
+                 "--input-size", "12", "16", "--calib", "digits", "--calib-samples", "16", "--check-samples", "8",
+                 "--report", str(rep)]) == 0
+    report = json.loads(rep.read_text())
+    dense = ic.convert(digits_resnet_weights(), ic.ParamsRatio(0.5), example_inputs=torch.zeros(1, 1, 12, 16),
+                       progress=False).report.totals()["macs_before"]
+    assert report["totals"]["macs_before"] == dense and report["agreement"]["images"] == 8
+    assert sizes == [(12, 16), (12, 16)]
+    sizes.clear()
+    assert main(["finetune", str(out), "-o", str(tmp_path / "ft.safetensors"), "--data", "digits", "--epochs", "1",
+                 "--samples", "32", "--val-samples", "16", "--image-size", "16", "12"]) == 0
+    assert sizes == [(16, 12), (16, 12)]

@@ -258,8 +258,10 @@ def test_dataset_with_bad_items_is_a_data_error():
         resolve_source(TensorDataset(torch.randn(4, 3, 8, 8), -torch.ones(4, dtype=torch.long)))
 
 
-@pytest.mark.parametrize("kwargs", [dict(split="test"), dict(image_size=0), dict(channels=0), dict(samples=0)],
-                         ids=["split", "size", "channels", "samples"])
+@pytest.mark.parametrize("kwargs", [dict(split="test"), dict(image_size=0), dict(image_size=(32, 0)),
+                                    dict(image_size=(8, 8, 8)), dict(image_size=8.0), dict(channels=0),
+                                    dict(samples=0)],
+                         ids=["split", "size", "height-width", "three-sides", "float", "channels", "samples"])
 def test_bad_options_are_config_errors(kwargs):
     with pytest.raises(ConfigError):
         resolve_source("digits", **kwargs)
@@ -325,3 +327,28 @@ def test_camera_orientation_is_applied(tmp_path):
     left, right = x[..., :12].mean(), x[..., -12:].mean()
     top, bottom = x[..., :12, :].mean(), x[..., -12:, :].mean()
     assert right - left > 3 and abs(top - bottom) < 0.5  # turned: the white half is on the right
+
+
+def test_every_named_and_folder_source_gives_non_square_images(tmp_path):
+    """A model trained on non-square inputs (text lines, pose crops) calibrates and fine-tunes on images of
+    its own (height, width): digits are resized, photos cropped at that aspect ratio, folder images scaled
+    to cover it and centre-cropped, with nothing squeezed."""
+    for name in ("digits", "sample-images"):
+        x, _ = resolve_source(name, image_size=(12, 40), samples=4)[0]
+        assert x.shape[-2:] == (12, 40)
+    crops = resolve_source("sample-images", image_size=(12, 40), samples=16)
+    for which, top, left, h, w in crops.boxes:  # the crops keep the output's aspect: no squeezing
+        photo_h, photo_w = crops.photos[which].shape[1:]
+        assert abs(w / h - 40 / 12) < 0.05 and top + h <= photo_h and left + w <= photo_w
+    # A folder image whose left half is dark and right half bright: a 2:1 crop of a square image
+    # keeps its middle rows at full width, so the halves stay where they are.
+    square = np.zeros((60, 60, 3), np.uint8)
+    square[:, 30:] = 255
+    Image.fromarray(square).save(tmp_path / "halves.png")
+    for size in ((16, 32), (32, 16)):
+        x, _ = resolve_source(tmp_path, image_size=size)[0]
+        assert x.shape == (3, *size)
+        w = size[1]
+        assert x[..., : w // 2 - 2].max() < -1 and x[..., w // 2 + 2 :].min() > 1
+    torch.testing.assert_close(resolve_source(tmp_path, image_size=(24, 24))[0][0],
+                               resolve_source(tmp_path, image_size=24)[0][0])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..errors import ConfigError
 
 HELP = "compare the onnxruntime latency of two ONNX models (alternating runs, medians, ratio B/A)"
 EXAMPLE = "igc-convert bench resnet18.onnx resnet18-igc.onnx --batch-size 1 32 --threads 2 --runs 20"
@@ -28,9 +27,9 @@ def run(args: argparse.Namespace) -> int:
     from ..bench import bench_onnx
     from ..files import atomic_write, check_writable
 
-    size = args.input_size
-    if size is not None and len(size) not in (1, 2):
-        raise ConfigError(f"--input-size takes one or two integers, got {size}")
+    from .export import check_size
+
+    size = check_size(args.input_size, "--input-size")
     if args.json:
         check_writable(args.json)
     result = bench_onnx(args.a, args.b, batch_sizes=args.batch_size, threads=args.threads, runs=args.runs,

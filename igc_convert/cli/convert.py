@@ -68,9 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "NCHWc block on this CPU, 16 with AVX-512, 8 with AVX2; give the deployment CPU's)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="layer names to keep dense")
     parser.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only convert these layers")
-    parser.add_argument("--input-size", type=int, default=None, metavar="N",
-                        help="input height/width (default: the size the model declares, timm's pretrained_cfg, "
-                             "else 224)")
+    parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
+                        help="input height and width (one value for square inputs; default: the size the model "
+                             "declares, timm's pretrained_cfg, else 224); calibration images get this size")
     parser.add_argument("--report", metavar="JSON", help="also write the per-layer report as JSON")
     parser.add_argument("--plot", metavar="PNG", help="also write a plot of error vs compression per layer")
     parser.add_argument("--seed", type=int, default=0, help="seed for random init and calibration sampling")
@@ -93,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..models import build_model
     from ..serialize import save
-    from .export import input_hw
+    from .export import check_size, input_hw
 
     target = _target(args)  # validates the ratio before any work
-    if args.input_size is not None and args.input_size < 1:
-        raise ConfigError(f"--input-size must be positive, got {args.input_size}")
+    check_size(args.input_size, "--input-size")
     if args.calib_samples < 1:
         raise ConfigError(f"--calib-samples must be positive, got {args.calib_samples}")
     if args.check_samples < 0:
@@ -110,13 +109,13 @@ def run(args: argparse.Namespace) -> int:
     model, origin = build_model(args.model, weights, num_classes=args.num_classes, seed=args.seed)
     if not any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         raise ModelError(f"{args.model} has no Conv2d layers to convert")
-    channels, (height, width) = input_hw(model, [args.input_size] if args.input_size else None)
+    channels, (height, width) = input_hw(model, args.input_size)
     example = torch.randn(1, channels, height, width, generator=torch.Generator().manual_seed(args.seed))
     calibration = None
     if args.calib:
         from ..data import resolve_source
 
-        calibration = resolve_source(args.calib, image_size=width, channels=channels, split="train",
+        calibration = resolve_source(args.calib, image_size=(height, width), channels=channels, split="train",
                                      samples=args.calib_samples, seed=args.seed)
     result = convert(model, target, block=args.block, example_inputs=example, calibration=calibration,
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
@@ -125,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
                      refit_linears=args.refit_linears, seed=args.seed,
                      linear=args.linear, channel_multiple=args.channel_multiple, model_name=args.model)
     if args.calib and args.check_samples:
-        result.report.agreement = _check(model, result.model, args, width, channels)
+        result.report.agreement = _check(model, result.model, args, (height, width), channels)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
     print(result.report.table())
     if args.report:
@@ -139,15 +138,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check(original: torch.nn.Module, converted: torch.nn.Module, args: argparse.Namespace, width: int,
-           channels: int) -> Agreement | None:
+def _check(original: torch.nn.Module, converted: torch.nn.Module, args: argparse.Namespace,
+           size: tuple[int, int], channels: int) -> Agreement | None:
     """The converted model's agreement with the original on ``--check-samples`` images of ``--calib``'s
     validation split; None (with a warning) when the source is too small to have one."""
     from ..agreement import measure_agreement
     from ..data import resolve_source
 
     try:
-        held_out = resolve_source(args.calib, image_size=width, channels=channels, split="val",
+        held_out = resolve_source(args.calib, image_size=size, channels=channels, split="val",
                                   samples=args.check_samples, seed=args.seed)
     except DataError as err:
         log.warning("no agreement check: %s", err)

@@ -63,6 +63,13 @@ def _declared_input(model: nn.Module) -> tuple[int, int, int] | None:
     return None
 
 
+def check_size(size: list[int] | None, flag: str) -> list[int] | None:
+    """``size`` as given on the command line: None, or one or two positive integers (else a ConfigError)."""
+    if size is not None and (len(size) not in (1, 2) or min(size) < 1):
+        raise ConfigError(f"{flag} takes one or two positive integers (a side, or height and width), got {size}")
+    return size
+
+
 def input_hw(model: nn.Module, size: list[int] | None) -> tuple[int, tuple[int, int]]:
     """``(channels, (height, width))`` of one example input: ``size`` (one side, or height and
     width) when given, else the model's declared input, non-square ones included, else 224²."""
@@ -73,13 +80,6 @@ def input_hw(model: nn.Module, size: list[int] | None) -> tuple[int, tuple[int, 
     if declared is not None:
         return channels, declared[1:]
     return channels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
-
-
-def input_shape(model: nn.Module, image_size: int | None) -> tuple[int, int]:
-    """``(channels, side)`` for square images (data sources): ``image_size``, else the width of the
-    model's example input (:func:`input_hw`)."""
-    channels, (_, width) = input_hw(model, [image_size] if image_size else None)
-    return channels, width
 
 
 def _original(origin: dict) -> nn.Module:
@@ -102,9 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from ..files import check_writable
     from ..serialize import load
 
-    size = args.input_size
-    if size is not None and (len(size) not in (1, 2) or min(size) < 1):
-        raise ConfigError(f"--input-size takes one or two positive integers, got {size}")
+    size = check_size(args.input_size, "--input-size")
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     # Fail on an unwritable destination before minutes of export.

@@ -13,7 +13,7 @@ from typing import Any
 from ..data import DEFAULT_CROPS
 from ..errors import ConfigError, IGCError, ModelError
 from ..finetune import OPTIMIZERS, FinetuneConfig, FinetuneResult
-from .export import DEFAULT_IMAGE_SIZE, input_shape
+from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw
 
 HELP = "fine-tune a converted model by distillation from the original (resumable, runs under torchrun)"
 EXAMPLE = ("igc-convert finetune resnet18-igc.safetensors -o resnet18-igc-ft.safetensors --data train/ "
@@ -59,9 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
                         help="weight of matching each converted block to its original conv "
                              f"(default {d.feature_weight}: off)")
-    parser.add_argument("--image-size", type=int, default=None, metavar="N",
-                        help="image size for named and folder sources (default: the model's declared "
-                             f"input size, else {DEFAULT_IMAGE_SIZE})")
+    parser.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
+                        help="image height and width for named and folder sources (one value for square "
+                             f"images; default: the model's declared input size, else {DEFAULT_IMAGE_SIZE})")
     parser.add_argument("--checkpoint-dir", metavar="DIR", help="write a checkpoint here (each epoch and "
                         "every --checkpoint-every steps)")
     parser.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, metavar="STEPS",
@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues the run kept in --checkpoint-dir: give --checkpoint-dir")
     if args.teacher == "none" and not args.labels:
         raise ConfigError("--teacher none learns from labels only: add --labels (with labelled --data)")
-    if args.image_size is not None and args.image_size < 1:
-        raise ConfigError(f"--image-size must be positive, got {args.image_size}")
+    check_size(args.image_size, "--image-size")
     for flag, value in (("--samples", args.samples), ("--val-samples", args.val_samples)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be positive, got {value}")
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
             raise ModelError(f"cannot rebuild the teacher (the original model) of {args.converted!r}: {message}; "
                              "use --teacher none --labels to fine-tune on labels only") from err
 
-    channels, size = input_shape(converted.model, args.image_size)
+    channels, size = input_hw(converted.model, args.image_size)
     options = dict(image_size=size, channels=channels, seed=args.seed)
     if args.val_data:
         train = resolve_source(args.data, split="all", labels=args.labels, samples=args.samples, **options)
