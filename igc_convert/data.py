@@ -108,7 +108,7 @@ class DigitsImages(SourceDataset):
     source = "digits"
     labelled = True
 
-    def __init__(self, size: tuple[int, int], channels: int) -> None:
+    def __init__(self, size: int | tuple[int, int], channels: int) -> None:
         from sklearn.datasets import load_digits  # heavy import: only when the source is used
 
         digits = load_digits()
@@ -116,7 +116,7 @@ class DigitsImages(SourceDataset):
         base = torch.as_tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(1)
         self.base = (base - DIGITS_MEAN) / DIGITS_STD
         self.labels = torch.as_tensor(digits.target, dtype=torch.long)
-        self.size, self.channels = size, channels
+        self.size, self.channels = _size_hw(size), channels
 
     def targets(self) -> Tensor:
         return self.labels
@@ -187,7 +187,7 @@ class PhotoCrops(SourceDataset):
 
     source = "sample-images"
 
-    def __init__(self, count: int, size: tuple[int, int], channels: int, generator: torch.Generator,
+    def __init__(self, count: int, size: int | tuple[int, int], channels: int, generator: torch.Generator,
                  photos: Sequence[tuple[str, Tensor]] | None = None, source: str | None = None) -> None:
         named = list(photos) if photos is not None else sample_photos()
         if not named:
@@ -196,6 +196,7 @@ class PhotoCrops(SourceDataset):
         self.names = [name for name, _ in named]
         mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
         self.photos = [(p - mean) / std for _, p in named]
+        size = _size_hw(size)
         self.size, self.channels = size, channels
         # Crops between 20% and 100% of the largest box of the output's aspect ratio that fits the photo
         # (for square outputs, of the photo's short side): a mix of close-ups and wide views.
@@ -225,11 +226,11 @@ class FolderImages(SourceDataset):
     """Image files of a folder (ImageFolder layout or flat), decoded and preprocessed on access."""
 
     def __init__(self, files: Sequence[Path], labels: Sequence[int] | None, classes: Sequence[str],
-                 size: tuple[int, int], channels: int, source: str) -> None:
+                 size: int | tuple[int, int], channels: int, source: str) -> None:
         self.files, self.classes, self.source = list(files), list(classes), source
         self.labelled = labels is not None
         self.labels = torch.as_tensor(labels if labels is not None else [-1] * len(self.files), dtype=torch.long)
-        self.size, self.channels = size, channels
+        self.size, self.channels = _size_hw(size), channels
 
     def targets(self) -> Tensor | None:
         return self.labels if self.labelled else None
