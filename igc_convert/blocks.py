@@ -15,6 +15,11 @@ Shapes (``S = kh·kw``)::
 
 IGCV3's paper puts a shuffle on each side of the depthwise conv; a depthwise conv commutes with any
 channel permutation, so the two compose into the one shuffle used here (fewer nodes, same function).
+
+Every block has exactly one spatial (k×k) conv and it carries the dense conv's padding and
+``padding_mode``: the 1×1 convs before it act on each pixel alone, so reflecting, replicating or
+wrapping the border before or after them gives the same result (and zero padding commutes with
+IGCV3's bias-free expand).
 """
 
 from __future__ import annotations
@@ -51,8 +56,6 @@ def check_convertible(conv: nn.Module, name: str | None = None) -> None:
     if conv.groups != 1:
         raise UnsupportedLayerError(f"grouped conv (groups={conv.groups}) is already sparse; only groups=1 convs "
                                     "are converted", layer=name)
-    if conv.padding_mode != "zeros":
-        raise UnsupportedLayerError(f"padding_mode={conv.padding_mode!r} is not supported (only 'zeros')", layer=name)
     if not torch.isfinite(conv.weight).all() or (conv.bias is not None and not torch.isfinite(conv.bias).all()):
         raise UnsupportedLayerError("weights contain NaN or Inf", layer=name)
     if conv.weight.is_meta:
@@ -68,14 +71,16 @@ class IGCBlock(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True) -> None:
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, padding_mode: str = "zeros") -> None:
         super().__init__()
+        if padding_mode not in PADDING_MODES:
+            raise ConfigError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         if in_channels < 1 or out_channels < 1:
             raise ConfigError(f"channels must be positive, got in={in_channels}, out={out_channels}")
         self.in_channels, self.out_channels = int(in_channels), int(out_channels)
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), _pair(stride), _pair(dilation)
         self.padding = padding if isinstance(padding, str) else _pair(padding)
-        self.has_bias = bool(bias)
+        self.has_bias, self.padding_mode = bool(bias), padding_mode
 
     # --- the shared API -----------------------------------------------------------------------
     def shape(self) -> dict[str, Any]:
@@ -113,7 +118,7 @@ class IGCBlock(nn.Module):
     def conv_args(self) -> dict[str, Any]:
         return dict(in_channels=self.in_channels, out_channels=self.out_channels,
                     kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                    dilation=self.dilation, bias=self.has_bias)
+                    dilation=self.dilation, bias=self.has_bias, padding_mode=self.padding_mode)
 
     def num_params(self) -> int:
         """Number of parameters (weights and bias)."""
@@ -156,7 +161,7 @@ class IGCBlock(nn.Module):
         check_convertible(conv, name)
         try:
             block = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                        conv.dilation, conv.bias is not None, **shape,
+                        conv.dilation, conv.bias is not None, conv.padding_mode, **shape,
                         device=conv.weight.device, dtype=conv.weight.dtype)
             if fit:
                 result = cls.fit(conv.weight.detach(), sigma=sigma, row_weights=row_weights, **shape)
@@ -168,8 +173,9 @@ class IGCBlock(nn.Module):
 
     def extra_repr(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.shape().items())
+        mode = "" if self.padding_mode == "zeros" else f", padding_mode={self.padding_mode!r}"
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.has_bias}, {args}")
+                f"padding={self.padding}{mode}, dilation={self.dilation}, bias={self.has_bias}, {args}")
 
 
 class IGCV1(IGCBlock):
@@ -184,9 +190,9 @@ class IGCV1(IGCBlock):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True, *, primary_groups: int = 1,
-                 secondary_groups: int = 1, rank: int = 1, device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias)
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 primary_groups: int = 1, secondary_groups: int = 1, rank: int = 1, device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode)
         L, M, r = _ints(primary_groups=primary_groups, secondary_groups=secondary_groups, rank=rank)
         fz._check_divisible(in_channels, L, "in_channels", "primary_groups")
         fz._check_divisible(out_channels, M, "out_channels", "secondary_groups")
@@ -197,7 +203,7 @@ class IGCV1(IGCBlock):
         self.primary_groups, self.secondary_groups, self.rank = L, M, r
         kw = dict(device=device, dtype=dtype)
         self.primary = nn.Conv2d(in_channels, L * M * r, self.kernel_size, self.stride, self.padding,
-                                 self.dilation, groups=L, bias=False, **kw)
+                                 self.dilation, groups=L, bias=False, padding_mode=padding_mode, **kw)
         self.shuffle = ChannelShuffle(L, M) if L > 1 and M > 1 else nn.Identity()
         self.secondary = nn.Conv2d(L * M * r, out_channels, 1, groups=M, bias=bias, **kw)
 
@@ -232,16 +238,16 @@ class IGCV2(IGCBlock):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True, *, primary_groups: int = 1,
-                 factors: Sequence[int] = (2, 2), device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias)
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 primary_groups: int = 1, factors: Sequence[int] = (2, 2), device=None, dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode)
         L, ks = _ints(primary_groups=primary_groups)[0], tuple(_ints(**{f'factors[{i}]': k for i, k in enumerate(factors)}))
         fz._validate_igcv2(in_channels, out_channels, L, ks, math.prod(self.kernel_size))
         self.primary_groups, self.group_sizes = L, ks
         c_mid = math.prod(ks)
         kw = dict(device=device, dtype=dtype)
         self.primary = nn.Conv2d(in_channels, c_mid, self.kernel_size, self.stride, self.padding,
-                                 self.dilation, groups=L, bias=False, **kw)
+                                 self.dilation, groups=L, bias=False, padding_mode=padding_mode, **kw)
         stages = []
         for t, k in enumerate(ks):
             last = t == len(ks) - 1
@@ -278,17 +284,18 @@ class IGCV3(IGCBlock):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int],
                  stride: int | tuple[int, int] = 1, padding: int | tuple[int, int] | str = 0,
-                 dilation: int | tuple[int, int] = 1, bias: bool = True, *, expand_groups: int = 1,
-                 reduce_groups: int = 1, mid_channels: int = 1, device=None, dtype=None) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias)
+                 dilation: int | tuple[int, int] = 1, bias: bool = True, padding_mode: str = "zeros", *,
+                 expand_groups: int = 1, reduce_groups: int = 1, mid_channels: int = 1, device=None,
+                 dtype=None) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias, padding_mode)
         G1, G2, c_int = _ints(expand_groups=expand_groups, reduce_groups=reduce_groups, mid_channels=mid_channels)
         fz._validate_igcv3(in_channels, out_channels, G1, G2, c_int)
         self.expand_groups, self.reduce_groups, self.mid_channels = G1, G2, c_int
         kw = dict(device=device, dtype=dtype)
         self.expand = nn.Conv2d(in_channels, c_int, 1, groups=G1, bias=False, **kw)
-        # Zero padding commutes with the bias-free 1×1 expand, so padding here is exact.
+        # Padding commutes with the bias-free 1×1 expand (any mode), so padding here is exact.
         self.depthwise = nn.Conv2d(c_int, c_int, self.kernel_size, self.stride, self.padding, self.dilation,
-                                   groups=c_int, bias=False, **kw)
+                                   groups=c_int, bias=False, padding_mode=padding_mode, **kw)
         self.shuffle = ChannelShuffle(G1, G2) if G1 > 1 and G2 > 1 else nn.Identity()
         self.reduce = nn.Conv2d(c_int, out_channels, 1, groups=G2, bias=bias, **kw)
 
@@ -325,6 +332,9 @@ class IGCV3(IGCBlock):
         return [errors[i] for i in range(len(shapes))]
 
 
+#: ``nn.Conv2d``'s padding modes; a block carries its conv's.
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
 #: Block kind -> class. Copy before extending (``dict(BLOCKS)``); users may register their own kinds.
 BLOCKS: dict[str, type[IGCBlock]] = {cls.kind: cls for cls in (IGCV1, IGCV2, IGCV3)}
 
@@ -355,6 +365,31 @@ def conv_macs(in_channels: int, out_channels: int, kernel_size, groups: int, out
     return out_channels * (in_channels // groups) * math.prod(_pair(kernel_size)) * math.prod(output_hw)
 
 
+def conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, like: nn.Module) -> Tensor:
+    """``F.conv2d`` of ``weight`` with the stride, padding, padding mode, dilation and groups of ``like``
+    (a ``Conv2d`` or a block; what ``nn.Conv2d`` computes, without needing one)."""
+    stride, padding, dilation = like.stride, like.padding, like.dilation
+    groups = getattr(like, "groups", 1)
+    if like.padding_mode == "zeros":
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return F.conv2d(F.pad(x, _pad_amounts(weight.shape[2:], padding, dilation), mode=like.padding_mode),
+                    weight, bias, stride, 0, dilation, groups)
+
+
+def _pad_amounts(kernel_size, padding, dilation) -> list[int]:
+    """``F.pad``'s ``(left, right, top, bottom)`` for a conv's padding (``'same'``: as ``nn.Conv2d`` splits it)."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        out = []
+        for k, d in zip(reversed(tuple(kernel_size)), reversed(_pair(dilation))):
+            total = d * (k - 1)
+            out += [total // 2, total - total // 2]
+        return out
+    ph, pw = _pair(padding)
+    return [pw, pw, ph, ph]
+
+
 def dense_conv_forward(block: IGCBlock, x: Tensor) -> Tensor:
     """Reference forward: ``F.conv2d`` with the block's dense-equivalent kernel (used in tests)."""
-    return F.conv2d(x, block.dense_weight(), block.bias, block.stride, block.padding, block.dilation)
+    return conv_forward(x, block.dense_weight(), block.bias, block)

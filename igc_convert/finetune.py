@@ -49,6 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .agreement import kl_and_top1
+from .blocks import conv_forward
 from .data import (SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
 from .errors import CheckpointError, ConfigError, DataError, ModelError
@@ -777,8 +778,7 @@ class _FeatureHooks:
                 if isinstance(layer, nn.Linear):  # the block sees the Linear's input as N × C × 1 × 1
                     target = F.conv2d(x.detach().float(), layer.weight.float()[:, :, None, None], bias)
                 else:
-                    target = F.conv2d(x.detach().float(), layer.weight.float(), bias,
-                                      layer.stride, layer.padding, layer.dilation, layer.groups)
+                    target = conv_forward(x.detach().float(), layer.weight.float(), bias, layer)
             err = (out.float() - target).pow(2).mean()
             terms.append(err / target.pow(2).mean().clamp_min(1e-12))
         self.seen = {}

@@ -276,7 +276,7 @@ def _timing_block(kind: str, probe: nn.Conv2d, shape: dict[str, Any]) -> nn.Modu
     if kind not in BLOCKS:
         raise ConfigError(f"unknown block kind {kind!r}; choose from {sorted(BLOCKS)}")
     return BLOCKS[kind](probe.in_channels, probe.out_channels, probe.kernel_size, probe.stride, probe.padding,
-                        probe.dilation, probe.bias is not None, device="meta", **shape)
+                        probe.dilation, probe.bias is not None, probe.padding_mode, device="meta", **shape)
 
 
 def _materialised(module: nn.Module, seed: int) -> nn.Module:

@@ -52,7 +52,8 @@ def as_plain_conv(conv: nn.Conv2d) -> nn.Conv2d | None:
     """A plain ``nn.Conv2d`` computing what ``conv`` computes, or ``None`` when a probe input disagrees."""
     w = conv.weight
     plain = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                      conv.dilation, conv.groups, conv.bias is not None, device=w.device, dtype=w.dtype)
+                      conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device=w.device,
+                      dtype=w.dtype)
     with torch.no_grad():
         plain.weight.copy_(standardised_weight(conv))
         if conv.bias is not None:

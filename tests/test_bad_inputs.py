@@ -60,14 +60,15 @@ def grouped_only():
     return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
-def circular_only():
-    return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
+class ClampedConv(nn.Conv2d):
+    """A conv subclass with its own forward: what it computes is not a plain conv's."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(-1, 1)
 
 
-def mixed_unsupported():
-    return nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=4), nn.Conv2d(16, 16, 3, padding=1),
-                         nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"))
+def custom_conv_only():
+    return nn.Sequential(ClampedConv(16, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def no_convs():
@@ -385,7 +386,8 @@ def _api_cases() -> list[Case]:
         api("inf-bias", lambda e: ic.convert(e.net(mutate=_inf_bias), ic.ParamsRatio(0.5), progress=False),
             ModelError, r"parameter '3\.bias' contains NaN or Inf"),
         api("grouped-convs-only", lambda e: _convert(e, factory="grouped_only"), ConfigError, "not reachable"),
-        api("circular-padding-only", lambda e: _convert(e, factory="circular_only"), ConfigError, "not reachable"),
+        api("custom-conv-subclass-only", lambda e: _convert(e, factory="custom_conv_only"), ModelError,
+            "no Conv2d layers to convert"),
         api("include-matches-nothing", lambda e: _convert(e, include=["no_such_layer*"]), ConfigError,
             "no_such_layer"),
         api("meta-device-weights", lambda e: ic.convert(_meta(e), ic.ParamsRatio(0.5), progress=False), ModelError,
@@ -424,8 +426,8 @@ def _api_cases() -> list[Case]:
             ConfigError, "not divisible by primary_groups=5"),
         api("plan-grouped-conv", lambda e: apply_plan(e.net("grouped_only"), [_plan("0", rank=1)]),
             UnsupportedLayerError, r"grouped conv \(groups=4\)"),
-        api("plan-circular-conv", lambda e: apply_plan(e.net("circular_only"), [_plan("0", rank=1)]),
-            UnsupportedLayerError, "padding_mode='circular'"),
+        api("plan-custom-conv-subclass", lambda e: apply_plan(e.net("custom_conv_only"), [_plan("0", rank=1)]),
+            UnsupportedLayerError, r"ClampedConv is not a plain nn.Conv2d \(custom forward\)"),
         api("plan-unknown-shape-argument", lambda e: apply_plan(e.net(), [_plan(rank=2, wings=3)]), ConfigError,
             "wings"),
         api("plan-half-applied", lambda e: apply_plan(e.net(), [_plan("0", rank=2), _plan("3", rank=400)]),

@@ -26,6 +26,7 @@ def conv_config(draw):
         padding=(draw(st.integers(0, 2)), draw(st.integers(0, 1))),
         dilation=(draw(st.integers(1, 2)), 1),
         bias=draw(st.booleans()),
+        padding_mode=draw(st.sampled_from(["zeros", "zeros", "reflect", "replicate", "circular"])),
     )
 
 
@@ -70,10 +71,13 @@ def test_forward_equals_dense_equivalent(case, seed):
     torch.testing.assert_close(rebuilt(x), out)
 
 
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("L,M", [(1, 1), (2, 4), (4, 2)], ids=lambda v: str(v))
-def test_igcv1_full_rank_reproduces_dense_conv(L, M):
+def test_igcv1_full_rank_reproduces_dense_conv(L, M, mode):
+    """Also for convs that reflect, replicate or wrap the border (image restoration, style transfer
+    and GAN generators use them): the block's k×k conv pads the same way."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True).double()
+    conv = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=True, padding_mode=mode).double()
     r = min(16 // M, 8 // L * 9)
     block = IGCV1.from_conv(conv, primary_groups=L, secondary_groups=M, rank=r)
     x = torch.randn(3, 8, 11, 11, dtype=torch.float64)
@@ -127,8 +131,7 @@ BAD = [
     ("igcv2 out", lambda: IGCV2(8, 6, 3, factors=[4, 2]), "out_channels=6"),
     ("igcv3 mid", lambda: IGCV3(8, 8, 3, expand_groups=2, reduce_groups=2, mid_channels=6), "mid_channels=6"),
     ("grouped conv", lambda: IGCV1.from_conv(nn.Conv2d(8, 8, 3, groups=2), name="features.3"), "groups=2"),
-    ("circular padding", lambda: IGCV1.from_conv(nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), name="c"),
-     "circular"),
+    ("unknown padding mode", lambda: IGCV1(8, 8, 3, padding=1, padding_mode="mirror"), "padding_mode"),
     ("nan weights", lambda: IGCV1.from_conv(_nan_conv(), name="layer1.conv"), "NaN"),
     ("unknown kind", lambda: make_block("igcv9", nn.Conv2d(8, 8, 3), {}), "igcv9"),
     ("bad shape names layer", lambda: IGCV1.from_conv(nn.Conv2d(8, 8, 3), name="block.conv", rank=100), "block.conv"),

@@ -670,3 +670,52 @@ def test_cli_non_square_input_size_reaches_calibration_check_and_fine_tuning(tmp
     assert main(["finetune", str(out), "-o", str(tmp_path / "ft.safetensors"), "--data", "digits", "--epochs", "1",
                  "--samples", "32", "--val-samples", "16", "--image-size", "16", "12"]) == 0
     assert sizes == [(16, 12), (16, 12)]
+
+
+def _border_net() -> nn.Module:
+    """An image-to-image net of the kind that pads by reflecting, replicating or wrapping the border
+    (style transfer, restoration, GAN generators; circular for periodic/panoramic inputs)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=2, dilation=2, padding_mode="reflect"), nn.ReLU(),
+        nn.Conv2d(32, 32, (3, 5), padding="same", padding_mode="circular", bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, padding_mode="replicate"), nn.ReLU(),
+        nn.Conv2d(32, 3, 3, padding=1, padding_mode="reflect")).eval()
+
+
+@pytest.mark.parametrize("sequential", [False, True], ids=["one-shot", "sequential"])
+def test_convs_that_reflect_replicate_or_wrap_the_border_are_converted(tmp_path, sequential):
+    """They were refused ("padding_mode is not supported"): the whole net stayed dense. Each block now
+    pads its k×k conv as the conv did, so its dense equivalent is exact at the border too; the
+    data-aware fit reads patches padded that way; the file reloads and exports with onnxruntime parity."""
+    from igc_convert.blocks import conv_forward
+    from igc_convert.export import export_onnx
+    from igc_convert.serialize import read_metadata, save
+
+    model = _border_net()
+    images = torch.randn(16, 3, 20, 24)
+    result = ic.convert(model, ic.ParamsRatio(0.5), example_inputs=images[:1], calibration=[images],
+                        sequential=sequential, progress=False)
+    blocks = {name: m for name, m in result.model.named_modules() if isinstance(m, ic.IGCBlock)}
+    assert {b.padding_mode for b in blocks.values()} == {"reflect", "replicate", "circular"}, result.report.table()
+    x = torch.randn(2, 3, 20, 24)
+    for name, block in blocks.items():
+        assert block.padding_mode == model.get_submodule(name).padding_mode
+        inputs = {}
+        handle = block.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0]))
+        with torch.no_grad():
+            result.model(x)
+            handle.remove()
+            torch.testing.assert_close(block(inputs["x"]), conv_forward(inputs["x"], block.dense_weight(),
+                                                                        block.bias, block), rtol=1e-4, atol=1e-5)
+    with torch.no_grad():  # a fit, not a copy: close to the original, not equal
+        err = (result.model(x) - model(x)).norm() / model(x).norm()
+    assert 0 < err < 0.5
+    save(tmp_path / "m.safetensors", result.model, origin={"kind": "object", "name": "border_net"}, plan=result.plan)
+    rebuilt = apply_plan(_border_net(), read_metadata(tmp_path / "m.safetensors")["plan"], fit=False)
+    rebuilt.load_state_dict(result.model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), result.model(x))
+    exported = export_onnx(result.model, tmp_path / "m.onnx", x[:1])
+    assert exported.rel_diff < 1e-4 and exported.op_counts.get("Pad", 0) >= 3

@@ -133,6 +133,19 @@ def test_feature_loss_is_zero_for_an_exact_block_and_positive_otherwise():
     assert losses[0] < 1e-10 and losses[1] > 1e-3, losses
 
 
+def test_feature_loss_pads_as_the_original_conv_does():
+    """The target of a conv that reflects its border was computed with zero padding, so an exact block
+    had a feature loss and fine-tuning pulled it away from the original."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect")
+    student = nn.Sequential(IGCV1.from_conv(conv, rank=8))  # full rank: exact
+    hooks = _FeatureHooks({"0": conv}, student)
+    hooks.recording = True
+    student(torch.randn(2, 8, 6, 6))
+    assert hooks.loss().item() < 1e-10
+    hooks.remove()
+
+
 def test_feature_loss_pairs_a_converted_linear_with_the_teachers_linear():
     torch.manual_seed(0)
     teacher = Tiny(dropout=0.0).eval()  # fc: 32 -> 10

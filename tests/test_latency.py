@@ -20,7 +20,7 @@ from torch import nn
 
 import igc_convert
 from igc_convert import bench, latency
-from igc_convert.blocks import IGCBlock, make_block
+from igc_convert.blocks import IGCBlock, conv_forward, make_block
 from igc_convert.errors import ConfigError
 from igc_convert import plan
 from igc_convert.plan import Candidate, LayerSpec, allocate, allocate_fast_first, candidates, lower_hull
@@ -182,6 +182,22 @@ def test_layer_latencies_times_meta_modules_with_real_weights(tmp_path):
     assert latency.layer_latencies([], (1, 4, 5, 5)) == []
     with pytest.raises(ConfigError, match="input_shape"):
         latency.layer_latencies([probe], (0, 4))
+
+
+def test_a_layer_that_reflects_its_border_is_timed_with_blocks_that_do_too():
+    """A padding Pad node costs time in onnxruntime: candidates were timed with zero padding, and the
+    cache could hand a zero-padded block's time to a reflect-padded layer."""
+    reflect = latency._timing_conv(nn.Conv2d(16, 16, 3, padding=1, padding_mode="reflect"))
+    zeros = latency._timing_conv(nn.Conv2d(16, 16, 3, padding=1))
+    blocks = [latency._timing_block(kind, probe, shape) for probe in (reflect, zeros)
+              for kind, shape in (("igcv1", dict(rank=4)), ("igcv3", dict(mid_channels=16)))]
+    assert [b.padding_mode for b in blocks] == ["reflect", "reflect", "zeros", "zeros"]
+    x = torch.randn(1, 16, 6, 6)
+    for block, probe in zip(blocks, (reflect, reflect, zeros, zeros)):
+        real = latency._materialised(block, seed=0)
+        torch.testing.assert_close(real(x), conv_forward(x, real.dense_weight(), real.bias, probe))
+    shape = (1, 16, 6, 6)
+    assert bench.module_signature(blocks[0], shape) != bench.module_signature(blocks[2], shape)
 
 
 def _plan_measured_as(monkeypatch, measure, ratio: float = 0.5):

@@ -73,13 +73,17 @@ def conv_configs(draw, c_in: int | None = None, max_channels: int = 24, unsuppor
                   dilation=dilation, bias=draw(st.booleans()))
     if unsupported and draw(st.integers(0, 5)) == 0:  # now and then a layer convert must keep dense
         common = [g for g in _divisors(c_in) if g > 1 and c_out % g == 0]
-        if common and draw(st.booleans()):
+        if common:
             kwargs["groups"] = draw(st.sampled_from(common))
-        elif mode == "int" and padding != (0, 0):
-            kwargs["padding_mode"] = draw(st.sampled_from(["circular", "replicate"]))
-            padding = kwargs["padding"] = tuple(min(p, 1) for p in padding)
-    p = (0, 0) if mode == "valid" else padding if mode == "int" else None
-    need = tuple(1 if p is None else max(1, dilation[i] * ((kh, kw)[i] - 1) + 1 - 2 * p[i]) for i in range(2))
+    if mode != "valid" and draw(st.integers(0, 3)) == 0:  # the border reflected, replicated or wrapped
+        kwargs["padding_mode"] = draw(st.sampled_from(["reflect", "replicate", "circular"]))
+    span = tuple(dilation[i] * ((kh, kw)[i] - 1) for i in range(2))
+    # per side, the largest pad: the declared one, or the larger half of 'same''s total
+    pad = (0, 0) if mode == "valid" else padding if mode == "int" else tuple(s - s // 2 for s in span)
+    need = tuple(max(1, span[i] + 1 - 2 * pad[i] if mode != "same" else 1,
+                     # reflect takes pad < size, circular pad <= size
+                     pad[i] + 1 if kwargs.get("padding_mode") == "reflect" else
+                     pad[i] if kwargs.get("padding_mode") == "circular" else 1) for i in range(2))
     return kwargs, need
 
 
@@ -110,7 +114,8 @@ def networks(draw, max_layers: int = 3, unsupported: bool = True):
     layers: list[nn.Module] = []
     hw = (h, w)
     for _ in range(draw(st.integers(1, max_layers))):
-        kwargs, _ = draw(conv_configs(c_in=c, max_channels=16, unsupported=unsupported))
+        kwargs, need = draw(conv_configs(c_in=c, max_channels=16, unsupported=unsupported))
+        assume(hw[0] >= need[0] and hw[1] >= need[1])
         conv = _seeded_conv(kwargs, draw(st.integers(0, 2**16)))
         hw = _output_hw(hw, conv)
         assume(min(hw) >= 1)
@@ -134,7 +139,7 @@ def _full_rank_plan(model: nn.Module, draw) -> list[dict]:
     """Full-rank IGCV1 (lossless) with random groups for every conv a block can replace."""
     plan = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros":
+        if isinstance(m, nn.Conv2d) and m.groups == 1:
             L = draw(st.sampled_from(_divisors(m.in_channels)))
             M = draw(st.sampled_from(_divisors(m.out_channels)))
             rank = min(m.out_channels // M, m.in_channels // L * m.kernel_size[0] * m.kernel_size[1])
