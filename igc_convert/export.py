@@ -2,7 +2,8 @@
 
 ``export_onnx(model, "model.onnx", x)`` exports ``model`` in eval mode, simplifies the graph, checks
 it with ``onnx.checker``, runs it in onnxruntime (CPU) on ``x`` — and on another batch size when the
-batch is dynamic — compares with PyTorch, and only then writes the file (atomically). It returns the
+batch is dynamic, on another height and width when those are (``dynamic_size=True``, for fully
+convolutional models) — compares with PyTorch, and only then writes the file (atomically). It returns the
 node counts by op type before and after simplification and the parity figures.
 
 Exporter choice (torch 2.14): the ``torch.export``-based exporter (``dynamo=True``) is used first.
@@ -41,6 +42,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, ExportError, IGCError, ModelError
@@ -73,11 +75,14 @@ class ExportResult:
     batch_sizes_checked: tuple[int, ...] = ()
     folded_permutations: int = 0
     moved_permutations: int = 0
+    dynamic_size: bool = False
+    sizes_checked: tuple[tuple[int, ...], ...] = ()
 
     def summary(self) -> str:
         """A few human lines: exporter, node counts before → after, parity."""
         lines = [f"{self.path}: {self.exporter} exporter, opset {self.opset}, "
-                 f"{'dynamic' if self.dynamic_batch else 'static'} batch"]
+                 f"{'dynamic' if self.dynamic_batch else 'static'} batch"
+                 + (", dynamic height and width" if self.dynamic_size else "")]
         lines.append(format_op_counts(self.op_counts_before, self.op_counts))
         if self.folded_permutations or self.moved_permutations:
             lines.append(f"channel permutations folded into weights: {self.folded_permutations}, "
@@ -85,9 +90,10 @@ class ExportResult:
         if math.isnan(self.rel_diff):
             lines.append("parity: not checked")
         else:
-            sizes = " and ".join(str(b) for b in self.batch_sizes_checked)
-            lines.append(f"parity vs PyTorch (onnxruntime CPU, batch {sizes}): max|diff| {self.max_abs_diff:.3g}, "
-                         f"relative to output scale {self.rel_diff:.3g}")
+            batches = " and ".join(str(b) for b in dict.fromkeys(self.batch_sizes_checked))
+            sizes = " and ".join("x".join(map(str, s)) for s in dict.fromkeys(self.sizes_checked))
+            lines.append(f"parity vs PyTorch (onnxruntime CPU, batch {batches}" + (f", size {sizes}" if sizes else "")
+                         + f"): max|diff| {self.max_abs_diff:.3g}, relative to output scale {self.rel_diff:.3g}")
         return "\n".join(lines)
 
 
@@ -107,8 +113,12 @@ class SimplifyStats:
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, *, dynamic_batch: bool = True,
                 opset: int | None = None, rtol: float = 1e-4, check: bool = True,
-                exporter: str = "auto") -> ExportResult:
+                exporter: str = "auto", dynamic_size: bool = False) -> ExportResult:
     """Export ``model`` (eval mode) to ONNX at ``path``, simplified and checked against onnxruntime.
+
+    ``dynamic_size=True`` makes the input's height and width symbolic too (segmentation, detection
+    backbones, image-to-image models), and parity is also checked on a larger size than the example's
+    that keeps its divisibility by powers of two up to 32 (224 → 256).
 
     Raises :class:`ExportError` when the exporter fails (naming the op and, when found, the module)
     when onnxruntime's outputs differ from PyTorch's by more than ``rtol`` relative to the output
@@ -125,14 +135,15 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
     if not (rtol > 0):
         raise ConfigError(f"rtol must be positive, got {rtol}")
     proto, info = to_onnx_model(model, example_input, dynamic_batch=dynamic_batch, opset=opset,
-                                exporter=exporter, reference=True)
-    max_abs, rel, checked = math.nan, math.nan, ()
+                                exporter=exporter, reference=True, dynamic_size=dynamic_size)
+    max_abs, rel, checked, shapes = math.nan, math.nan, (), ()
     if check:
-        checked = info.batch_sizes
+        checked, shapes = info.batch_sizes, tuple(tuple(x.shape[2:]) for x in info.inputs)
         max_abs, rel = parity(proto, info.inputs, info.references)
         if not rel <= rtol:
             raise ExportError(f"onnxruntime outputs differ from PyTorch: max|diff| {max_abs:.3g}, relative to output "
-                              f"scale {rel:.3g} > rtol {rtol:g} (batch sizes {list(checked)}); {path} not written")
+                              f"scale {rel:.3g} > rtol {rtol:g} (input shapes {[list(x.shape) for x in info.inputs]}); "
+                              f"{path} not written")
     try:
         data = proto.SerializeToString()
     except ValueError as err:  # protobuf's 2 GiB limit
@@ -143,7 +154,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
                           opset=opset_of(proto), op_counts_before=info.stats.before, exporter=info.exporter,
                           dynamic_batch=dynamic_batch, batch_sizes_checked=tuple(checked),
                           folded_permutations=info.stats.folded_permutations,
-                          moved_permutations=info.stats.moved_permutations)
+                          moved_permutations=info.stats.moved_permutations, dynamic_size=dynamic_size,
+                          sizes_checked=shapes)
     logger.info("wrote %s (%s exporter, opset %d, %d nodes)", path, info.exporter, result.opset,
                 sum(result.op_counts.values()))
     return result
@@ -179,12 +191,13 @@ class ExportInfo:
 
 def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batch: bool = True,
                   opset: int | None = None, exporter: str = "auto", reference: bool = True,
-                  ) -> tuple[onnx.ModelProto, ExportInfo]:
+                  dynamic_size: bool = False) -> tuple[onnx.ModelProto, ExportInfo]:
     """Export to a simplified, checked, in-memory ``ModelProto`` (no file, no parity check).
 
-    With ``reference=True`` PyTorch's outputs on the example input (and, for a dynamic batch, on a
-    batch one larger) are computed first — which also turns "input too small" into a clear error —
-    and returned for :func:`parity`.
+    With ``reference=True`` PyTorch's outputs on the example input (for a dynamic batch, also on a
+    batch one larger; for a dynamic size, on the example resized to :func:`second_size`) are
+    computed first — which also turns "input too small" into a clear error — and returned for
+    :func:`parity`.
     """
     if not isinstance(model, nn.Module):
         raise ConfigError(f"expected an nn.Module, got {type(model).__name__}")
@@ -193,6 +206,9 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
                           f"got {type(example_input).__name__}")
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if dynamic_size and (example_input.dim() != 4 or not example_input.is_floating_point()):
+        raise ConfigError("dynamic_size needs a float image batch N×C×H×W as example input, "
+                          f"got shape {list(example_input.shape)} ({example_input.dtype})")
     if example_input.is_floating_point() and not bool(torch.isfinite(example_input).all()):
         raise ConfigError("example_input contains NaN or Inf")
     kinds = sorted({str(t.dtype).replace("torch.", "") for t in (*model.parameters(), *model.buffers())
@@ -223,10 +239,20 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
                 x2 = torch.cat([x, x[:1].flip(-1)])
                 inputs.append(x2)
                 refs.append(_reference(model, x2))
+            if dynamic_size:  # the same images at another height and width
+                x3 = F.interpolate(x, size=second_size(x.shape[2:]), mode="bilinear", align_corners=False)
+                try:
+                    refs.append(_reference(model, x3))
+                except ModelError as err:
+                    raise ConfigError(f"{err}; {NOT_DYNAMIC_SIZE}") from err
+                inputs.append(x3)
         n_out = len(refs[0]) if refs else len(_flatten(_forward(model, x)))
-        raw, used = _export(model, x, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter, n_outputs=n_out)
+        raw, used = _export(model, x, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter, n_outputs=n_out,
+                            dynamic_size=dynamic_size)
     stats = simplify(raw)
     proto = ir.to_proto(raw)
+    if dynamic_size:
+        _name_spatial_dims(proto)
     try:
         onnx.checker.check_model(proto)
     except (onnx.checker.ValidationError, ValueError) as err:  # ValueError: over protobuf's 2 GiB
@@ -235,6 +261,39 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
     info = ExportInfo(exporter=used, stats=stats, batch_sizes=tuple(int(t.shape[0]) for t in inputs),
                        inputs=tuple(t.cpu().numpy() for t in inputs), references=tuple(refs))
     return proto, info
+
+
+def _name_spatial_dims(proto: onnx.ModelProto) -> None:
+    """Call the input's symbolic height and width ``height`` and ``width`` everywhere in the graph
+    (torch.export names them ``s53``, ``s0``, ...): what a deployment reads off the input."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    names = {d.dim_param: new for d, new in zip(dims[2:4], ("height", "width")) if d.dim_param}
+    if not names:
+        return
+    token = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info):
+        for d in value.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = token.sub(lambda m: names[m.group(1)], d.dim_param)
+
+
+def second_size(hw: Sequence[int]) -> tuple[int, int]:
+    """The height and width a dynamic-size export is also checked at: each side grown by its largest
+    power-of-two divisor up to 32, so a network that needs sides divisible by 2, 4, ... 32 (U-Nets,
+    FPNs) still gets them (224 → 256, 20 → 24, 15 → 16)."""
+    return tuple(int(s) + min(int(s) & -int(s), 32) for s in hw)
+
+
+NOT_DYNAMIC_SIZE = "the model may not allow a dynamic input size: export without dynamic_size (--dynamic-size)"
+
+
+def _dynamic_hint(x: np.ndarray, example: np.ndarray) -> str:
+    """Why an input other than the example may fail: the dynamic size or batch it was made for."""
+    if x.shape[2:] != example.shape[2:]:
+        return f"; {NOT_DYNAMIC_SIZE}"
+    if x is not example:
+        return "; the model may not allow a dynamic batch: export with dynamic_batch=False (--static-batch)"
+    return ""
 
 
 def parity(proto: onnx.ModelProto, inputs: Sequence[np.ndarray], references: Sequence[Sequence[np.ndarray]]
@@ -255,15 +314,14 @@ def parity(proto: onnx.ModelProto, inputs: Sequence[np.ndarray], references: Seq
         try:
             outs = sess.run(None, {name: x})
         except Exception as err:
-            hint = ("; the model may not allow a dynamic batch: export with dynamic_batch=False (--static-batch)"
-                    if x is not inputs[0] else "")
-            raise ExportError(f"onnxruntime fails on an input of shape {list(x.shape)}: {err}{hint}") from err
+            raise ExportError(f"onnxruntime fails on an input of shape {list(x.shape)}: {err}"
+                              f"{_dynamic_hint(x, inputs[0])}") from err
         if len(outs) != len(ref):
             raise ExportError(f"the ONNX graph has {len(outs)} outputs, PyTorch returned {len(ref)}")
         for a, b in zip(ref, outs):
             if a.shape != b.shape:
                 raise ExportError(f"output shape {list(b.shape)} from onnxruntime, {list(a.shape)} from PyTorch "
-                                  f"(input shape {list(x.shape)})")
+                                  f"(input shape {list(x.shape)}){_dynamic_hint(x, inputs[0])}")
             a64, b64 = a.astype(np.float64), b.astype(np.float64)
             if not np.array_equal(np.isfinite(a64), np.isfinite(b64)):
                 return math.inf, math.inf
@@ -344,7 +402,7 @@ def _reference(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, ...]:
 
 
 def _export(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: int | None, exporter: str,
-            n_outputs: int) -> tuple[ir.Model, str]:
+            n_outputs: int, dynamic_size: bool = False) -> tuple[ir.Model, str]:
     """Run the chosen exporter(s); ``auto`` = dynamo, falling back to TorchScript."""
     names = ["output"] if n_outputs == 1 else [f"output_{i}" for i in range(n_outputs)]
     order = {"auto": ("dynamo", "torchscript"), "dynamo": ("dynamo",), "torchscript": ("torchscript",)}[exporter]
@@ -352,7 +410,8 @@ def _export(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: in
     for name in order:
         fn = _export_dynamo if name == "dynamo" else _export_torchscript
         try:
-            model_ir = fn(model, x, dynamic_batch=dynamic_batch, opset=opset, output_names=names)
+            model_ir = fn(model, x, dynamic_batch=dynamic_batch, opset=opset, output_names=names,
+                          dynamic_size=dynamic_size)
         except (ConfigError, ModelError):
             raise
         except Exception as err:  # exporters raise many untyped errors; they are reported below
@@ -366,8 +425,14 @@ def _export(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: in
 
 
 def _export_dynamo(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: int | None,
-                   output_names: list[str]) -> ir.Model:
-    dynamic_shapes = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+                   output_names: list[str], dynamic_size: bool = False) -> ir.Model:
+    dims = {0: torch.export.Dim("batch")} if dynamic_batch else {}
+    if dynamic_size:
+        # AUTO (torch >= 2.6): torch.export finds what the model needs (sides divisible by 32, ...)
+        # instead of failing on it; where a side cannot vary, parity at another size says so.
+        dims.update({i: getattr(torch.export.Dim, "AUTO", None) or torch.export.Dim(name)
+                     for i, name in ((2, "height"), (3, "width"))})
+    dynamic_shapes = (dims,) if dims else None
     # torch.export logs whole tracebacks at ERROR level when it cannot trace a model (e.g. circular
     # padding with a dynamic batch); that failure is ours to report, in one line (see _export).
     # torch.export also print()s the partial graph of a failed trace to stderr (dozens of lines);
@@ -389,13 +454,15 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, op
 
 
 def _export_torchscript(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: int | None,
-                        output_names: list[str]) -> ir.Model:
+                        output_names: list[str], dynamic_size: bool = False) -> ir.Model:
     buf = io.BytesIO()
-    axes = {n: {0: "batch"} for n in (INPUT_NAME, *output_names)} if dynamic_batch else None
+    axes = {n: {0: "batch"} for n in (INPUT_NAME, *output_names)} if dynamic_batch else {}
+    if dynamic_size:
+        axes.setdefault(INPUT_NAME, {}).update({2: "height", 3: "width"})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.onnx.export(model, (x,), buf, dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=output_names, dynamic_axes=axes, do_constant_folding=True)
+                          output_names=output_names, dynamic_axes=axes or None, do_constant_folding=True)
     _warn_constant_trace(caught)
     return ir.from_proto(onnx.load_from_string(buf.getvalue()))
 

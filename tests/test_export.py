@@ -439,6 +439,9 @@ def test_cli_export_uses_the_input_size_the_model_declares(tmp_path):
     assert spatial(tmp_path / "a.onnx") == [1, 12, 12]
     assert main(["export", str(converted), "-o", str(tmp_path / "b.onnx"), "--input-size", "16", "20"]) == 0
     assert spatial(tmp_path / "b.onnx") == [1, 16, 20]
+    assert main(["export", str(converted), "-o", str(tmp_path / "c.onnx"), "--dynamic-size"]) == 0
+    dims = onnx.load(str(tmp_path / "c.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]
 
 
 WIDE_MODEL = '''
@@ -477,3 +480,62 @@ def test_cli_export_keeps_a_declared_non_square_input(tmp_path, monkeypatch):
     assert main(["export", str(converted), "-o", str(tmp_path / "a.onnx")]) == 0
     dims = onnx.load(str(tmp_path / "a.onnx")).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_value for d in dims[1:]] == [3, 10, 18]
+
+
+# --------------------------------------------------------------------------- dynamic height and width
+class _ImageToImage(nn.Module):
+    """A converted-style image-to-image net: a downsampling IGC block, a reflect-padded one, an upsampling
+    path and a skip connection that needs even sides."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from igc_convert.blocks import IGCV1, IGCV3
+
+        torch.manual_seed(0)
+        self.down = IGCV1(3, 16, 3, 2, 1, primary_groups=1, secondary_groups=2, rank=4)
+        self.mid = IGCV3(16, 16, 3, 1, 1, padding_mode="reflect", expand_groups=2, reduce_groups=2, mid_channels=32)
+        self.bn, self.up = _bn(16), nn.ConvTranspose2d(16, 3, 2, 2)
+
+    def forward(self, x):
+        return self.up(torch.relu(self.bn(self.mid(self.down(x))))) + x
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_dynamic_size_export_runs_at_other_sizes(tmp_path, exporter):
+    """Segmentation and image-to-image models are deployed at many image sizes: with dynamic_size the
+    graph's height and width are symbolic ("height", "width") and onnxruntime matches PyTorch at sizes
+    the export never saw; parity was checked at the example's size and a second one."""
+    model = _ImageToImage().eval()
+    result = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 20, 24), exporter=exporter, dynamic_size=True)
+    assert result.dynamic_size and result.sizes_checked == ((20, 24), (20, 24), (24, 32))
+    assert "size 20x24 and 24x32" in result.summary()
+    dims = [d.dim_param or d.dim_value for d in onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 3, "height", "width"]
+    for shape in ((2, 3, 36, 18), (1, 3, 64, 64)):
+        _assert_parity(result.path, model, torch.randn(*shape))
+
+
+def test_a_model_that_needs_its_input_size_is_refused_a_dynamic_size(tmp_path):
+    """A classifier that flattens its feature map into a Linear only runs at its own size: the export
+    says so in one line, and writes nothing."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    with pytest.raises(ConfigError, match=r"\[1, 3, 16, 16\].*may not allow a dynamic input size"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), dynamic_size=True)
+
+    class FixedUpsample(nn.Module):  # runs at any size in PyTorch; the TorchScript trace freezes the size
+        def forward(self, x):
+            return nn.functional.interpolate(x, size=(int(x.shape[2]) * 2, 8))
+
+    with pytest.raises(ExportError, match=r"output shape .* from onnxruntime.*may not allow a dynamic input size"):
+        export_onnx(FixedUpsample(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8), dynamic_size=True,
+                    exporter="torchscript")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ConfigError, match="N×C×H×W"):
+        export_onnx(nn.Conv1d(3, 4, 1), tmp_path / "m.onnx", torch.randn(1, 3, 8), dynamic_size=True)
+
+
+def test_second_size_keeps_power_of_two_divisibility():
+    from igc_convert.export import second_size
+
+    assert second_size((224, 224)) == (256, 256) and second_size((20, 15)) == (24, 16)
+    assert second_size((512, 96)) == (544, 128)

@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="symbolic batch dimension (default)")
     batch.add_argument("--static-batch", dest="dynamic_batch", action="store_false",
                        help="fix the batch dimension to --batch-size")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="symbolic input height and width as well, for fully convolutional models "
+                             "(segmentation, detection backbones, image-to-image); parity is also checked "
+                             "at a larger size")
     parser.add_argument("--original", metavar="PATH",
                         help="also export the original (unconverted) model here, the same way, for comparison")
     parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
@@ -113,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     declared_channels, (h, w) = input_hw(converted.model, size)
     channels = args.channels or declared_channels
     x = torch.randn(args.batch_size, channels, h, w, generator=torch.Generator().manual_seed(args.seed))
-    options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter)
+    options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter,
+                   dynamic_size=args.dynamic_size)
     results = [("converted", export_onnx(converted.model, args.output, x, **options))]
     if args.original:
         original = _original(converted.origin)
