@@ -2,7 +2,8 @@
 
 A model is named by a *spec*:
 
-- ``resnet50`` — a torchvision classification model (``torchvision:resnet50`` also works);
+- ``resnet50`` — a torchvision classification, segmentation (``deeplabv3_resnet50``) or detection
+  (``fasterrcnn_resnet50_fpn``) model (``torchvision:resnet50`` also works);
 - ``timm:NAME`` — a timm model (``pip install timm``);
 - ``module.path:factory`` — a Python function or ``nn.Module`` subclass that builds the model (not from
   the standard library: files name their factory, and loading a file calls it);
@@ -296,10 +297,16 @@ def _build(origin: Mapping[str, Any]) -> nn.Module:
 def _build_torchvision(name: str, weights: str | None, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
-    names = torchvision.models.list_models(module=torchvision.models)
+    dense = torchvision.models.list_models(module=torchvision.models.segmentation) + \
+        torchvision.models.list_models(module=torchvision.models.detection)
+    names = torchvision.models.list_models(module=torchvision.models) + dense
     if name not in names:
-        raise ModelError(f"unknown torchvision classification model {name!r}{_suggest(name, names)}; "
+        raise ModelError(f"unknown torchvision image model {name!r}{_suggest(name, names)}; "
                          "use timm:NAME or module.path:factory for other models")
+    if name in dense:
+        # Without pretrained weights these builders still download an ImageNet backbone by default;
+        # with them they ignore it. The weights asked for are the whole model's, so never the backbone's.
+        kwargs.setdefault("weights_backbone", None)
     try:
         return torchvision.models.get_model(name, weights="DEFAULT" if weights == "DEFAULT" else None, **kwargs)
     except (OSError, http.client.HTTPException) as err:

@@ -438,7 +438,7 @@ def _api_cases() -> list[Case]:
             "mid_channels=0"),
         # ---- model names and weights files
         api("unknown-torchvision-model", lambda e: _build("resnet9000"), ModelError,
-            "unknown torchvision classification model 'resnet9000'"),
+            "unknown torchvision image model 'resnet9000'"),
         api("factory-returns-a-dict", lambda e: _build(f"{NETS}:not_a_module"), ModelError,
             "returned a dict, not a torch.nn.Module"),
         api("factory-from-the-standard-library", lambda e: _build("os:getcwd"), ModelError,
@@ -557,7 +557,7 @@ def _cli_cases() -> list[Case]:
                           "--image-size", "8", *[a.format(i=e.inp) for a in extra]]
 
     return [
-        cli("convert-unknown-model", conv(model="resnet9000"), "unknown torchvision classification model"),
+        cli("convert-unknown-model", conv(model="resnet9000"), "unknown torchvision image model"),
         cli("convert-ratio-zero", conv("--params-ratio", "0"), r"params ratio must be in \(0, 1\], got 0\.0"),
         cli("convert-ratio-above-one", conv("--macs-ratio", "1.5"), r"MACs ratio must be in \(0, 1\]"),
         cli("convert-negative-max-error", conv("--max-error", "-0.1"), r"max error must be in \(0, 1\)"),

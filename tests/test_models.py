@@ -429,3 +429,18 @@ def test_two_nested_models_that_both_fit_are_ambiguous(nets, tmp_path):
     state = {f"{p}.{k}": v for p in ("student", "ema") for k, v in reference.state_dict().items()}
     with pytest.raises(ModelError, match="several sub-models fit.*'ema.'.*'student.'"):
         _small(nets, weights=_save_pth(state, tmp_path / "two.pth"))
+
+
+@pytest.mark.parametrize("name", ["lraspp_mobilenet_v3_large", "fcn_resnet50", "fasterrcnn_mobilenet_v3_large_320_fpn"])
+def test_torchvision_segmentation_and_detection_models_build_by_name_offline(name, monkeypatch):
+    """They were "unknown torchvision classification model"s. Their builders also fetch an ImageNet
+    backbone when the model's own weights are not pretrained: a random init (or a weights file, which
+    holds the whole model) must not download anything."""
+    def no_download(*args, **kwargs):
+        raise AssertionError("a download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    model, origin = models.build_model(name, seed=1)
+    assert origin["kind"] == "torchvision" and origin["name"] == name
+    rebuilt = models.build_model_from_origin(origin)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), rebuilt.state_dict().values()))

@@ -20,7 +20,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
-                        help="torchvision model name (resnet50), timm:NAME, efficientnet_lite0, or module.path:factory")
+                        help="torchvision model name (resnet50; also segmentation and detection: deeplabv3_resnet50, "
+                             "fasterrcnn_resnet50_fpn), timm:NAME, efficientnet_lite0, or module.path:factory")
     parser.add_argument("-o", "--output", required=True, help="converted model file to write (.safetensors)")
     parser.add_argument("--weights", default="none",
                         help="PATH to a state dict (.pt/.pth/.safetensors; also a checkpoint's 'state_dict' or 'model' "
