@@ -46,9 +46,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Dataset
 
-from .agreement import kl_and_top1
+from .agreement import kl_and_top1, named_logits
 from .blocks import conv_forward
 from .data import (SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
@@ -219,7 +220,7 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
-    if not _labels_fit(student, config, train_set, val_set):
+    if not _labels_fit(_logit_shape(student, train_set), config, train_set, val_set):
         train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
     blocks = _feature_pairs(student, teacher) if config.feature_weight > 0 else {}
     with _preserved_rng(), _distributed(config) as ctx:
@@ -278,8 +279,8 @@ def _check_sources(cfg: FinetuneConfig, teacher: nn.Module | None, train: Datase
         raise DataError("the validation data has no labels and there is no teacher to compare with")
 
 
-def _labels_fit(student: nn.Module, cfg: FinetuneConfig, train: Dataset, val: Dataset | None) -> bool:
-    """Whether the data's labels can be the model's classes (``True`` too when that cannot be told).
+def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val: Dataset | None) -> bool:
+    """Whether the data's labels can be the classes of a model whose logits have ``shape``.
 
     A folder's labels number its sorted class sub-folders: they index a model's outputs only when the
     folder has exactly as many classes (ImageNet's synset folders for an ImageNet model). Else they
@@ -288,9 +289,15 @@ def _labels_fit(student: nn.Module, cfg: FinetuneConfig, train: Dataset, val: Da
     they are hidden, with a warning, and the teacher's agreement picks.
     """
     labelled = [d for d in (train, val) if d is not None and has_labels(d)]
-    outputs = _output_count(student, labelled[0]) if labelled else None
-    if outputs is None:
-        return True
+    if labelled and len(shape) == 4:  # one label per image cannot train or score per-pixel classes
+        message = (f"{getattr(labelled[0], 'source', 'the data')} has one label per image, but the model "
+                   f"classifies each pixel ({shape[1]} classes)")
+        if cfg.ce_weight > 0:
+            raise DataError(f"{message}; fine-tune by distillation alone (ce_weight=0; on the CLI, without "
+                            "--labels)")
+        log.warning("%s; the labels are ignored: the teacher's agreement picks the best epoch", message)
+        return False
+    outputs = shape[1]
     for data in labelled:
         count = data.num_classes() if isinstance(data, SourceDataset) else None
         targets = data.targets() if isinstance(data, SourceDataset) else None
@@ -308,11 +315,24 @@ def _labels_fit(student: nn.Module, cfg: FinetuneConfig, train: Dataset, val: Da
     return True
 
 
-def _output_count(model: nn.Module, data: Dataset) -> int | None:
-    """The model's number of outputs per image (one forward of one item), if it gives ``N × K`` logits."""
+def _logit_shape(model: nn.Module, data: Dataset) -> tuple[int, ...]:
+    """The shape of the model's logits for one item of ``data`` (a :class:`ModelError` before any training
+    when its output has none)."""
     with torch.no_grad(), eval_mode(model):
         out = model(as_input(first_image(data).unsqueeze(0), model))
-    return int(out.shape[1]) if isinstance(out, torch.Tensor) and out.dim() == 2 else None
+    return tuple(_logits(out, "student").shape)
+
+
+def _logits(out: Any, which: str) -> Tensor:
+    """The class logits fine-tuning distils from a model output: ``N × classes``, or ``N × classes × H × W``
+    per pixel (segmentation: torchvision's ``{"out": ...}``); :func:`~igc_convert.agreement.named_logits`."""
+    logits = named_logits(out)
+    if logits is None or logits.dim() not in (2, 4) or not logits.is_floating_point():
+        leaves = [f"{type(t).__name__}{list(t.shape) if isinstance(t, Tensor) else ''}" for t in tree_leaves(out)]
+        raise ModelError(f"fine-tuning distils class logits (N × classes, or N × classes × H × W per pixel), but "
+                         f"the {which} returns {type(out).__name__} of {', '.join(leaves[:4]) or 'nothing'}"
+                         f"{', ...' if len(leaves) > 4 else ''} (detection outputs are not supported)")
+    return logits
 
 
 def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, nn.Conv2d | nn.Linear]:
@@ -613,20 +633,20 @@ class _Trainer:
                                    weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
-    def train_step(self, model: nn.Module, hooks: "_FeatureHooks | None", x: Tensor, y: Tensor) -> tuple[float, int]:
+    def train_step(self, model: nn.Module, hooks: "_FeatureHooks | None", x: Tensor, y: Tensor) -> tuple[float, float]:
         cfg, dev = self.cfg, self.ctx.device
         opt, sched, scaler = self.state["opt"], self.state["sched"], self.state["scaler"]
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         with self.autocast():
             if hooks is not None:
                 hooks.recording = True
-            logits = model(as_input(x, self.student))
+            logits = _logits(model(as_input(x, self.student)), "student")
             if hooks is not None:
                 hooks.recording = False
             t_logits = None
             if self.teacher is not None:
                 with torch.no_grad():
-                    t_logits = self.teacher(as_input(x, self.teacher))
+                    t_logits = _logits(self.teacher(as_input(x, self.teacher)), "teacher")
         logits = logits.float()
         loss = logits.new_zeros(())
         if t_logits is not None and cfg.kd_weight > 0:
@@ -652,8 +672,10 @@ class _Trainer:
         sched.step()
         with torch.no_grad():
             pred = logits.argmax(1)
-            hit = int((pred == y).sum()) if labelled.all() else (
-                int((pred == t_logits.argmax(1)).sum()) if t_logits is not None else 0)
+            if labelled.all():
+                hit = float((pred == y).sum())
+            else:  # agreement with the teacher; per-pixel logits count each image's share of pixels
+                hit = kl_and_top1(t_logits, logits)[1] if t_logits is not None else 0.0
         return float(loss.detach()), hit
 
     @torch.no_grad()
@@ -669,8 +691,8 @@ class _Trainer:
         for x, y in loader:
             x, y = x.to(dev), y.to(dev)
             with self.autocast():
-                s = student(as_input(x, student))
-                t = self.teacher(as_input(x, self.teacher)) if self.teacher is not None else None
+                s = _logits(student(as_input(x, student)), "student")
+                t = _logits(self.teacher(as_input(x, self.teacher)), "teacher") if self.teacher is not None else None
             s = s.float()
             pred, lab = s.argmax(1), y >= 0
             sums[0] += len(x)
@@ -792,10 +814,12 @@ class _FeatureHooks:
 
 
 def _kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """Hinton distillation: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (T² keeps gradient scales stable)."""
+    """Hinton distillation: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` (T² keeps gradient scales stable),
+    the mean over images, or over pixels for per-pixel logits."""
     t = temperature
+    positions = student_logits.numel() // student_logits.shape[1]
     return F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
-                    log_target=True, reduction="batchmean") * (t * t)
+                    log_target=True, reduction="sum") * (t * t) / positions
 
 
 def _lr_lambda(total: int, warmup: float, min_lr: float) -> Callable[[int], float]:

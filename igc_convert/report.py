@@ -63,14 +63,17 @@ class Agreement:
     #: ``‖ŷ − y‖ / ‖y‖`` over every output of every image.
     output_error: float
     #: For N × classes outputs: mean ``KL(softmax(y) ‖ softmax(ŷ))`` per image (nats) and the fraction
-    #: of images with the same top-1 class; None for other outputs.
+    #: of images with the same top-1 class; with ``per_pixel`` (segmentation logits) both are means over
+    #: pixels; None for other outputs.
     kl: float | None = None
     top1: float | None = None
     source: str = ""
+    per_pixel: bool = False
 
     def text(self) -> str:
-        parts = ([f"top-1 agreement {100 * self.top1:.1f}%", f"logit KL {self.kl:.4f}"] if self.top1 is not None
-                 else [])
+        pixel = "per-pixel " if self.per_pixel else ""
+        parts = ([f"{pixel}top-1 agreement {100 * self.top1:.1f}%", f"{pixel}logit KL {self.kl:.4f}"]
+                 if self.top1 is not None else [])
         parts.append(f"relative output error {self.output_error:.4f}")
         where = f" ({self.source})" if self.source else ""
         return f"against the original on {self.images} held-out images{where}: " + ", ".join(parts)

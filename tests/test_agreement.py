@@ -124,3 +124,32 @@ def test_a_malformed_report_is_a_file_format_error(bad, tmp_path, capsys):
     assert main(["report", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "malformed conversion report" in err[0]
+
+
+class _Segmenter(nn.Module):
+    """torchvision's segmentation convention: a dict with per-pixel logits under "out" (and "aux")."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        features = torch.relu(self.body(x))
+        return {"out": self.head(features), "aux": features}
+
+
+def test_segmentation_outputs_are_compared_per_pixel():
+    """For per-pixel logits the KL and top-1 agreement are means over pixels (they were not given at all,
+    the output being a dict of two tensors)."""
+    net, other = _Segmenter(0), _Segmenter(1)
+    x = images(6)
+    a = measure_agreement(net, other, x, batch_size=4)
+    with torch.no_grad():
+        y, yhat = net(x)["out"].double(), other(x)["out"].double()
+    logp, logq = F.log_softmax(y, 1), F.log_softmax(yhat, 1)
+    assert a.per_pixel and a.kl == pytest.approx(float((logp.exp() * (logp - logq)).sum(1).mean()), rel=1e-9)
+    assert a.top1 == pytest.approx(float((y.argmax(1) == yhat.argmax(1)).double().mean()), rel=1e-12)
+    assert 0 < a.top1 < 1 and "per-pixel top-1 agreement" in a.text()
+    same = measure_agreement(net, net, x)
+    assert same.top1 == 1.0 and same.kl == pytest.approx(0, abs=1e-15)

@@ -48,3 +48,28 @@ def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         main(["convert"])
     assert info.value.code == 2
+
+
+def test_a_torchvision_segmentation_model_through_every_command(tmp_path, capsys):
+    """LR-ASPP (MobileNetV3) by name, random init: converted on non-square calibration crops with a
+    per-pixel agreement check, distilled per pixel, exported with a dynamic height and width."""
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+
+    conv, tuned, onnx_path = tmp_path / "c.safetensors", tmp_path / "t.safetensors", tmp_path / "m.onnx"
+    assert main(["convert", "lraspp_mobilenet_v3_large", "-o", str(conv), "--params-ratio", "0.6",
+                 "--calib", "sample-images", "--calib-samples", "8", "--check-samples", "4",
+                 "--input-size", "64", "96", "--report", str(tmp_path / "r.json")]) == 0
+    agreement = json.loads((tmp_path / "r.json").read_text())["agreement"]
+    assert agreement["per_pixel"] and 0 < agreement["top1"] <= 1
+    assert "per-pixel top-1 agreement" in capsys.readouterr().out
+    assert main(["finetune", str(conv), "-o", str(tuned), "--data", "sample-images", "--epochs", "1",
+                 "--samples", "8", "--val-samples", "4", "--batch-size", "4", "--image-size", "64", "96"]) == 0
+    assert "agreement" in capsys.readouterr().out
+    assert main(["export", str(tuned), "-o", str(onnx_path), "--dynamic-size", "--input-size", "64", "96",
+                 "--exporter", "torchscript"]) == 0
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    out = session.run(None, {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 80, 48), dtype=np.float32)})[0]
+    assert out.shape == (1, 21, 80, 48)

@@ -542,3 +542,63 @@ def test_cli_teacher_of_a_random_init_conversion_is_that_very_model(tmp_path, mo
     original, _ = build_model("igc_convert.digits:digits_resnet", seed=4)
     assert state_digest(seen["teacher"]) == state_digest(original)
     assert not (tmp_path / "ft.safetensors").exists()
+
+
+class Segmenter(nn.Module):
+    """torchvision's segmentation convention: ``{"out": N × classes × H × W, "aux": ...}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Conv2d(16, 5, 1)
+
+    def forward(self, x):
+        features = self.body(x)
+        return {"out": self.head(features), "aux": features.mean(1, keepdim=True)}
+
+
+def test_a_segmentation_model_is_distilled_per_pixel(data, caplog):
+    """Fine-tuning a segmentation model failed on its dict output ('dict' has no attribute 'float').
+    It now distils the per-pixel logits under "out"; the per-image labels of the data cannot be per-pixel
+    classes, so they are set aside with a warning, and refused as a loss."""
+    torch.manual_seed(0)
+    teacher = Segmenter().eval()
+    student = copy.deepcopy(teacher)
+    student.body[3] = IGCV1.from_conv(teacher.body[3], primary_groups=2, secondary_groups=2, rank=2)
+    train, val = data
+    with caplog.at_level(logging.WARNING):
+        result = finetune(student, train, teacher=teacher, val_data=val,
+                          config=FinetuneConfig(epochs=2, lr=5e-3, progress=False))
+    assert "one label per image, but the model classifies each pixel (5 classes)" in caplog.text
+    start, best = result.history[0], result.best
+    assert best.metric == "agreement" and start.accuracy is None
+    assert 0 < start.agreement < 1 and 0 <= start.kl and best.kl < start.kl  # per-pixel means, and it learns
+    x = torch.stack([val[i][0] for i in range(8)])
+    with torch.no_grad():
+        t, s = teacher(x)["out"], result.model(x)["out"]
+    agree = float((t.argmax(1) == s.argmax(1)).double().mean())
+    evaluated = [e for e in result.history if e.epoch == best.epoch][0]
+    assert 0 < agree <= 1 and evaluated.agreement <= 1
+    with pytest.raises(DataError, match="one label per image"):
+        finetune(copy.deepcopy(student), train, teacher=teacher,
+                 config=FinetuneConfig(epochs=1, ce_weight=1.0, progress=False))
+
+
+def test_a_model_without_class_logits_is_refused_before_training(data):
+    """A detection-style output (a list of dicts of boxes) has nothing to distil: one clear error, before
+    any step, naming what the model returns."""
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return [{"boxes": y.flatten(1)[:, :4], "scores": y.mean((1, 2, 3))} for _ in range(1)]
+
+    model = Detector()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ModelError, match=r"class logits .* returns list of Tensor\[1, 4\], Tensor\[1\]"):
+        finetune(model, data[0], teacher=copy.deepcopy(model), config=FinetuneConfig(epochs=1, progress=False))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
