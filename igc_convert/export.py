@@ -433,8 +433,13 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, op
         dims.update({i: getattr(torch.export.Dim, "AUTO", None) or torch.export.Dim(name)
                      for i, name in ((2, "height"), (3, "width"))})
     dynamic_shapes = (dims,) if dims else None
-    # torch.export logs whole tracebacks at ERROR level when it cannot trace a model (e.g. circular
-    # padding with a dynamic batch); that failure is ours to report, in one line (see _export).
+    if dynamic_batch and x.shape[0] == 1:
+        # torch.export takes a dimension of size 1 in the example as the constant 1, and a model with a
+        # check on it (circular padding, Hugging Face's ConvNeXt) then fails as "Invalid ranges [2:1]":
+        # trace on two images instead (the graph is the same; parity still runs on the caller's input).
+        x = torch.cat([x, x.flip(-1)])
+    # torch.export logs whole tracebacks at ERROR level when it cannot trace a model; that failure is
+    # ours to report, in one line (see _export).
     # torch.export also print()s the partial graph of a failed trace to stderr (dozens of lines);
     # it is kept for the debug log.
     printed = io.StringIO()

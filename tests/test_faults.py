@@ -326,7 +326,7 @@ def test_export_interrupted_while_writing_leaves_the_old_file(tmp_path, monkeypa
 
 
 def test_a_crashing_exporter_falls_back_and_says_so_in_one_line(tmp_path, monkeypatch, caplog, capfd):
-    """torch.export failing (as it does on circular padding with a dynamic batch) logs whole tracebacks
+    """torch.export failing (as it did on circular padding with a dynamic batch) logs whole tracebacks
     through torch's loggers; export falls back to TorchScript and only its own one-line warning shows."""
     import logging
 
