@@ -721,3 +721,38 @@ def test_convs_that_reflect_replicate_or_wrap_the_border_are_converted(tmp_path,
     assert exported.rel_diff < 1e-4 and exported.op_counts.get("Pad", 0) >= 3
     # torch.export failed on circular padding traced at batch 1 ("Invalid ranges [2:1]"): it traces on two
     assert exported.exporter == "dynamo"
+
+
+DETECTOR = '''
+import torch
+from torch import nn
+
+
+class Detector(nn.Module):
+    """Returns a number of scores that differs between the original and the converted model, as a
+    detector's boxes do (there it depends on the weights; here, for certain, on the modules)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1))
+
+    def forward(self, x):
+        return self.body(x).mean((2, 3)).flatten()[: len(list(self.body.modules()))]
+
+
+def build(num_classes=None):
+    return Detector()
+'''
+
+
+def test_cli_keeps_the_conversion_when_outputs_cannot_be_compared(tmp_path, monkeypatch, caplog):
+    """A detector's outputs change in number with the weights, so the agreement check cannot compare
+    them: convert failed at the end (exit 2) and saved nothing. It warns and saves the converted model."""
+    (tmp_path / "igc_detector_model.py").write_text(DETECTOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "m.safetensors"
+    with caplog.at_level(logging.WARNING):
+        assert main(["convert", "igc_detector_model:build", "-o", str(out), "--params-ratio", "0.2",
+                     "--calib", "sample-images", "--calib-samples", "8", "--check-samples", "8",
+                     "--input-size", "16"]) == 0
+    assert out.exists() and "no agreement check: the converted model's outputs have shapes" in caplog.text
