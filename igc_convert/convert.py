@@ -283,6 +283,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         >>> result.report.totals()["params_ratio"] <= 0.5
         True
     """
+    if isinstance(model, torch.export.ExportedProgram) or isinstance(model, torch.jit.ScriptModule):
+        raise ModelError(f"cannot convert a compiled {type(model).__name__} (its convs are no longer nn.Conv2d "
+                         "modules to replace); convert the nn.Module it was made from, then export or script "
+                         "the result")
     if not isinstance(model, nn.Module):
         raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
     compiled = getattr(model, "_orig_mod", None)
@@ -318,7 +322,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     kept = [dict(name=name, block=b.kind, shape=b.shape()) for name, b in existing_blocks(original)]
     if not sites:
         raise ModelError("every conv of the model is already an IGC block" if kept
-                         else "the model has no Conv2d layers to convert")
+                         else "the model has no Conv2d layers to convert" + _functional_convs(original))
     if kept:
         log.info("%d layers converted earlier are kept as they are; the target applies to the %d dense convs",
                  len(kept), len(sites))
@@ -547,6 +551,17 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     stdconv.restore(result.model, standardised)
     result.plan[:0] = kept
     return result
+
+
+def _functional_convs(model: nn.Module) -> str:
+    """Why a model with no ``nn.Conv2d`` may still convolve: a graph that calls the conv ops on weights it
+    holds as plain tensors (``torch.export``'s ``ExportedProgram.module()``)."""
+    if isinstance(model, torch.fx.GraphModule):
+        calls = [n for n in model.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+        if calls:
+            return (f" (its graph calls {calls[0].target} on weight tensors, as torch.export's modules do; "
+                    "convert the nn.Module it was exported from)")
+    return ""
 
 
 def _refit_linears(reference: nn.Module, converted: nn.Module, batches: Sequence[torch.Tensor],

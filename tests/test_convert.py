@@ -756,3 +756,18 @@ def test_cli_keeps_the_conversion_when_outputs_cannot_be_compared(tmp_path, monk
                      "--calib", "sample-images", "--calib-samples", "8", "--check-samples", "8",
                      "--input-size", "16"]) == 0
     assert out.exists() and "no agreement check: the converted model's outputs have shapes" in caplog.text
+
+
+def test_compiled_forms_of_a_model_say_to_convert_the_module_they_came_from():
+    """TorchScript modules and torch.export programs hold no nn.Conv2d to replace: they were refused as
+    "no Conv2d layers", which sends users looking for a bug in their model."""
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    exported = torch.export.export(net, (x,))
+    for compiled in (torch.jit.script(net), torch.jit.trace(net, x), exported):
+        with pytest.raises(ModelError, match=f"cannot convert a compiled {type(compiled).__name__}.*convert the nn.Module"):
+            ic.convert(compiled, ic.ParamsRatio(0.5), example_inputs=x, progress=False)
+    with pytest.raises(ModelError, match=r"calls aten.conv2d.default on weight tensors.*convert the nn.Module"):
+        ic.convert(exported.module(), ic.ParamsRatio(0.5), example_inputs=x, progress=False)
+    traced = torch.fx.symbolic_trace(net)  # an fx graph of modules is converted as any module
+    assert ic.convert(traced, ic.ParamsRatio(0.5), example_inputs=x, progress=False).plan
