@@ -602,3 +602,20 @@ def test_a_model_without_class_logits_is_refused_before_training(data):
     with pytest.raises(ModelError, match=r"class logits .* returns list of Tensor\[1, 4\], Tensor\[1\]"):
         finetune(model, data[0], teacher=copy.deepcopy(model), config=FinetuneConfig(epochs=1, progress=False))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_model_with_auxiliary_training_outputs_is_distilled_on_its_main_logits():
+    """torchvision's GoogLeNet and Inception v3 (aux_logits=True, as their pretrained weights build them)
+    return (logits, aux...) in training mode: fine-tuning failed ('GoogLeNetOutputs' object has no
+    attribute 'float'). It distils the main logits."""
+    import torchvision
+
+    torch.manual_seed(0)
+    teacher = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True, num_classes=10).eval()
+    student = copy.deepcopy(teacher)
+    student.inception5b.branch1.conv = IGCV1.from_conv(teacher.inception5b.branch1.conv, rank=8)
+    photos = resolve_source("sample-images", image_size=64, samples=8, split="train")
+    result = finetune(student, photos, teacher=teacher, val_data=photos,
+                      config=FinetuneConfig(epochs=1, batch_size=4, lr=1e-3, progress=False))
+    assert result.best.metric == "agreement" and 0 <= result.best.agreement <= 1
+    assert result.history[-1].epoch == 1
