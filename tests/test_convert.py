@@ -758,6 +758,7 @@ def test_cli_keeps_the_conversion_when_outputs_cannot_be_compared(tmp_path, monk
     assert out.exists() and "no agreement check: the converted model's outputs have shapes" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_compiled_forms_of_a_model_say_to_convert_the_module_they_came_from():
     """TorchScript modules and torch.export programs hold no nn.Conv2d to replace: they were refused as
     "no Conv2d layers", which sends users looking for a bug in their model."""
