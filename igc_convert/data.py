@@ -17,7 +17,9 @@ Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H
     objects, textures, astronomy, microscopy. Train and val take **disjoint photos** (a seeded 80/20
     split of the photos, stratified colour/grey), so val crops are truly unseen scenes.
 a folder path
-    class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled.
+    class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled;
+    ``images/`` and ``masks/`` sub-folders (or Pascal VOC's ``JPEGImages/`` and ``SegmentationClass/``)
+    give per-pixel class masks, matched by file stem (:class:`SegmentationFolder`).
     Turned upright by their EXIF orientation (camera photos), then ImageNet preprocessing: resize the
     short side to ``1.14·image_size``, centre crop, normalise (a non-square size: scaled to cover
     1.14× it both ways, then the centre crop).
@@ -68,6 +70,8 @@ class SourceDataset(Dataset):
 
     source: str = "?"
     labelled: bool = False
+    #: Labels are ``H×W`` class masks (segmentation), not one class per image.
+    per_pixel: bool = False
 
     def targets(self) -> Tensor | None:
         return None
@@ -242,31 +246,96 @@ class FolderImages(SourceDataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image, ImageOps
-        import torchvision.transforms.functional as TF
+        return _read_image(self.files[index], self.size, self.channels), int(self.labels[index])
 
-        path = self.files[index]
-        try:
-            with Image.open(path) as img:
-                # turned as the camera's EXIF orientation says, as viewers show it (phone photos)
-                img = _eight_bit(ImageOps.exif_transpose(img)).convert("L" if self.channels == 1 else "RGB")
-        # PIL raises all three on corrupt files, DecompressionBombError on images over MAX_IMAGE_PIXELS
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise DataError(f"cannot read image {str(path)!r}: {err}") from None
-        # Standard ImageNet evaluation preprocessing: short side to 1.14x, centre crop, normalise. For a
-        # non-square output, the image is scaled to cover 1.14x the output in both directions.
-        h, w = self.size
-        if h == w:
-            img = TF.resize(img, round(h * 256 / 224), antialias=True)
-        else:
-            scale = max(h * 256 / 224 / img.height, w * 256 / 224 / img.width)
-            img = TF.resize(img, [max(h, round(img.height * scale)), max(w, round(img.width * scale))],
-                            antialias=True)
-        x = TF.to_tensor(TF.center_crop(img, [h, w]))
-        mean, std = IMAGENET_MEAN[: self.channels], IMAGENET_STD[: self.channels]
-        if self.channels == 1:  # grey images: the ImageNet statistics of the green channel (luma-like)
-            mean, std = IMAGENET_MEAN[1:2], IMAGENET_STD[1:2]
-        return TF.normalize(x, mean, std), int(self.labels[index])
+
+class SegmentationFolder(SourceDataset):
+    """Images with per-pixel class masks (``images/`` + ``masks/`` of a folder, matched by file stem).
+
+    Each item is ``(image, mask)``: the mask an ``H×W`` long tensor of class indices, cropped and
+    resized (nearest) exactly as the image; 255, the usual "ignore" value (Pascal VOC's borders),
+    becomes -1, which no loss or score counts.
+    """
+
+    labelled = True
+    per_pixel = True
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], size: int | tuple[int, int], channels: int,
+                 source: str) -> None:
+        self.pairs, self.source = list(pairs), source
+        self.size, self.channels = _size_hw(size), channels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        import numpy as np
+
+        image, mask = self.pairs[index]
+        x = _read_image(image, self.size, self.channels)
+        found = _open_image(mask, _class_indices)
+        y = torch.from_numpy(np.asarray(_cover_and_crop(found, self.size, nearest=True), dtype=np.int64).copy())
+        return x, y.masked_fill_(y == MASK_IGNORE, -1)
+
+
+#: The mask value that marks pixels no loss or score counts (Pascal VOC's object borders).
+MASK_IGNORE = 255
+
+
+def _class_indices(img: Any) -> Any:
+    """A mask image whose pixel values are class indices: 8-bit grey or palette as it is, 16-bit as
+    32-bit integers (never scaled, unlike photos); a colour mask is refused."""
+    if img.mode in ("L", "P"):
+        return img.copy()
+    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return img.convert("I")
+    raise DataError(f"a mask in {img.mode} mode: masks hold one class index per pixel (8-bit grey, palette or "
+                    "16-bit), not colours")
+
+
+def _open_image(path: Path, convert: Any) -> Any:
+    """A decoded image file, turned upright by its EXIF orientation (as viewers show camera photos) and
+    passed through ``convert``; any decoding failure is a :class:`DataError` naming the file."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as img:
+            upright = ImageOps.exif_transpose(img)
+            try:
+                return convert(upright)
+            except DataError as err:
+                raise DataError(f"{str(path)!r}: {err}") from None
+    # PIL raises all three on corrupt files, DecompressionBombError on images over MAX_IMAGE_PIXELS
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DataError(f"cannot read image {str(path)!r}: {err}") from None
+
+
+def _cover_and_crop(img: Any, size: tuple[int, int], *, nearest: bool = False) -> Any:
+    """Standard ImageNet evaluation geometry: short side to 1.14x, centre crop. For a non-square output,
+    the image is scaled to cover 1.14x the output in both directions. ``nearest`` for class masks."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    how = dict(interpolation=InterpolationMode.NEAREST) if nearest else dict(antialias=True)
+    h, w = size
+    if h == w:
+        img = TF.resize(img, round(h * 256 / 224), **how)
+    else:
+        scale = max(h * 256 / 224 / img.height, w * 256 / 224 / img.width)
+        img = TF.resize(img, [max(h, round(img.height * scale)), max(w, round(img.width * scale))], **how)
+    return TF.center_crop(img, [h, w])
+
+
+def _read_image(path: Path, size: tuple[int, int], channels: int) -> Tensor:
+    """An image file, preprocessed: upright, :func:`_cover_and_crop`, scaled to [0, 1], normalised."""
+    import torchvision.transforms.functional as TF
+
+    img = _open_image(path, lambda img: _eight_bit(img).convert("L" if channels == 1 else "RGB"))
+    x = TF.to_tensor(_cover_and_crop(img, size))
+    mean, std = IMAGENET_MEAN[:channels], IMAGENET_STD[:channels]
+    if channels == 1:  # grey images: the ImageNet statistics of the green channel (luma-like)
+        mean, std = IMAGENET_MEAN[1:2], IMAGENET_STD[1:2]
+    return TF.normalize(x, mean, std)
 
 
 #: Pillow modes of more than 8 bits per pixel: 16-bit (PNG, TIFF), 32-bit integer and float grey images.
@@ -319,7 +388,7 @@ class SubsetImages(SourceDataset):
 
     def __init__(self, base: SourceDataset, indices: Sequence[int], what: str) -> None:
         self.base, self.indices = base, list(indices)
-        self.source, self.labelled = f"{base.source} [{what}]", base.labelled
+        self.source, self.labelled, self.per_pixel = f"{base.source} [{what}]", base.labelled, base.per_pixel
 
     def targets(self) -> Tensor | None:
         t = self.base.targets()
@@ -489,9 +558,11 @@ def _mix_seed(seed: int, stream: int) -> int:
     return (int(seed) * 1_000_003 + int(stream) * 7919) % (2**63)
 
 
-def collate(items: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
-    """Stack ``(image, label)`` items into ``(N×C×H×W images, N labels)``."""
+def collate(items: list[tuple[Tensor, int | Tensor]]) -> tuple[Tensor, Tensor]:
+    """Stack ``(image, label)`` items into ``(N×C×H×W images, N labels)`` (``N×H×W`` for class masks)."""
     xs, ys = zip(*items)
+    if isinstance(ys[0], Tensor):
+        return torch.stack(xs), torch.stack(ys)
     return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
@@ -510,11 +581,15 @@ def _require_labels(dataset: SourceDataset, labels: bool) -> SourceDataset:
     return dataset
 
 
-def _folder(root: Path, size: tuple[int, int], channels: int) -> FolderImages:
+def _folder(root: Path, size: tuple[int, int], channels: int) -> FolderImages | SegmentationFolder:
     if not root.is_dir():
         raise DataError(f"data source {str(root)!r} is a file, not a folder of images")
     if channels not in (1, 3):
         raise ConfigError(f"folders of images give 1 or 3 channels, not {channels}")
+    pairs = _segmentation_pairs(root)
+    if pairs is not None:
+        _check_image_files([f for pair in pairs for f in pair])
+        return SegmentationFolder(pairs, size, channels, str(root))
     entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
     loose = [p for p in entries if p.is_file() and _is_image_name(p)]
     class_dirs = [p for p in entries if p.is_dir()]
@@ -535,6 +610,29 @@ def _folder(root: Path, size: tuple[int, int], channels: int) -> FolderImages:
         raise DataError(f"folder {str(root)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
     _check_image_files(files)
     return FolderImages(files, targets, classes, size, channels, str(root))
+
+
+#: Sub-folder names of a segmentation data set: its images, and its class masks (same file stems).
+SEGMENTATION_IMAGES = ("images", "JPEGImages")
+SEGMENTATION_MASKS = ("masks", "labels", "annotations", "SegmentationClass")
+
+
+def _segmentation_pairs(root: Path) -> list[tuple[Path, Path]] | None:
+    """``(image, mask)`` files of a segmentation folder (``images/`` and ``masks/``, or Pascal VOC's
+    ``JPEGImages/`` and ``SegmentationClass/``, ...), matched by file stem; None for other layouts."""
+    images = next((root / n for n in SEGMENTATION_IMAGES if (root / n).is_dir()), None)
+    masks = next((root / n for n in SEGMENTATION_MASKS if (root / n).is_dir()), None)
+    if images is None or masks is None:
+        return None
+    by_stem = {p.stem: p for p in sorted(masks.iterdir()) if p.is_file() and _is_image_name(p)}
+    files = [p for p in sorted(images.iterdir()) if p.is_file() and _is_image_name(p) and not p.name.startswith(".")]
+    if not files:
+        raise DataError(f"folder {str(images)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    missing = [p.name for p in files if p.stem not in by_stem]
+    if missing:
+        raise DataError(f"{len(missing)} image(s) of {str(images)!r} have no mask of the same name in "
+                        f"{str(masks)!r}: {', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}")
+    return [(p, by_stem[p.stem]) for p in files]
 
 
 def _is_image_name(path: Path) -> bool:

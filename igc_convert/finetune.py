@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .agreement import kl_and_top1, named_logits
 from .blocks import conv_forward
-from .data import (SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
+from .data import (MASK_IGNORE, SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .files import atomic_write, remove_stale_temporaries
@@ -289,14 +289,19 @@ def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val
     they are hidden, with a warning, and the teacher's agreement picks.
     """
     labelled = [d for d in (train, val) if d is not None and has_labels(d)]
-    if labelled and len(shape) == 4:  # one label per image cannot train or score per-pixel classes
-        message = (f"{getattr(labelled[0], 'source', 'the data')} has one label per image, but the model "
-                   f"classifies each pixel ({shape[1]} classes)")
+    per_pixel = len(shape) == 4
+    wrong = [d for d in labelled if getattr(d, "per_pixel", False) != per_pixel]
+    if wrong:  # one label per image cannot train or score per-pixel classes, nor a mask an image's class
+        source = getattr(wrong[0], "source", "the data")
+        message = (f"{source} has one label per image, but the model classifies each pixel ({shape[1]} classes)"
+                   if per_pixel else f"{source} has class masks, but the model classifies whole images")
         if cfg.ce_weight > 0:
             raise DataError(f"{message}; fine-tune by distillation alone (ce_weight=0; on the CLI, without "
                             "--labels)")
         log.warning("%s; the labels are ignored: the teacher's agreement picks the best epoch", message)
         return False
+    if per_pixel:  # class masks: their values are checked against the classes batch by batch
+        return True
     outputs = shape[1]
     for data in labelled:
         count = data.num_classes() if isinstance(data, SourceDataset) else None
@@ -655,7 +660,10 @@ class _Trainer:
             loss = loss + cfg.feature_weight * hooks.loss()
         labelled = y >= 0
         if cfg.ce_weight > 0 and labelled.any():
-            loss = loss + cfg.ce_weight * F.cross_entropy(logits[labelled], y[labelled])
+            if y.dim() == 1:
+                loss = loss + cfg.ce_weight * F.cross_entropy(logits[labelled], y[labelled])
+            else:  # class masks: the mean over their labelled pixels
+                loss = loss + cfg.ce_weight * F.cross_entropy(logits, _checked_masks(y, logits), ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # a no-op without fp16 scaling
@@ -671,9 +679,8 @@ class _Trainer:
         scaler.update()
         sched.step()
         with torch.no_grad():
-            pred = logits.argmax(1)
-            if labelled.all():
-                hit = float((pred == y).sum())
+            if y.dim() > 1 or labelled.all():
+                hit = _label_scores(logits, y)[1]
             else:  # agreement with the teacher; per-pixel logits count each image's share of pixels
                 hit = kl_and_top1(t_logits, logits)[1] if t_logits is not None else 0.0
         return float(loss.detach()), hit
@@ -694,12 +701,11 @@ class _Trainer:
                 s = _logits(student(as_input(x, student)), "student")
                 t = _logits(self.teacher(as_input(x, self.teacher)), "teacher") if self.teacher is not None else None
             s = s.float()
-            pred, lab = s.argmax(1), y >= 0
             sums[0] += len(x)
-            sums[1] += int(lab.sum())
-            if lab.any():
-                sums[2] += int((pred[lab] == y[lab]).sum())
-                sums[5] += float(F.cross_entropy(s[lab], y[lab], reduction="sum"))
+            labelled, correct, ce = _label_scores(s, y)
+            sums[1] += labelled
+            sums[2] += correct
+            sums[5] += ce
             if t is not None:
                 kl, same = kl_and_top1(t.float(), s)
                 sums[3] += same
@@ -811,6 +817,38 @@ class _FeatureHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def _label_scores(logits: Tensor, y: Tensor) -> tuple[float, float, float]:
+    """``(labelled images, correct, summed cross-entropy)`` of a batch against its labels (-1: none).
+
+    For class masks (``y`` is ``N×H×W``) each image with labelled pixels counts once: its share of
+    correct pixels and its mean cross-entropy over its labelled pixels.
+    """
+    lab = y >= 0
+    if not lab.any():
+        return 0.0, 0.0, 0.0
+    if y.dim() == 1:
+        return (float(lab.sum()), float((logits[lab].argmax(1) == y[lab]).sum()),
+                float(F.cross_entropy(logits[lab], y[lab], reduction="sum")))
+    masks = _checked_masks(y, logits)
+    pixels = lab.flatten(1).sum(1)
+    has = pixels > 0
+    correct = ((logits.argmax(1) == masks) & lab).flatten(1).sum(1)
+    ce = F.cross_entropy(logits, masks, ignore_index=-1, reduction="none").flatten(1).sum(1)
+    return float(has.sum()), float((correct[has] / pixels[has]).sum()), float((ce[has] / pixels[has]).sum())
+
+
+def _checked_masks(y: Tensor, logits: Tensor) -> Tensor:
+    """Class masks ``N×H×W`` that fit per-pixel logits ``N×C×H×W`` (a :class:`DataError` otherwise)."""
+    if logits.dim() != 4 or y.shape != logits.shape[:1] + logits.shape[2:]:
+        raise DataError(f"class masks of shape {list(y.shape)} do not fit the model's logits of shape "
+                        f"{list(logits.shape)}: the masks need the logits' height and width")
+    top = int(y.max())
+    if top >= logits.shape[1]:
+        raise DataError(f"a class mask holds class {top}, but the model has {logits.shape[1]} classes "
+                        f"({MASK_IGNORE} marks pixels to ignore)")
+    return y
 
 
 def _kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -352,3 +352,52 @@ def test_every_named_and_folder_source_gives_non_square_images(tmp_path):
         assert x[..., : w // 2 - 2].max() < -1 and x[..., w // 2 + 2 :].min() > 1
     torch.testing.assert_close(resolve_source(tmp_path, image_size=(24, 24))[0][0],
                                resolve_source(tmp_path, image_size=24)[0][0])
+
+
+def _segmentation_folder(root: Path, count: int = 6, size: tuple[int, int] = (40, 60)) -> Path:
+    """images/ + masks/: a bright rectangle on a dark image, class 1 in its mask, 255 (ignore) on its
+    edge, 0 elsewhere; palette PNG masks, as Pascal VOC's."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(count):
+        h, w = size
+        image = (rng.random((h, w, 3)) * 60).astype(np.uint8)
+        mask = np.zeros((h, w), np.uint8)
+        top, left = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
+        image[top : top + h // 2, left : left + w // 2] = 220
+        mask[top : top + h // 2, left : left + w // 2] = 1
+        mask[top, left : left + w // 2] = 255
+        Image.fromarray(image).save(root / "images" / f"scene{i}.jpg", quality=95)
+        palette = Image.fromarray(mask, mode="L").convert("P")
+        palette.save(root / "masks" / f"scene{i}.png")
+    return root
+
+
+def test_a_folder_of_images_and_masks_gives_per_pixel_labels(tmp_path):
+    """images/ and masks/ were read as an ImageFolder of two classes, "images" and "masks". They are a
+    segmentation data set: each item is an image and its class mask, cropped and resized alike (nearest
+    for the mask), 255 read as -1 (ignored); a non-square size and the train/val split work as for any
+    folder."""
+    root = _segmentation_folder(tmp_path / "seg")
+    data = resolve_source(root, image_size=(16, 24))
+    assert len(data) == 6 and data.labelled and data.per_pixel and has_labels(data)
+    x, y = data[0]
+    assert x.shape == (3, 16, 24) and y.shape == (16, 24) and y.dtype == torch.long
+    assert set(y.unique().tolist()) <= {-1, 0, 1} and (y == 1).any() and (y == 0).any()
+    bright = x.mean(0) > 0.5  # the rectangle, where the mask says class 1
+    assert (bright[y == 1]).float().mean() > 0.95 and (bright[y == 0]).float().mean() < 0.05
+    train, val = resolve_source(root, image_size=16, split="train"), resolve_source(root, image_size=16, split="val")
+    assert len(train) + len(val) == 6 and train.per_pixel and val.per_pixel
+    images, masks = make_loader(train, 4, shuffle=False).__iter__().__next__()
+    assert images.shape == (4, 3, 16, 16) and masks.shape == (4, 16, 16)
+
+
+def test_a_segmentation_folder_with_a_missing_or_colour_mask_is_refused(tmp_path):
+    root = _segmentation_folder(tmp_path / "seg")
+    (root / "masks" / "scene3.png").unlink()
+    with pytest.raises(DataError, match="1 image.* have no mask of the same name.*scene3.jpg"):
+        resolve_source(root)
+    Image.new("RGB", (60, 40), (255, 0, 0)).save(root / "masks" / "scene3.png")
+    with pytest.raises(DataError, match="scene3.png.*RGB mode.*not colours"):
+        resolve_source(root, image_size=16)[3]

@@ -619,3 +619,40 @@ def test_a_model_with_auxiliary_training_outputs_is_distilled_on_its_main_logits
                       config=FinetuneConfig(epochs=1, batch_size=4, lr=1e-3, progress=False))
     assert result.best.metric == "agreement" and 0 <= result.best.agreement <= 1
     assert result.history[-1].epoch == 1
+
+
+def test_a_segmentation_model_learns_from_class_masks(tmp_path, caplog):
+    """A folder of images and masks trains a segmentation model pixel by pixel (cross-entropy over the
+    labelled pixels, 255 ignored), and its per-pixel accuracy picks the best epoch; masks that name a
+    class the model does not have, or a model that classifies whole images, are refused as a loss."""
+    from test_data import _segmentation_folder
+
+    root = _segmentation_folder(tmp_path / "seg", count=16)
+    train = resolve_source(root, image_size=16, split="train", labels=True)
+    val = resolve_source(root, image_size=16, split="val")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+
+    class Seg(nn.Module):
+        def __init__(self, body):
+            super().__init__()
+            self.body = body
+
+        def forward(self, x):
+            return {"out": self.body(x)}
+
+    result = finetune(Seg(model), train, val_data=val,
+                      config=FinetuneConfig(epochs=6, lr=2e-2, kd_weight=0, ce_weight=1, batch_size=4, progress=False))
+    start, best = result.history[0], result.best
+    assert best.metric == "accuracy" and best.accuracy > max(start.accuracy, 0.9) and best.loss < start.loss
+    x, y = val[0]
+    with torch.no_grad():
+        pred = result.model(x[None])["out"].argmax(1)[0]
+    assert (pred[y >= 0] == y[y >= 0]).float().mean() > 0.9
+
+    one_class = Seg(nn.Conv2d(3, 1, 1))  # mask value 1 is out of its range
+    with pytest.raises(DataError, match="holds class 1, but the model has 1 classes"):
+        finetune(one_class, train, config=FinetuneConfig(epochs=1, kd_weight=0, ce_weight=1, progress=False))
+    classifier = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    with pytest.raises(DataError, match="has class masks, but the model classifies whole images"):
+        finetune(classifier, train, config=FinetuneConfig(epochs=1, kd_weight=0, ce_weight=1, progress=False))

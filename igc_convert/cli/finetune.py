@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "none: learn from labels only (needs --labels)")
     parser.add_argument("--labels", action="store_true",
                         help="the data must have labels, and they must be the model's classes (a folder: one "
-                             "sub-folder per output, in sorted order); adds cross-entropy on them to the loss. "
+                             "sub-folder per output, in sorted order; for a segmentation model, images/ and "
+                             "masks/ of class indices); adds cross-entropy on them to the loss. "
                              "Without it, labels that are not the model's classes are ignored")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
