@@ -663,7 +663,8 @@ class _Trainer:
             if y.dim() == 1:
                 loss = loss + cfg.ce_weight * F.cross_entropy(logits[labelled], y[labelled])
             else:  # class masks: the mean over their labelled pixels
-                loss = loss + cfg.ce_weight * F.cross_entropy(logits, _checked_masks(y, logits), ignore_index=-1)
+                loss = loss + cfg.ce_weight * F.cross_entropy(_at_mask_size(logits, y), _checked_masks(y, logits),
+                                                              ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # a no-op without fp16 scaling
@@ -832,6 +833,7 @@ def _label_scores(logits: Tensor, y: Tensor) -> tuple[float, float, float]:
         return (float(lab.sum()), float((logits[lab].argmax(1) == y[lab]).sum()),
                 float(F.cross_entropy(logits[lab], y[lab], reduction="sum")))
     masks = _checked_masks(y, logits)
+    logits = _at_mask_size(logits, y)
     pixels = lab.flatten(1).sum(1)
     has = pixels > 0
     correct = ((logits.argmax(1) == masks) & lab).flatten(1).sum(1)
@@ -839,11 +841,19 @@ def _label_scores(logits: Tensor, y: Tensor) -> tuple[float, float, float]:
     return float(has.sum()), float((correct[has] / pixels[has]).sum()), float((ce[has] / pixels[has]).sum())
 
 
+def _at_mask_size(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-pixel logits at the masks' height and width: bilinear, for models whose logits come at a
+    stride of the input (SegFormer's at 1/4), as their own training losses do."""
+    if logits.shape[2:] == y.shape[1:]:
+        return logits
+    return F.interpolate(logits, size=tuple(y.shape[1:]), mode="bilinear", align_corners=False)
+
+
 def _checked_masks(y: Tensor, logits: Tensor) -> Tensor:
-    """Class masks ``N×H×W`` that fit per-pixel logits ``N×C×H×W`` (a :class:`DataError` otherwise)."""
-    if logits.dim() != 4 or y.shape != logits.shape[:1] + logits.shape[2:]:
+    """Class masks ``N×H×W`` for per-pixel logits ``N×C×h×w`` (a :class:`DataError` otherwise)."""
+    if logits.dim() != 4 or y.dim() != 3 or len(y) != len(logits):
         raise DataError(f"class masks of shape {list(y.shape)} do not fit the model's logits of shape "
-                        f"{list(logits.shape)}: the masks need the logits' height and width")
+                        f"{list(logits.shape)}")
     top = int(y.max())
     if top >= logits.shape[1]:
         raise DataError(f"a class mask holds class {top}, but the model has {logits.shape[1]} classes "

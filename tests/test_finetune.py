@@ -653,6 +653,10 @@ def test_a_segmentation_model_learns_from_class_masks(tmp_path, caplog):
     one_class = Seg(nn.Conv2d(3, 1, 1))  # mask value 1 is out of its range
     with pytest.raises(DataError, match="holds class 1, but the model has 1 classes"):
         finetune(one_class, train, config=FinetuneConfig(epochs=1, kd_weight=0, ce_weight=1, progress=False))
+    strided = Seg(nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.ReLU(), nn.Conv2d(8, 2, 1)))  # logits at 1/2 size
+    result = finetune(strided, train, val_data=val,
+                      config=FinetuneConfig(epochs=4, lr=2e-2, kd_weight=0, ce_weight=1, batch_size=4, progress=False))
+    assert result.best.accuracy > max(result.history[0].accuracy, 0.8)  # scored on upsampled logits
     classifier = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(DataError, match="has class masks, but the model classifies whole images"):
         finetune(classifier, train, config=FinetuneConfig(epochs=1, kd_weight=0, ce_weight=1, progress=False))
