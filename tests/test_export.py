@@ -539,3 +539,29 @@ def test_second_size_keeps_power_of_two_divisibility():
 
     assert second_size((224, 224)) == (256, 256) and second_size((20, 15)) == (24, 16)
     assert second_size((512, 96)) == (544, 128)
+
+
+def test_a_simplified_graph_that_fails_the_checker_falls_back_to_the_exported_one(tmp_path, monkeypatch, caplog):
+    """onnxscript's optimizer left a dangling reference in torchvision's detection graphs ("Nodes in a
+    graph must be topologically sorted"), and export stopped there. The graph as exported is checked,
+    kept with a warning, and must still pass parity."""
+    import logging
+
+    from igc_convert import export
+
+    real = export.simplify
+
+    def breaking(model):
+        stats = real(model)
+        first = next(iter(model.graph))
+        model.graph.remove(first, safe=False)  # its outputs are still read: an invalid graph
+        return stats
+
+    monkeypatch.setattr(export, "simplify", breaking)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    with caplog.at_level(logging.WARNING):
+        result = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert "writing the graph as exported, unsimplified" in caplog.text
+    assert result.rel_diff < 1e-4 and result.op_counts == result.op_counts_before
+    _assert_parity(result.path, model, torch.randn(2, 3, 8, 8))
