@@ -660,3 +660,37 @@ def test_a_segmentation_model_learns_from_class_masks(tmp_path, caplog):
     classifier = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     with pytest.raises(DataError, match="has class masks, but the model classifies whole images"):
         finetune(classifier, train, config=FinetuneConfig(epochs=1, kd_weight=0, ce_weight=1, progress=False))
+
+
+def test_augmented_batches_crop_and_flip_images_and_masks_alike():
+    """Each image gets its own crop and flip; a mask gets the same ones, so its class-1 pixels stay on
+    the bright pixels of its image; class labels pass through; a seeded run repeats its draws."""
+    from igc_convert.finetune import augment_batch
+
+    x = torch.full((6, 3, 20, 30), -1.0)
+    y = torch.zeros(6, 20, 30, dtype=torch.long)
+    for i in range(6):
+        x[i, :, 2 + i : 14 + i, 3 * i : 3 * i + 12] = 1.0
+        y[i, 2 + i : 14 + i, 3 * i : 3 * i + 12] = 1
+    torch.manual_seed(0)
+    xa, ya = augment_batch(x, y)
+    assert xa.shape == x.shape and ya.shape == y.shape and ya.dtype == torch.long
+    assert not torch.equal(xa, x)
+    for i in range(6):  # bilinear edges blend at most 3/4 of the other side into a pixel nearest-exact labels
+        ones = ya[i] == 1
+        assert (xa[i, 0][ones] > -0.6).all() and (xa[i, 0][~ones] < 0.6).all()
+    torch.manual_seed(0)
+    again = augment_batch(x, y)
+    assert torch.equal(again[0], xa) and torch.equal(again[1], ya)
+    labels = torch.arange(6)
+    assert torch.equal(augment_batch(x, labels)[1], labels)
+
+
+def test_fine_tuning_with_augmentation_runs_and_repeats(data, teacher):
+    train, val = data
+    config = FinetuneConfig(epochs=1, lr=1e-3, augment=True, progress=False)
+    runs = [finetune(converted(teacher), train, teacher=teacher, val_data=val, config=config) for _ in range(2)]
+    assert runs[0].history == runs[1].history and runs[0].history[-1].epoch == 1
+    plain = finetune(converted(teacher), train, teacher=teacher, val_data=val,
+                     config=FinetuneConfig(epochs=1, lr=1e-3, progress=False))
+    assert plain.history[-1] != runs[0].history[-1]  # the crops and flips changed what it learnt
