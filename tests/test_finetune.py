@@ -213,8 +213,9 @@ def test_callers_rng_state_is_restored(teacher, data):
 
 # ------------------------------------------------------------------------------------ checkpoints
 # 256 images, 32 per batch: 8 steps per epoch; checkpoints at steps 5, 10, 15 and at each epoch end (8, 16).
+# augment: its crops and flips draw from the generator a checkpoint carries, so a resumed run repeats them
 RESUME_CFG = dict(epochs=2, batch_size=32, lr=2e-3, feature_weight=0.5, freeze_bn=False, progress=False,
-                  checkpoint_every=5)
+                  checkpoint_every=5, augment=True)
 
 
 class Kill(KeyboardInterrupt):
