@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=12, help="epochs training the dense model (default 12)")
     p.add_argument("--ft-epochs", type=int, default=3, help="epochs of per-pixel distillation (default 3)")
     p.add_argument("--calib-images", type=int, default=256, help="calibration images (default 256)")
-    p.add_argument("--augment", action="store_true", help="random resized crops and flips while distilling")
+    p.add_argument("--augment", choices=("crop", "crop+flip"), help="augmentation while distilling (default none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> int:
         sequential = result
     start = time.perf_counter()
     tuned = finetune(copy.deepcopy(sequential.model), x[train], teacher=dense, val_data=x[val],
-                     config=FinetuneConfig(epochs=args.ft_epochs, lr=2e-3, seed=args.seed, augment=args.augment,
+                     config=FinetuneConfig(epochs=args.ft_epochs, lr=2e-3, seed=args.seed,
+                                           augment=args.augment is not None, flip=args.augment == "crop+flip",
                                            progress=False))
-    augmented = ", augmented" if args.augment else ""
+    augmented = f", augmented ({args.augment})" if args.augment else ""
     rows.append((f"(c) + {args.ft_epochs} epochs distilled per pixel{augmented}", tuned.model, params,
                  time.perf_counter() - start, measure_agreement(dense, tuned.model, x[val])))
 

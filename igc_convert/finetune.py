@@ -81,9 +81,10 @@ class FinetuneConfig:
     ``checkpoint_dir`` is set. ``warmup`` is the fraction of steps with a linear warm-up before the
     cosine decay to ``min_lr · lr``. ``amp`` mixed precision applies on CUDA only.
 
-    ``augment`` draws a random resized crop (8–100% of the area, aspect 3:4–4:3, resized back) and a
-    horizontal flip for each training image at each step, masks alike (nearest); the teacher labels
-    the very image the student sees, so distillation stays consistent.
+    ``augment`` draws a random resized crop (8–100% of the area, aspect 3:4–4:3, resized back) and,
+    with ``flip``, a horizontal flip for each training image at each step, masks alike (nearest); the
+    teacher labels the very image the student sees, so distillation stays consistent. Turn ``flip``
+    off for data that is not mirror-symmetric (digits, text).
 
     ``temperature`` defaults to 1: a converted model is a much weaker student than its teacher, and
     softer targets (Hinton's T = 4) spend its few steps on the teacher's small logits. On a dev split
@@ -112,6 +113,7 @@ class FinetuneConfig:
     small_dataset: int = 5000
     seed: int = 0
     augment: bool = False
+    flip: bool = True
     amp: bool = True
     checkpoint_dir: str | os.PathLike | None = None
     checkpoint_every: int = 0
@@ -648,7 +650,7 @@ class _Trainer:
         opt, sched, scaler = self.state["opt"], self.state["sched"], self.state["scaler"]
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if cfg.augment:
-            x, y = augment_batch(x, y)
+            x, y = augment_batch(x, y, flip=cfg.flip)
         with self.autocast():
             if hooks is not None:
                 hooks.recording = True
@@ -832,11 +834,11 @@ CROP_AREA = (0.08, 1.0)
 CROP_ASPECT = (3 / 4, 4 / 3)
 
 
-def augment_batch(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+def augment_batch(x: Tensor, y: Tensor, *, flip: bool = True) -> tuple[Tensor, Tensor]:
     """Each image of ``x`` (``N×C×H×W``) cut to a random crop of :data:`CROP_AREA` of its area and
-    :data:`CROP_ASPECT`, resized back (bilinear) and flipped left-right half of the time; class masks
-    (``y`` of ``N×H×W``) get the same crop (nearest) and flip, class labels pass through. Draws from
-    torch's CPU generator, so a seeded (or resumed) run repeats its crops."""
+    :data:`CROP_ASPECT`, resized back (bilinear) and, with ``flip``, flipped left-right half of the
+    time; class masks (``y`` of ``N×H×W``) get the same crop (nearest) and flip, class labels pass
+    through. Draws from torch's CPU generator, so a seeded (or resumed) run repeats its crops."""
     n, _, h, w = x.shape
     images, masks = [], []
     for i in range(n):
@@ -845,14 +847,14 @@ def augment_batch(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         ch = max(1, min(h, round(math.sqrt(area / aspect))))
         cw = max(1, min(w, round(math.sqrt(area * aspect))))
         top, left = int(torch.randint(h - ch + 1, ())), int(torch.randint(w - cw + 1, ()))
-        flip = bool(torch.rand(()) < 0.5)
+        mirrored = bool(torch.rand(()) < 0.5) and flip  # drawn either way: the same crops with or without
         crop = F.interpolate(x[i : i + 1, :, top : top + ch, left : left + cw], size=(h, w), mode="bilinear",
                              align_corners=False)
-        images.append(crop.flip(-1) if flip else crop)
+        images.append(crop.flip(-1) if mirrored else crop)
         if y.dim() == 3:
             mask = F.interpolate(y[i : i + 1, None, top : top + ch, left : left + cw].float(), size=(h, w),
                                  mode="nearest-exact")[:, 0].long()
-            masks.append(mask.flip(-1) if flip else mask)
+            masks.append(mask.flip(-1) if mirrored else mask)
     return torch.cat(images), torch.cat(masks) if masks else y
 
 

@@ -430,8 +430,8 @@ def test_cli_finetune_writes_a_loadable_model_with_its_history(converted_files, 
     assert checkpoint_path(tmp_path / "ckpt").exists()
 
 
-@pytest.mark.parametrize("flag,freeze", [("auto", None), ("frozen", True), ("live", False)])
-def test_cli_finetune_bn_option_reaches_the_config(converted_files, tmp_path, monkeypatch, flag, freeze):
+def _cli_config(converted_files, tmp_path, monkeypatch, flags: list[str]) -> FinetuneConfig:
+    """The FinetuneConfig the finetune command builds from ``flags`` (it stops before training)."""
     import igc_convert.finetune as ft
 
     seen = {}
@@ -443,8 +443,21 @@ def test_cli_finetune_bn_option_reaches_the_config(converted_files, tmp_path, mo
     monkeypatch.setattr(ft, "finetune", fake)
     _, files = converted_files
     out = tmp_path / "ft.safetensors"
-    assert cli_main(["finetune", str(files["a"]), "-o", str(out), "--data", "digits", "--bn", flag]) == 2
-    assert seen["config"].freeze_bn is freeze and not out.exists()
+    assert cli_main(["finetune", str(files["a"]), "-o", str(out), "--data", "digits", *flags]) == 2
+    assert not out.exists()
+    return seen["config"]
+
+
+@pytest.mark.parametrize("flag,freeze", [("auto", None), ("frozen", True), ("live", False)])
+def test_cli_finetune_bn_option_reaches_the_config(converted_files, tmp_path, monkeypatch, flag, freeze):
+    assert _cli_config(converted_files, tmp_path, monkeypatch, ["--bn", flag]).freeze_bn is freeze
+
+
+@pytest.mark.parametrize("flags, augment, flip", [([], False, True), (["--augment"], True, True),
+                                                   (["--augment", "crop"], True, False)])
+def test_cli_finetune_augment_option_reaches_the_config(converted_files, tmp_path, monkeypatch, flags, augment, flip):
+    config = _cli_config(converted_files, tmp_path, monkeypatch, flags)
+    assert (config.augment, config.augment and config.flip) == (augment, augment and flip)
 
 
 @pytest.mark.parametrize("source, samples, val_samples, want", [
@@ -685,6 +698,11 @@ def test_augmented_batches_crop_and_flip_images_and_masks_alike():
     assert torch.equal(again[0], xa) and torch.equal(again[1], ya)
     labels = torch.arange(6)
     assert torch.equal(augment_batch(x, labels)[1], labels)
+    torch.manual_seed(0)  # without flips: the same crops, none mirrored
+    crops, crop_masks = augment_batch(x, y, flip=False)
+    mirrored = [i for i in range(6) if not torch.equal(crops[i], xa[i])]
+    assert mirrored and all(torch.equal(crops[i].flip(-1), xa[i]) and torch.equal(crop_masks[i].flip(-1), ya[i])
+                            for i in mirrored)
 
 
 def test_fine_tuning_with_augmentation_runs_and_repeats(data, teacher):

@@ -60,9 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
                         help="weight of matching each converted block to its original conv "
                              f"(default {d.feature_weight}: off)")
-    parser.add_argument("--augment", action="store_true",
-                        help="random resized crops (8-100%% of the area) and left-right flips of the training "
-                             "images at every step (class masks alike); against over-fitting small data")
+    parser.add_argument("--augment", nargs="?", const="crop+flip", choices=("crop", "crop+flip"), default=None,
+                        help="random resized crops (8-100%% of the area) and, unless 'crop', left-right flips of "
+                             "the training images at every step (class masks alike); against over-fitting small "
+                             "data. Use 'crop' for data that is not mirror-symmetric (digits, text)")
     parser.add_argument("--image-size", type=int, nargs="+", default=None, metavar="N",
                         help="image height and width for named and folder sources (one value for square "
                              f"images; default: the model's declared input size, else {DEFAULT_IMAGE_SIZE})")
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
                             freeze_bn={"auto": None, "frozen": True, "live": False}[args.bn],
                             kd_weight=1.0 if args.teacher == "auto" else 0.0,
                             ce_weight=1.0 if args.labels else 0.0, seed=args.seed,
-                            augment=args.augment,
+                            augment=args.augment is not None, flip=args.augment == "crop+flip",
                             checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
                             resume=args.resume, num_workers=args.workers)
 
