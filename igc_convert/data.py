@@ -27,6 +27,7 @@ Python objects
     a ``Dataset``, a ``DataLoader`` (its data set is used), a tensor ``N×C×H×W``, or any iterable of
     tensors (single images or batches), ``(x, y)`` pairs or dicts (``{"pixel_values": x, "labels": y}``,
     as Hugging Face ``datasets`` gives them; :func:`split_item`). They are used as they are (no resizing).
+    In a map-style ``Dataset`` a label may be an ``H×W`` integer class mask of the image's size.
 
 ``split="train"``/``"val"`` picks a deterministic, seeded 80/20 split (stratified when labelled), so
 train and val never overlap; ``"all"`` keeps everything. :func:`make_loader` batches a data set with an
@@ -360,14 +361,17 @@ def _eight_bit(img: Any) -> Any:
 
 
 class WrappedDataset(SourceDataset):
-    """A user's map-style data set whose items are images or ``(image, label)`` pairs."""
+    """A user's map-style data set whose items are images or ``(image, label)`` pairs; a label may be
+    an ``H×W`` integer class mask of the image's size (``per_pixel``; 255 is read as -1, ignored)."""
 
-    def __init__(self, dataset: Dataset, source: str, labelled: bool, channels: int | None) -> None:
+    def __init__(self, dataset: Dataset, source: str, labelled: bool, channels: int | None,
+                 per_pixel: bool = False) -> None:
         self.dataset, self.source, self.labelled, self.channels = dataset, source, labelled, channels
+        self.per_pixel = per_pixel
 
     def targets(self) -> Tensor | None:
         t = getattr(self.dataset, "targets", None)
-        if self.labelled and t is not None and len(t) == len(self):
+        if self.labelled and not self.per_pixel and t is not None and len(t) == len(self):
             return torch.as_tensor(t, dtype=torch.long)
         return None
 
@@ -380,7 +384,9 @@ class WrappedDataset(SourceDataset):
         if self.labelled != (y is not None):
             raise DataError(f"{self.source}: item {index} {'has no' if self.labelled else 'has a'} label, "
                             f"unlike item 0")
-        return x, -1 if y is None else _check_label(y, self.source, index)
+        if y is None:
+            return x, -1
+        return x, _check_mask(y, x, self.source, index) if self.per_pixel else _check_label(y, self.source, index)
 
 
 class SubsetImages(SourceDataset):
@@ -667,10 +673,13 @@ def _from_object(obj: Any, channels: int | None) -> SourceDataset:
         if len(obj) == 0:
             raise DataError(f"data set {name} is empty")
         x, y = split_item(obj[0], name, 0)
-        _check_image(x, name, channels, what="item 0")
-        if y is not None:
+        x = _check_image(x, name, channels, what="item 0")
+        per_pixel = _is_mask(y)
+        if per_pixel:
+            _check_mask(y, x, name, 0)
+        elif y is not None:
             _check_label(y, name, 0)
-        return WrappedDataset(obj, name, y is not None, channels)
+        return WrappedDataset(obj, name, y is not None, channels, per_pixel)
     if isinstance(obj, (Mapping, bytes)) or not isinstance(obj, Iterable):
         raise DataError(f"cannot use a {name} as data: give 'digits', 'sample-images', a folder, a Dataset, "
                         "a DataLoader, an N×C×H×W tensor, or an iterable of tensors / (x, y) pairs / dicts")
@@ -693,6 +702,9 @@ def _materialise(iterable: Iterable, name: str, channels: int | None) -> TensorI
         batch = _check_batch(x if x.dim() == 4 else x.unsqueeze(0) if x.dim() == 3 else x,
                              f"{name} item {i} of shape {tuple(x.shape)}", channels)
         xs.append(batch)
+        if _is_mask(y) or (isinstance(y, Tensor) and y.dim() == 3 and y.shape[-2:] == x.shape[-2:]):
+            raise DataError(f"{name}: item {i} has a class mask; masks are read from a map-style Dataset "
+                            "(or a folder of images/ and masks/), not from an iterable")
         if y is not None:
             y = torch.as_tensor(y).reshape(-1)
             if len(y) != len(batch):
@@ -764,6 +776,25 @@ def _check_batch(x: Tensor, what: str, channels: int | None) -> Tensor:
     if not torch.isfinite(x).all():
         raise DataError(f"{what}: contains NaN or Inf")
     return x.detach().float().cpu()
+
+
+def _is_mask(y: Any) -> bool:
+    """Whether a label is a class mask: an integer tensor or array of two dimensions (``H×W``)."""
+    dims = getattr(y, "ndim", None)
+    return dims == 2 and (not isinstance(y, Tensor) or not y.is_floating_point()) and (
+        isinstance(y, Tensor) or str(getattr(y, "dtype", "")).startswith(("int", "uint")))
+
+
+def _check_mask(y: Any, x: Tensor, source: str, index: int) -> Tensor:
+    """A class mask as an ``H×W`` long tensor of the image's size, 255 (ignore) as -1."""
+    mask = torch.as_tensor(y)
+    if mask.dim() != 2 or mask.is_floating_point() or tuple(mask.shape) != tuple(x.shape[-2:]):
+        raise DataError(f"{source}: item {index}'s class mask must be an H×W integer tensor of the image's size "
+                        f"{tuple(x.shape[-2:])}, got {tuple(mask.shape)} {mask.dtype}")
+    mask = mask.long()
+    if (mask < 0).any():
+        raise DataError(f"{source}: item {index}'s class mask holds negative values")
+    return mask.masked_fill(mask == MASK_IGNORE, -1)
 
 
 def _check_label(y: Any, source: str, index: int) -> int:

@@ -401,3 +401,30 @@ def test_a_segmentation_folder_with_a_missing_or_colour_mask_is_refused(tmp_path
     Image.new("RGB", (60, 40), (255, 0, 0)).save(root / "masks" / "scene3.png")
     with pytest.raises(DataError, match="scene3.png.*RGB mode.*not colours"):
         resolve_source(root, image_size=16)[3]
+
+
+def test_a_dataset_of_images_and_class_masks_gives_per_pixel_labels():
+    """Hugging Face segmentation data sets give {"pixel_values": image, "labels": H×W mask}: such a mask
+    was refused as "label must be one integer". It is a per-pixel label (255 ignored); a mask of
+    another size, or masks in a plain iterable, get a clear error."""
+    class Masks(torch.utils.data.Dataset):
+        def __init__(self, size=(8, 10)):
+            self.size = size
+
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            mask = torch.zeros(self.size, dtype=torch.uint8)
+            mask[: i + 1] = 1
+            mask[-1] = 255
+            return {"pixel_values": torch.randn(3, 8, 10), "labels": mask}
+
+    data = resolve_source(Masks(), labels=True)
+    assert data.labelled and data.per_pixel and data.targets() is None
+    x, y = data[2]
+    assert y.shape == (8, 10) and y.dtype == torch.long and (y[:3] == 1).all() and (y[-1] == -1).all()
+    with pytest.raises(DataError, match=r"class mask must be an H×W integer tensor of the image's size \(8, 10\)"):
+        resolve_source(Masks(size=(4, 5)))
+    with pytest.raises(DataError, match="masks are read from a map-style Dataset"):
+        resolve_source([Masks()[i] for i in range(2)])

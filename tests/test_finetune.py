@@ -713,3 +713,32 @@ def test_fine_tuning_with_augmentation_runs_and_repeats(data, teacher):
     plain = finetune(converted(teacher), train, teacher=teacher, val_data=val,
                      config=FinetuneConfig(epochs=1, lr=1e-3, progress=False))
     assert plain.history[-1] != runs[0].history[-1]  # the crops and flips changed what it learnt
+
+
+def test_class_masks_from_a_dict_dataset_train_a_segmentation_model():
+    """Hugging Face's segmentation layout, {"pixel_values": x, "labels": mask}, end to end: the masks
+    reach the per-pixel loss and pixel accuracy."""
+    class Halves(torch.utils.data.Dataset):  # class 1 where the image is bright (its right half)
+        def __len__(self):
+            return 32
+
+        def __getitem__(self, i):
+            x = torch.full((3, 8, 8), -1.0)
+            x[..., 4:] = 1.0
+            mask = torch.zeros(8, 8, dtype=torch.long)
+            mask[:, 4:] = 1
+            return {"pixel_values": x + 0.1 * torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(i)),
+                    "labels": mask}
+
+    class Seg(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return {"out": self.conv(x)}
+
+    torch.manual_seed(0)
+    result = finetune(Seg(), Halves(), val_data=Halves(),
+                      config=FinetuneConfig(epochs=3, lr=5e-2, kd_weight=0, ce_weight=1, batch_size=8, progress=False))
+    assert result.best.metric == "accuracy" and result.best.accuracy == 1.0
