@@ -48,6 +48,7 @@ from torch import nn
 from .errors import ConfigError, ExportError, IGCError, ModelError
 from .files import atomic_write, check_writable
 from .modes import eval_mode
+from .shuffle import as_gather
 
 logger = logging.getLogger(__name__)
 
@@ -247,8 +248,11 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
                     raise ConfigError(f"{err}; {NOT_DYNAMIC_SIZE}") from err
                 inputs.append(x3)
         n_out = len(refs[0]) if refs else len(_flatten(_forward(model, x)))
-        raw, used = _export(model, x, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter, n_outputs=n_out,
-                            dynamic_size=dynamic_size)
+        # A shuffle's Reshapes would need the run-time height and width (Shape, Concat, ... nodes): with a
+        # dynamic size, shuffles export as one Gather of the channels instead.
+        with as_gather(model) if dynamic_size else contextlib.nullcontext():
+            raw, used = _export(model, x, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter,
+                                n_outputs=n_out, dynamic_size=dynamic_size)
     exported = ir.to_proto(raw)  # as the exporter gave it, in case the simplified graph is not valid
     stats = simplify(raw)
     proto = ir.to_proto(raw)

@@ -3,10 +3,15 @@
 ``ChannelShuffle(a, b)`` views the channels as an ``a × b`` grid (row-major, each cell a run of
 ``C/(a·b)`` consecutive channels) and transposes it, so channel block ``(i, j)`` moves to ``(j, i)``.
 With ``a`` = the number of groups of the conv before it, this is ShuffleNet's shuffle. It exports to
-ONNX as exactly one Reshape → Transpose → Reshape, with no custom op.
+ONNX as exactly one Reshape → Transpose → Reshape, with no custom op; under :func:`as_gather` (the
+export of a dynamic height and width, where those Reshapes would need the run-time size) as one
+Gather of the channels.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -36,12 +41,29 @@ class ChannelShuffle(nn.Module):
         if a < 1 or b < 1:
             raise ConfigError(f"ChannelShuffle needs a, b >= 1, got a={a}, b={b}")
         self.a, self.b = a, b
+        self.gather = False  # set by as_gather()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, c, h, w = x.shape
+        if getattr(self, "gather", False):
+            return x.index_select(1, shuffle_permutation(c, self.a, self.b).to(x.device))
         # Batch as -1 and the rest from static sizes keeps the exported graph to one
         # Reshape -> Transpose -> Reshape with constant shapes (no Shape/Gather nodes).
-        _, c, h, w = x.shape
         return x.reshape(-1, self.a, self.b, (c // (self.a * self.b)) * h * w).transpose(1, 2).reshape(-1, c, h, w)
 
     def extra_repr(self) -> str:
         return f"{self.a}x{self.b}"
+
+
+@contextlib.contextmanager
+def as_gather(model: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`ChannelShuffle` of ``model`` permutes by indexing the channels
+    (one ONNX Gather, whatever the height and width) instead of reshaping them."""
+    shuffles = [m for m in model.modules() if isinstance(m, ChannelShuffle)]
+    for m in shuffles:
+        m.gather = True
+    try:
+        yield
+    finally:
+        for m in shuffles:
+            m.gather = False

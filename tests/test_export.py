@@ -508,6 +508,8 @@ def test_dynamic_size_export_runs_at_other_sizes(tmp_path, exporter):
     model = _ImageToImage().eval()
     result = export_onnx(model, tmp_path / "m.onnx", torch.randn(1, 3, 20, 24), exporter=exporter, dynamic_size=True)
     assert result.dynamic_size and result.sizes_checked == ((20, 24), (20, 24), (24, 32))
+    if exporter == "dynamo":  # IGCV3's shuffle is one Gather: no run-time shape arithmetic, no Transpose
+        assert result.op_counts.get("Gather") == 1 and not {"Shape", "Concat", "Transpose"} & set(result.op_counts)
     assert "size 20x24 and 24x32" in result.summary()
     dims = [d.dim_param or d.dim_value for d in onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim]
     assert dims == ["batch", 3, "height", "width"]
@@ -565,3 +567,17 @@ def test_a_simplified_graph_that_fails_the_checker_falls_back_to_the_exported_on
     assert "writing the graph as exported, unsimplified" in caplog.text
     assert result.rel_diff < 1e-4 and result.op_counts == result.op_counts_before
     _assert_parity(result.path, model, torch.randn(2, 3, 8, 8))
+
+
+def test_a_shuffle_as_gather_is_the_same_permutation_and_is_put_back():
+    from igc_convert.shuffle import as_gather
+
+    model = nn.Sequential(ChannelShuffle(4, 8), nn.Identity(), ChannelShuffle(2, 2))
+    x = torch.randn(2, 64, 3, 5)
+    with as_gather(model):
+        assert all(m.gather for m in model if isinstance(m, ChannelShuffle))
+        gathered = model(x)
+    assert torch.equal(gathered, model(x)) and not model[0].gather and not model[2].gather
+    with pytest.raises(RuntimeError, match="inside"), as_gather(model):
+        raise RuntimeError("inside")
+    assert not model[0].gather
