@@ -64,9 +64,14 @@ def kl_and_top1(logits: torch.Tensor, approx: torch.Tensor) -> tuple[float, floa
     """
     logp, logq = F.log_softmax(logits.double(), dim=1), F.log_softmax(approx.double(), dim=1)
     kl = (logp.exp() * (logp - logq)).sum(1)
-    same = (logp.argmax(1) == logq.argmax(1)).double()
-    n = len(kl)
-    return float(kl.reshape(n, -1).mean(1).sum()), float(same.reshape(n, -1).mean(1).sum())
+    return float(kl.reshape(len(kl), -1).mean(1).sum()), top1_same(logits, approx)
+
+
+def top1_same(logits: torch.Tensor, approx: torch.Tensor) -> float:
+    """How many rows of two batches of logits have the same top-1 class (for per-pixel logits, the
+    sum over images of each one's share of such pixels): :func:`kl_and_top1`'s second figure alone."""
+    same = (logits.argmax(1) == approx.argmax(1)).double()
+    return float(same.reshape(len(same), -1).mean(1).sum())
 
 
 def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *, batch_size: int = 32,

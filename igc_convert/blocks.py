@@ -372,12 +372,13 @@ def conv_forward(x: Tensor, weight: Tensor, bias: Tensor | None, like: nn.Module
     groups = getattr(like, "groups", 1)
     if like.padding_mode == "zeros":
         return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
-    return F.conv2d(F.pad(x, _pad_amounts(weight.shape[2:], padding, dilation), mode=like.padding_mode),
+    return F.conv2d(F.pad(x, pad_amounts(weight.shape[2:], padding, dilation), mode=like.padding_mode),
                     weight, bias, stride, 0, dilation, groups)
 
 
-def _pad_amounts(kernel_size, padding, dilation) -> list[int]:
-    """``F.pad``'s ``(left, right, top, bottom)`` for a conv's padding (``'same'``: as ``nn.Conv2d`` splits it)."""
+def pad_amounts(kernel_size, padding, dilation) -> list[int]:
+    """``F.pad``'s ``[left, right, top, bottom]`` for a conv's padding (``'same'``: as ``nn.Conv2d`` splits
+    it, the odd pixel of an even total last)."""
     if padding == "valid":
         return [0, 0, 0, 0]
     if padding == "same":

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from .blocks import pad_amounts
 from .errors import ConfigError, DataError, IGCError, ModelError
 from .factorize import DEFAULT_DAMPING, finite, whitener
 from .modes import eval_mode, placement
@@ -84,19 +85,9 @@ class _Geometry:
     def of(cls, conv: nn.Conv2d | nn.Linear) -> "_Geometry":
         if isinstance(conv, nn.Linear):  # its input rows are the patches of a 1×1 conv
             return cls(conv.in_features, (1, 1), (1, 1), (1, 1), (0, 0, 0, 0), "constant")
-        kh, kw = conv.kernel_size
-        dh, dw = conv.dilation
-        if isinstance(conv.padding, str):
-            if conv.padding == "valid":
-                pad = (0, 0, 0, 0)
-            else:  # 'same': as nn.Conv2d does it, the odd pixel of an even total padding goes last
-                th, tw = dh * (kh - 1), dw * (kw - 1)
-                pad = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
-        else:
-            ph, pw = conv.padding
-            pad = (pw, pw, ph, ph)
+        pad = tuple(pad_amounts(conv.kernel_size, conv.padding, conv.dilation))
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        return cls(conv.in_channels, (kh, kw), tuple(conv.stride), (dh, dw), pad, mode)
+        return cls(conv.in_channels, tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), pad, mode)
 
     @property
     def size(self) -> int:

@@ -274,9 +274,8 @@ class SegmentationFolder(SourceDataset):
 
         image, mask = self.pairs[index]
         x = _read_image(image, self.size, self.channels)
-        found = _open_image(mask, _class_indices)
-        y = torch.from_numpy(np.asarray(_cover_and_crop(found, self.size, nearest=True), dtype=np.int64).copy())
-        return x, y.masked_fill_(y == MASK_IGNORE, -1)
+        found = _cover_and_crop(_open_image(mask, _class_indices), self.size, nearest=True)
+        return x, _check_mask(np.asarray(found, dtype=np.int64), x, str(mask), index)
 
 
 #: The mask value that marks pixels no loss or score counts (Pascal VOC's object borders).
@@ -288,7 +287,7 @@ def _class_indices(img: Any) -> Any:
     32-bit integers (never scaled, unlike photos); a colour mask is refused."""
     if img.mode in ("L", "P"):
         return img.copy()
-    if img.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+    if img.mode in WIDE_MODES and img.mode != "F":
         return img.convert("I")
     raise DataError(f"a mask in {img.mode} mode: masks hold one class index per pixel (8-bit grey, palette or "
                     "16-bit), not colours")
@@ -425,14 +424,13 @@ class WithoutLabels(SourceDataset):
 
 # ----------------------------------------------------------------------------------- entry point
 def resolve_source(source: Any, *, image_size: int | tuple[int, int] = 224, channels: int | None = None,
-                   split: str = "all",
-                   samples: int | None = None, labels: bool = False, seed: int = 0) -> SourceDataset:
+                   split: str = "all", samples: int | None = None, labels: bool = False,
+                   seed: int = 0) -> SourceDataset:
     """Turn a data source (name, folder, or Python object) into a data set of ``(image, label)`` items.
 
     ``image_size`` (one side, or ``(height, width)``) and ``channels`` shape the images of named and
-    folder sources (``channels=None``:
-    the source's own, 1 for digits, 3 for photos); Python objects are not resized, and their channels
-    are checked when ``channels`` is given. ``labels=True`` requires
+    folder sources (``channels=None``: the source's own, 1 for digits, 3 for photos); Python objects
+    are not resized, and their channels are checked when ``channels`` is given. ``labels=True`` requires
     labels (:class:`DataError` otherwise). ``samples`` caps the number of items (a seeded random
     subset; for ``"sample-images"`` and ``"photos"`` it is the number of crops).
 
@@ -780,14 +778,12 @@ def _check_batch(x: Tensor, what: str, channels: int | None) -> Tensor:
 
 def _is_mask(y: Any) -> bool:
     """Whether a label is a class mask: an integer tensor or array of two dimensions (``H×W``)."""
-    dims = getattr(y, "ndim", None)
-    return dims == 2 and (not isinstance(y, Tensor) or not y.is_floating_point()) and (
-        isinstance(y, Tensor) or str(getattr(y, "dtype", "")).startswith(("int", "uint")))
+    return getattr(y, "ndim", None) == 2 and not torch.as_tensor(y).is_floating_point()
 
 
 def _check_mask(y: Any, x: Tensor, source: str, index: int) -> Tensor:
     """A class mask as an ``H×W`` long tensor of the image's size, 255 (ignore) as -1."""
-    mask = torch.as_tensor(y)
+    mask = torch.as_tensor(y)  # may share the caller's memory: masked_fill below returns a new tensor
     if mask.dim() != 2 or mask.is_floating_point() or tuple(mask.shape) != tuple(x.shape[-2:]):
         raise DataError(f"{source}: item {index}'s class mask must be an H×W integer tensor of the image's size "
                         f"{tuple(x.shape[-2:])}, got {tuple(mask.shape)} {mask.dtype}")

@@ -248,33 +248,41 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
                     raise ConfigError(f"{err}; {NOT_DYNAMIC_SIZE}") from err
                 inputs.append(x3)
         n_out = len(refs[0]) if refs else len(_flatten(_forward(model, x)))
+
+    def exported(choice: str) -> tuple[ir.Model, str]:
         # A shuffle's Reshapes would need the run-time height and width (Shape, Concat, ... nodes): with a
         # dynamic size, shuffles export as one Gather of the channels instead.
-        with as_gather(model) if dynamic_size else contextlib.nullcontext():
-            raw, used = _export(model, x, dynamic_batch=dynamic_batch, opset=opset, exporter=exporter,
-                                n_outputs=n_out, dynamic_size=dynamic_size)
-    exported = ir.to_proto(raw)  # as the exporter gave it, in case the simplified graph is not valid
+        with eval_mode(model), as_gather(model) if dynamic_size else contextlib.nullcontext():
+            return _export(model, x, dynamic_batch=dynamic_batch, opset=opset, exporter=choice, n_outputs=n_out,
+                           dynamic_size=dynamic_size)
+
+    raw, used = exported(exporter)
     stats = simplify(raw)
-    proto = ir.to_proto(raw)
-    if dynamic_size:
-        _name_spatial_dims(proto)
-        _name_spatial_dims(exported)
     try:
-        onnx.checker.check_model(proto)
-    except (onnx.checker.ValidationError, ValueError) as err:  # ValueError: over protobuf's 2 GiB
-        try:
-            onnx.checker.check_model(exported)
-        except (onnx.checker.ValidationError, ValueError):
-            raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+        proto = _checked_proto(raw, dynamic_size)
+    except ExportError as err:
         # onnxscript's optimizer has left dangling references in some graphs with subgraphs (torchvision's
-        # detection models): the exporter's own graph is kept, correct if longer.
+        # detection models): the exporter's own graph, exported again, is kept, correct if longer.
+        proto = _checked_proto(exported(used)[0], dynamic_size)
         logger.warning("the simplified graph fails onnx.checker (%s); writing the graph as exported, "
                        "unsimplified", str(err).splitlines()[0])
-        proto, stats = exported, SimplifyStats(stats.before, stats.before, 0, 0)
+        stats = SimplifyStats(stats.before, stats.before, 0, 0)
     logger.info("ONNX nodes (%s exporter): %s", used, format_op_counts(stats.before, stats.after, one_line=True))
     info = ExportInfo(exporter=used, stats=stats, batch_sizes=tuple(int(t.shape[0]) for t in inputs),
                        inputs=tuple(t.cpu().numpy() for t in inputs), references=tuple(refs))
     return proto, info
+
+
+def _checked_proto(model: ir.Model, dynamic_size: bool) -> onnx.ModelProto:
+    """``model`` as a ``ModelProto`` that passes ``onnx.checker`` (an :class:`ExportError` otherwise)."""
+    proto = ir.to_proto(model)
+    if dynamic_size:
+        _name_spatial_dims(proto)
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as err:  # ValueError: over protobuf's 2 GiB
+        raise ExportError(f"the exported graph fails onnx.checker: {err}") from err
+    return proto
 
 
 def _name_spatial_dims(proto: onnx.ModelProto) -> None:

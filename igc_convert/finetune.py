@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Dataset
 
-from .agreement import kl_and_top1, named_logits
+from .agreement import kl_and_top1, named_logits, top1_same
 from .blocks import conv_forward
 from .data import (MASK_IGNORE, SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
@@ -668,12 +668,9 @@ class _Trainer:
         if hooks is not None:
             loss = loss + cfg.feature_weight * hooks.loss()
         labelled = y >= 0
-        if cfg.ce_weight > 0 and labelled.any():
-            if y.dim() == 1:
-                loss = loss + cfg.ce_weight * F.cross_entropy(logits[labelled], y[labelled])
-            else:  # class masks: the mean over their labelled pixels
-                loss = loss + cfg.ce_weight * F.cross_entropy(_at_mask_size(logits, y), _checked_masks(y, logits),
-                                                              ignore_index=-1)
+        scored = _at_label_size(logits, y)  # class masks: logits at their size
+        if cfg.ce_weight > 0 and labelled.any():  # the mean over labelled images, or pixels of masks
+            loss = loss + cfg.ce_weight * F.cross_entropy(scored, y, ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # a no-op without fp16 scaling
@@ -690,9 +687,9 @@ class _Trainer:
         sched.step()
         with torch.no_grad():
             if y.dim() > 1 or labelled.all():
-                hit = _label_scores(logits, y)[1]
+                hit = _label_scores(scored, y, loss=False)[1]
             else:  # agreement with the teacher; per-pixel logits count each image's share of pixels
-                hit = kl_and_top1(t_logits, logits)[1] if t_logits is not None else 0.0
+                hit = top1_same(t_logits, logits) if t_logits is not None else 0.0
         return float(loss.detach()), hit
 
     @torch.no_grad()
@@ -712,7 +709,7 @@ class _Trainer:
                 t = _logits(self.teacher(as_input(x, self.teacher)), "teacher") if self.teacher is not None else None
             s = s.float()
             sums[0] += len(x)
-            labelled, correct, ce = _label_scores(s, y)
+            labelled, correct, ce = _label_scores(_at_label_size(s, y), y)
             sums[1] += labelled
             sums[2] += correct
             sums[5] += ce
@@ -858,37 +855,41 @@ def augment_batch(x: Tensor, y: Tensor, *, flip: bool = True) -> tuple[Tensor, T
     return torch.cat(images), torch.cat(masks) if masks else y
 
 
-def _label_scores(logits: Tensor, y: Tensor) -> tuple[float, float, float]:
-    """``(labelled images, correct, summed cross-entropy)`` of a batch against its labels (-1: none).
+def _label_scores(logits: Tensor, y: Tensor, *, loss: bool = True) -> tuple[float, float, float]:
+    """``(labelled images, correct, summed cross-entropy)`` of a batch against its labels (-1: none);
+    the cross-entropy only with ``loss``.
 
-    For class masks (``y`` is ``N×H×W``) each image with labelled pixels counts once: its share of
-    correct pixels and its mean cross-entropy over its labelled pixels.
+    ``logits`` are :func:`_at_label_size`'s. One label per image is the case of one pixel: for class
+    masks (``y`` is ``N×H×W``) each image with labelled pixels counts once, with its share of correct
+    pixels and its mean cross-entropy over its labelled pixels.
     """
-    lab = y >= 0
-    if not lab.any():
+    lab = (y >= 0).reshape(len(y), -1)
+    if not lab.any():  # hidden labels (-1 per image) of per-pixel logits too: nothing to score
         return 0.0, 0.0, 0.0
-    if y.dim() == 1:
-        return (float(lab.sum()), float((logits[lab].argmax(1) == y[lab]).sum()),
-                float(F.cross_entropy(logits[lab], y[lab], reduction="sum")))
-    masks = _checked_masks(y, logits)
-    logits = _at_mask_size(logits, y)
-    pixels = lab.flatten(1).sum(1)
+    pixels = lab.sum(1)
     has = pixels > 0
-    correct = ((logits.argmax(1) == masks) & lab).flatten(1).sum(1)
-    ce = F.cross_entropy(logits, masks, ignore_index=-1, reduction="none").flatten(1).sum(1)
-    return float(has.sum()), float((correct[has] / pixels[has]).sum()), float((ce[has] / pixels[has]).sum())
+    correct = ((logits.argmax(1) == y).reshape(len(y), -1) & lab).sum(1)
+    ce = 0.0
+    if loss:
+        per_pixel = F.cross_entropy(logits, y, ignore_index=-1, reduction="none").reshape(len(y), -1).sum(1)
+        ce = float((per_pixel[has] / pixels[has]).sum())
+    return float(has.sum()), float((correct[has] / pixels[has]).sum()), ce
 
 
-def _at_mask_size(logits: Tensor, y: Tensor) -> Tensor:
-    """Per-pixel logits at the masks' height and width: bilinear, for models whose logits come at a
-    stride of the input (SegFormer's at 1/4), as their own training losses do."""
+def _at_label_size(logits: Tensor, y: Tensor) -> Tensor:
+    """``logits`` as the labels ``y`` score them: as they are for class labels; for class masks checked
+    (:func:`_checked_masks`) and, when they come at a stride of the input (SegFormer's at 1/4),
+    upsampled bilinearly to the masks' height and width, as such models' own training losses do."""
+    if y.dim() == 1:
+        return logits
+    _checked_masks(y, logits)
     if logits.shape[2:] == y.shape[1:]:
         return logits
     return F.interpolate(logits, size=tuple(y.shape[1:]), mode="bilinear", align_corners=False)
 
 
-def _checked_masks(y: Tensor, logits: Tensor) -> Tensor:
-    """Class masks ``N×H×W`` for per-pixel logits ``N×C×h×w`` (a :class:`DataError` otherwise)."""
+def _checked_masks(y: Tensor, logits: Tensor) -> None:
+    """A :class:`DataError` unless ``y`` are class masks ``N×H×W`` for per-pixel logits ``N×C×h×w``."""
     if logits.dim() != 4 or y.dim() != 3 or len(y) != len(logits):
         raise DataError(f"class masks of shape {list(y.shape)} do not fit the model's logits of shape "
                         f"{list(logits.shape)}")
@@ -896,7 +897,6 @@ def _checked_masks(y: Tensor, logits: Tensor) -> Tensor:
     if top >= logits.shape[1]:
         raise DataError(f"a class mask holds class {top}, but the model has {logits.shape[1]} classes "
                         f"({MASK_IGNORE} marks pixels to ignore)")
-    return y
 
 
 def _kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
