@@ -16,6 +16,11 @@ Every source becomes a map-style :class:`SourceDataset` of ``(image float32 C×H
     ``grace_hopper.jpg`` and scikit-image's 15 (install ``igc-convert[photos]``): people, animals,
     objects, textures, astronomy, microscopy. Train and val take **disjoint photos** (a seeded 80/20
     split of the photos, stratified colour/grey), so val crops are truly unseen scenes.
+``"imagenet-samples"``
+    20 real ImageNet validation images with their class indices (0–999), the ones foolbox ships
+    (install ``igc-convert[imagenet-samples]``), preprocessed as a folder's images are: a check of an
+    ImageNet classifier's top-1 accuracy on the images it was made for. Splits are unstratified (the
+    classes are almost all different).
 a folder path
     class sub-folders (ImageFolder layout) give labels; a flat folder of images is unlabelled;
     ``images/`` and ``masks/`` sub-folders (or Pascal VOC's ``JPEGImages/`` and ``SegmentationClass/``)
@@ -73,6 +78,8 @@ class SourceDataset(Dataset):
     labelled: bool = False
     #: Labels are ``H×W`` class masks (segmentation), not one class per image.
     per_pixel: bool = False
+    #: Whether train/val splits keep each class's share (not for one or two images per class).
+    stratified: bool = True
 
     def targets(self) -> Tensor | None:
         return None
@@ -184,6 +191,33 @@ def _photo_split(photos: list[tuple[str, Tensor]], split: str, seed: int) -> lis
     grey = torch.tensor([bool((p[0] == p[1]).all() and (p[1] == p[2]).all()) for _, p in photos])
     train, val = split_indices(len(photos), grey.long(), seed)
     return [photos[i] for i in (train if split == "train" else val)]
+
+
+#: ImageNet's number of classes: the labels of ``"imagenet-samples"`` index them.
+IMAGENET_CLASSES = 1000
+
+
+def imagenet_samples(size: int | tuple[int, int], channels: int) -> FolderImages:
+    """foolbox's 20 bundled ImageNet validation images (``data/imagenet_<index>_<class>.jpg``) with
+    their classes, found without importing foolbox (its import pulls in its whole framework)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("foolbox")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    files = sorted(f for d in folders for f in (Path(d) / "data").glob("imagenet_*_*.jpg")
+                   if re.fullmatch(r"imagenet_\d+_\d+\.jpg", f.name))
+    if not files:
+        raise DataError("data source 'imagenet-samples' reads the ImageNet images foolbox ships: "
+                        "pip install 'igc-convert[imagenet-samples]'")
+    labels = [int(f.stem.rsplit("_", 1)[1]) for f in files]
+    if max(labels) >= IMAGENET_CLASSES:
+        raise DataError(f"data source 'imagenet-samples': {files[labels.index(max(labels))].name} names "
+                        f"class {max(labels)}, but ImageNet has {IMAGENET_CLASSES}")
+    images = FolderImages(files, labels, [str(c) for c in range(IMAGENET_CLASSES)], size, channels,
+                          "imagenet-samples")
+    images.stratified = False
+    return images
 
 
 class PhotoCrops(SourceDataset):
@@ -457,11 +491,13 @@ def resolve_source(source: Any, *, image_size: int | tuple[int, int] = 224, chan
             gen = torch.Generator().manual_seed(_mix_seed(seed, SPLITS.index(split)))
             crops = PhotoCrops(samples or DEFAULT_CROPS, size, channels or 3, gen, photos, name)
             return _require_labels(crops, labels)
+        elif name == "imagenet-samples":
+            dataset = imagenet_samples(size, channels or 3)
         elif Path(name).exists():
             dataset = _folder(Path(name), size, channels or 3)
         else:
-            raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos' "
-                            "or an existing folder")
+            raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos', "
+                            "'imagenet-samples' or an existing folder")
     else:
         dataset = _from_object(source, channels)
 
@@ -469,7 +505,7 @@ def resolve_source(source: Any, *, image_size: int | tuple[int, int] = 224, chan
         raise DataError(f"data source {dataset.source!r} is empty")
     _require_labels(dataset, labels)
     if split != "all":
-        train, val = split_indices(len(dataset), dataset.targets(), seed)
+        train, val = split_indices(len(dataset), dataset.targets() if dataset.stratified else None, seed)
         dataset = SubsetImages(dataset, train if split == "train" else val, split)
         if len(dataset) == 0:
             raise DataError(f"data source {dataset.source!r} is too small to split ({len(dataset)} items)")

@@ -100,6 +100,32 @@ def test_photos_without_scikit_image_is_a_data_error(monkeypatch):
         resolve_source("photos")
 
 
+def test_imagenet_samples_are_labelled_imagenet_validation_images():
+    pytest.importorskip("foolbox")
+    everything = resolve_source("imagenet-samples", labels=True)
+    train = resolve_source("imagenet-samples", split="train")
+    val = resolve_source("imagenet-samples", split="val")
+    assert (len(everything), len(train), len(val)) == (20, 16, 4)  # unstratified: 19 classes in 20 images
+    assert not set(train.indices) & set(val.indices)
+    assert everything.num_classes() == 1000 and everything.labelled
+    labels = everything.targets()
+    assert len(set(labels.tolist())) == 19 and labels.min() >= 0 and labels.max() < 1000
+    x, y = everything[0]
+    assert x.shape == (3, 224, 224) and y == labels[0]
+    assert abs(x.mean().item()) < 1.5 and 0.3 < x.std().item() < 2  # ImageNet-normalised photo
+    grey = resolve_source("imagenet-samples", image_size=(96, 128), channels=1)
+    assert grey[0][0].shape == (1, 96, 128)
+
+
+def test_imagenet_samples_without_foolbox_is_a_data_error(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "foolbox" else find_spec(name, *a))
+    with pytest.raises(DataError, match=r"igc-convert\[imagenet-samples\]"):
+        resolve_source("imagenet-samples")
+
+
 def test_labels_requested_on_unlabelled_sources_is_a_data_error():
     with pytest.raises(DataError, match="sample-images.*none"):
         resolve_source("sample-images", labels=True)

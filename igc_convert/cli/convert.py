@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "whole model (never slower than the original)")
     parser.add_argument("--calib", metavar="SOURCE",
                         help="calibration images for a data-aware fit: digits, sample-images, photos (18 photos; needs "
-                             "scikit-image), or an image folder")
+                             "scikit-image), imagenet-samples (20 ImageNet images; needs foolbox), or an image folder")
     parser.add_argument("--calib-samples", type=int, default=256, metavar="N", help="calibration images (default 256)")
     parser.add_argument("--check-samples", type=int, default=64, metavar="N",
                         help="with --calib: compare the converted model with the original on N images of the "

@@ -27,10 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("converted", metavar="CONVERTED", help="converted model file (from igc-convert convert)")
     parser.add_argument("-o", "--output", required=True, metavar="OUT", help="fine-tuned model file to write")
     parser.add_argument("--data", required=True, metavar="SOURCE",
-                        help="training images: 'digits', 'sample-images', 'photos', or a folder (class sub-folders "
-                             "give labels)")
+                        help="training images: 'digits', 'sample-images', 'photos', 'imagenet-samples', or a folder "
+                             "(class sub-folders give labels)")
     parser.add_argument("--val-data", metavar="SOURCE",
-                        help="validation images (default: a seeded 20%% of --data, held out from training)")
+                        help="validation images (default: a seeded 20%% of --data, held out from training); with "
+                             "labels (a class folder, digits, imagenet-samples) the best epoch is the most accurate")
     parser.add_argument("--samples", type=int, metavar="N",
                         help="training images: the number of crops for 'sample-images' and 'photos' (default "
                              f"{DEFAULT_CROPS}), a seeded subset of other sources (default: all)")
