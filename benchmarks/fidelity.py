@@ -49,7 +49,11 @@ photos, different crops) and ``--calib SOURCE [--eval SOURCE]`` any source ``res
 ``photos`` source (scikit-image installed): ``--data scenes`` calibrates on crops of 14–15 of them
 and evaluates on the others (unseen scenes), ``--data scene-halves`` calibrates on one half of every
 photo and evaluates on the other halves (the same scenes, as the calibration and test images of one
-data set share a distribution, but no shared pixel).
+data set share a distribution, but no shared pixel). Two evaluate on the 20 labelled ImageNet validation
+images of the ``imagenet-samples`` source (foolbox installed) and their mirror images, and add each
+model's top-1 **accuracy** against the true labels: ``--data imagenet`` calibrates on crops of the 18
+photos (no ImageNet image), ``--data imagenet-folds`` on crops of 10 of the ImageNet images and
+evaluates on the other 10 (twice, the halves swapped).
 
 ``--resnet50-speed`` instead times the data-aware conversion of torchvision's ResNet-50 (random
 weights) with N calibration crops at 224² (each mode in a fresh process: its peak RSS is its own).
@@ -90,7 +94,7 @@ log = logging.getLogger("fidelity")
 Tensor = torch.Tensor
 
 PHOTOS = ("china.jpg", "flower.jpg")  # the order of sklearn.datasets.load_sample_images
-DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves")
+DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves", "imagenet", "imagenet-folds")
 DEFAULT_METHODS = ("weight", "data", "weight-same-plan", "sequential", "svd-uniform", "svd-budget", "tucker2")
 ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential")
 #: Methods that read the calibration images (converted once per calibration set).
@@ -134,6 +138,8 @@ class DataSplit:
     label: str
     calib: Tensor
     eval: Tensor
+    eval_labels: Tensor | None = None  # true classes of the evaluation images, when known
+    original_accuracy: float | None = None  # the original model's top-1 on them (set by run_benchmark)
 
 
 def _mean(values: Any) -> float:
@@ -164,6 +170,7 @@ class MethodResult:
     top1: float = 1.0
     calib_kl: float | None = None
     calib_top1: float | None = None
+    accuracy: float | None = None  # top-1 against the evaluation images' true labels, where they have them
     note: str = ""
 
     @property
@@ -236,6 +243,42 @@ def scene_half_crops(half: int, count: int, image_size: int, channels: int, seed
     return _images(crops)
 
 
+def imagenet_splits(folds: bool, n_calib: int, image_size: int, channels: int, seed: int) -> list[DataSplit]:
+    """Evaluation on the 20 labelled ImageNet images of ``imagenet-samples`` and their mirror images.
+
+    ``folds=False``: calibration on ``n_calib`` crops of the 18 photos of ``"photos"`` (no ImageNet
+    image). ``folds=True``: two splits, each calibrated on crops of every other ImageNet image (the
+    originals, before the evaluation's resize and centre crop) and evaluated on the rest.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from igc_convert.data import PhotoCrops, _chw, resolve_source
+
+    data = resolve_source("imagenet-samples", image_size=image_size, channels=channels, labels=True)
+    images, labels = _images(data), data.targets()
+    mirrored = (torch.cat([images, images.flip(-1)]), torch.cat([labels, labels]))
+    if not folds:
+        calib = source_images("photos", "all", n_calib, image_size, channels, seed)
+        return [DataSplit("photos: 18 photos -> 20 ImageNet validation images and their mirror images",
+                          calib, *mirrored)]
+    splits = []
+    for fold in (0, 1):
+        held = [i for i in range(len(data)) if i % 2 != fold]
+        photos = []
+        for i in range(len(data)):
+            if i % 2 == fold:
+                with Image.open(data.files[i]) as img:
+                    photos.append((data.files[i].name, _chw(np.asarray(img.convert("RGB")))))
+        gen = torch.Generator().manual_seed(seed * 7919 + 53 * (fold + 1))
+        calib = _images(PhotoCrops(n_calib, image_size, channels, gen, photos, "imagenet-samples"))
+        ev = images[held]
+        splits.append(DataSplit(f"ImageNet: crops of 10 images -> the other 10 and their mirror images "
+                                f"(fold {fold})", calib, torch.cat([ev, ev.flip(-1)]),
+                                torch.cat([labels[held], labels[held]])))
+    return splits
+
+
 def source_images(source: str, split: str, count: int, image_size: int, channels: int, seed: int) -> Tensor:
     """Up to ``count`` images of ``split`` of any source :func:`igc_convert.data.resolve_source` accepts."""
     from igc_convert.data import resolve_source
@@ -265,6 +308,8 @@ def make_splits(data: str, calib: str | None, eval_source: str | None, both: boo
         return [DataSplit("photos: one half of each of 18 photos -> the other half",
                           scene_half_crops(0, n_c, image_size, channels, seed),
                           scene_half_crops(1, n_e, image_size, channels, seed))]
+    if data in ("imagenet", "imagenet-folds"):
+        return imagenet_splits(data == "imagenet-folds", n_c, image_size, channels, seed)
     if data != "photos":
         raise ConfigError(f"--data must be one of {', '.join(DATA_CHOICES)}, got {data!r}")
     pairs = [(0, 1), (1, 0)] if both else [(0, 1)]
@@ -546,8 +591,9 @@ def _unchanged(module: nn.Module, reference: nn.Module) -> bool:
 
 
 def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Sequence[str], images: Tensor,
-             batch_size: int = 16) -> dict[str, dict[str, Any]]:
-    """Isolated and drift errors per layer, logit KL and top-1 agreement of each converted model.
+             batch_size: int = 16, labels: Tensor | None = None) -> dict[str, dict[str, Any]]:
+    """Isolated and drift errors per layer, logit KL and top-1 agreement of each converted model, and
+    its top-1 accuracy when the images' ``labels`` are given.
 
     One pass over ``images``: per batch the original runs once with hooks that keep each layer's
     input and output, then every converted model runs with hooks that keep its layer outputs
@@ -577,6 +623,7 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
     isolated = {k: _Sums() for k in converted}
     kl_sum = {k: 0.0 for k in converted}
     agree = {k: 0 for k in converted}
+    correct = {k: 0 for k in converted}
     unchanged = {k: {n for n in layers if _unchanged(m.get_submodule(n), original.get_submodule(n))}
                  for k, m in converted.items()}
     handles = [original.get_submodule(n).register_forward_hook(keep(orig_in, orig_out, n)) for n in layers]
@@ -602,6 +649,8 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
                     kl, same_top1 = kl_and_top1(logits, y)
                     kl_sum[key] += kl
                     agree[key] += same_top1
+                    if labels is not None:
+                        correct[key] += int((y.argmax(1) == labels[start:start + batch_size]).sum())
                 orig_in.clear()
                 orig_out.clear()
     finally:
@@ -611,7 +660,15 @@ def evaluate(original: nn.Module, converted: Mapping[str, nn.Module], layers: Se
     return {k: dict(isolated=isolated[k].relative(_Sums.PLAIN), isolated_bn=isolated[k].relative(_Sums.WEIGHTED),
                     isolated_at_bn=isolated[k].relative(_Sums.AT_BN),
                     drift=drift[k].relative(_Sums.PLAIN), drift_bn=drift[k].relative(_Sums.WEIGHTED), kl=kl_sum[k] / n,
-                    top1=agree[k] / n) for k in converted}
+                    top1=agree[k] / n, accuracy=None if labels is None else correct[k] / n) for k in converted}
+
+
+def top1_accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 16) -> float:
+    """Share of ``images`` whose top-1 class is their label."""
+    with torch.no_grad():
+        hits = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
+                   for i in range(0, len(images), batch_size))
+    return hits / len(images)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -664,13 +721,16 @@ def run_benchmark(model: nn.Module, splits: Sequence[DataSplit], settings: Setti
                     models[method] = converted
                 results.append(res)
             log.info("evaluating %d models at budget %g on %s", len(models), budget, split.label)
-            scores = evaluate(model, models, layers, split.eval, settings.batch_size)
+            scores = evaluate(model, models, layers, split.eval, settings.batch_size, split.eval_labels)
+            if split.eval_labels is not None:
+                split.original_accuracy = top1_accuracy(model, split.eval, split.eval_labels, settings.batch_size)
             in_sample_logits = {k: measure_agreement(model, m, split.calib[:settings.eval_images],
                                                      batch_size=settings.batch_size) for k, m in models.items()}
             for res in results[-len(methods):]:
                 if res.method in scores:
                     s = scores[res.method]
                     res.isolated, res.drift, res.kl, res.top1 = s["isolated"], s["drift"], s["kl"], s["top1"]
+                    res.accuracy = s["accuracy"]
                     res.isolated_bn, res.drift_bn, res.isolated_at_bn = s["isolated_bn"], s["drift_bn"], s["isolated_at_bn"]
                     res.calib_kl, res.calib_top1 = in_sample_logits[res.method].kl, in_sample_logits[res.method].top1
     return results
@@ -682,28 +742,33 @@ def _f(x: float | None, digits: int = 3) -> str:
 
 
 def format_tables(results: Sequence[MethodResult], splits: Sequence[DataSplit]) -> str:
-    """Markdown: one table per (split, budget), then the goal checks."""
+    """Markdown: one table per (split, budget), then the goal checks. Splits with labelled evaluation
+    images get a top-1 accuracy column (the original's in the heading)."""
     lines = []
     for split in splits:
+        labelled = split.eval_labels is not None
+        known = f"; the original's top-1 accuracy {100 * split.original_accuracy:.1f}%" \
+            if split.original_accuracy is not None else ""
         lines += [f"### calibration {split.label} ({len(split.calib)} calibration / {len(split.eval)} "
-                  f"evaluation images)", ""]
+                  f"evaluation images{known})", ""]
         lines.append("| budget | method | params ratio | converted | isolated err | isolated err, converted only | "
                      "isolated err BN-w | isolated err at BN | in-sample err (pass) | drift err | drift err BN-w | logit KL | top-1 agree | "
-                     "KL on calib (top-1) | "
-                     "convert s (CPU s) |")
-        lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+                     + ("top-1 accuracy | " if labelled else "") + "KL on calib (top-1) | convert s (CPU s) |")
+        lines.append("|---:|---|" + "---:|" * (13 + labelled))
         for r in results:
             if r.split != split.label:
                 continue
             if r.note:
-                lines.append(f"| {r.budget:g} | {r.method} | - | - | {r.note} | | | | | | | | | | |")
+                lines.append(f"| {r.budget:g} | {r.method} | - | - | {r.note} |" + " |" * (10 + labelled))
                 continue
+            accuracy = f"{_f(None if r.accuracy is None else 100 * r.accuracy, 1)}% | " if labelled else ""
             lines.append(f"| {r.budget:g} | {r.method} | {r.params_ratio:.3f} | {r.converted}/{r.convertible} | "
                          f"{_f(r.isolated_mean)} | {_f(r.isolated_converted_mean)} | {_f(r.isolated_bn_mean)} | "
                          f"{_f(r.isolated_at_bn_mean)} | "
                          f"{_f(r.in_sample)} | "
                          f"{_f(r.drift_mean)} | {_f(r.drift_bn_mean)} | "
-                         f"{r.kl:.4f} | {100 * r.top1:.1f}% | {_f(r.calib_kl, 4)} ({_f(None if r.calib_top1 is None else 100 * r.calib_top1, 1)}%) | "
+                         f"{r.kl:.4f} | {100 * r.top1:.1f}% | {accuracy}"
+                         f"{_f(r.calib_kl, 4)} ({_f(None if r.calib_top1 is None else 100 * r.calib_top1, 1)}%) | "
                          f"{r.seconds:.0f} ({r.cpu_seconds:.0f}) |")
         lines.append("")
     lines += ["### goals", ""]
@@ -746,7 +811,8 @@ def to_json(results: Sequence[MethodResult]) -> list[dict[str, Any]]:
                  in_sample=r.in_sample,
                  isolated_mean=r.isolated_mean, drift_mean=r.drift_mean, isolated_bn_mean=r.isolated_bn_mean,
                  isolated_at_bn_mean=r.isolated_at_bn_mean, isolated_at_bn=r.isolated_at_bn,
-                 drift_bn_mean=r.drift_bn_mean, kl=r.kl, top1=r.top1, calib_kl=r.calib_kl, calib_top1=r.calib_top1,
+                 drift_bn_mean=r.drift_bn_mean, kl=r.kl, top1=r.top1, accuracy=r.accuracy, calib_kl=r.calib_kl,
+                 calib_top1=r.calib_top1,
                  isolated=r.isolated, drift=r.drift,
                  isolated_bn=r.isolated_bn, drift_bn=r.drift_bn) for r in results]
 

@@ -252,3 +252,56 @@ def test_calibration_kl_pass_matches_evaluate(fd):
     a = fd.measure_agreement(model, scaled, x, batch_size=3)
     kl, top1 = a.kl, a.top1
     assert kl > 0 and kl == pytest.approx(full["kl"], rel=1e-9) and top1 == pytest.approx(full["top1"])
+
+
+def test_imagenet_folds_evaluate_on_the_images_they_do_not_calibrate_on(fd):
+    pytest.importorskip("foolbox")
+    from igc_convert.data import resolve_source
+
+    data = resolve_source("imagenet-samples", image_size=24, channels=3, labels=True)
+    splits = fd.imagenet_splits(True, 6, 24, 3, seed=0)
+    assert len(splits) == 2
+    held = []
+    for fold, split in enumerate(splits):
+        kept = [i for i in range(20) if i % 2 != fold]
+        held += kept
+        assert split.calib.shape == (6, 3, 24, 24) and split.eval.shape == (20, 3, 24, 24)
+        originals = torch.stack([data[i][0] for i in kept])
+        assert torch.equal(split.eval[:10], originals) and torch.equal(split.eval[10:], originals.flip(-1))
+        assert split.eval_labels.tolist() == 2 * [int(data.targets()[i]) for i in kept]
+        # crops of the calibration images: none is an evaluation image
+        assert not any(torch.allclose(c, e) for c in split.calib for e in split.eval)
+    assert sorted(held) == list(range(20))
+
+
+def test_labelled_evaluation_images_add_a_top1_accuracy(fd):
+    model = tiny_cnn()
+    scaled = tiny_cnn()
+    with torch.no_grad():
+        scaled.features[3].weight.mul_(1.3)
+    x = torch.randn(12, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        right = model(x).argmax(1)
+    labels = right.clone()
+    labels[:3] = (labels[:3] + 1) % 10  # the original gets 9 of 12
+    scores = fd.evaluate(model, {"same": tiny_cnn(), "scaled": scaled}, fd.convertible_layers(model), x,
+                         batch_size=5, labels=labels)
+    assert scores["same"]["accuracy"] == pytest.approx(9 / 12)
+    with torch.no_grad():
+        expected = (scaled(x).argmax(1) == labels).float().mean().item()
+    assert scores["scaled"]["accuracy"] == pytest.approx(expected)
+    assert fd.top1_accuracy(model, x, labels, batch_size=5) == pytest.approx(9 / 12)
+    assert fd.evaluate(model, {"same": tiny_cnn()}, fd.convertible_layers(model), x)["same"]["accuracy"] is None
+
+    settings = fd.Settings(budgets=(0.6,), methods=("weight", "data"), calib_images=12, eval_images=12, batch_size=8)
+    splits = [fd.DataSplit("labelled", torch.randn(12, 1, 12, 12), x, labels)]
+    results = fd.run_benchmark(model, splits, settings)
+    assert splits[0].original_accuracy == pytest.approx(9 / 12)
+    assert all(0 <= r.accuracy <= 1 for r in results)
+    table = fd.format_tables(results, splits)
+    assert "the original's top-1 accuracy 75.0%" in table and "| top-1 accuracy |" in table
+    row = next(line for line in table.splitlines() if line.startswith("| 0.6 | data |"))
+    header = next(line for line in table.splitlines() if line.startswith("| budget |"))
+    assert row.count("|") == header.count("|")
+    unlabelled = fd.format_tables(results, [fd.DataSplit("labelled", x, x)])
+    assert "top-1 accuracy" not in unlabelled
