@@ -5,7 +5,9 @@ converts the model with a data-aware fit on crops of real photos (``--calib phot
 photos that scikit-learn, matplotlib and scikit-image ship; ``sample-images``: scikit-learn's two),
 then classifies scikit-learn's two whole photos with the original and the converted model (top-5 of
 each), and measures how often they agree on held-out crops (top-1 agreement, mean KL divergence):
-crops of the other photos with ``photos``, other crops of the same two with ``sample-images``.
+crops of the other photos with ``photos``, other crops of the same two with ``sample-images``. With
+foolbox installed (``igc-convert[imagenet-samples]``) it also gives both models' top-1 accuracy on the
+20 labelled ImageNet validation images foolbox ships.
 
 Run::
 
@@ -16,6 +18,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 
 import torch
 import torchvision.transforms.functional as TF
@@ -71,6 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     # top-1 agreement and KL(original || converted) on the held-out crops; kept in the saved report
     result.report.agreement = measure_agreement(original, converted, check, source=f"{args.calib}, val split")
     print(f"\nconv params x{result.report.totals()['params_ratio']:.3f}; {result.report.agreement.text()}")
+    if importlib.util.find_spec("foolbox") is not None:
+        imagenet = resolve_source("imagenet-samples", image_size=args.input_size, labels=True)
+        x = torch.stack([imagenet[i][0] for i in range(len(imagenet))])
+        with torch.no_grad():
+            right = [int((m(x).argmax(1) == imagenet.targets()).sum()) for m in (original, converted)]
+        print(f"top-1 accuracy on {len(imagenet)} labelled ImageNet validation images (imagenet-samples): "
+              f"original {right[0]}/{len(imagenet)}, converted {right[1]}/{len(imagenet)}")
     save(args.output, converted, origin=origin, plan=result.plan, report=result.report)
     print(f"wrote {args.output}")
     return 0

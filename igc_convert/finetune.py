@@ -39,7 +39,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -188,6 +188,84 @@ class Evaluation:
                  if getattr(self, name) is not None]
         return ", ".join(parts)
 
+    @classmethod
+    def from_sums(cls, sums: Tensor, epoch: int, metric: str, *, with_teacher: bool) -> Evaluation:
+        """The figures of :func:`score_sums`' totals (summed over processes where there are several)."""
+        count, labelled = sums[0].item(), sums[1].item()
+        return cls(epoch=epoch, count=int(count), metric=metric,
+                   accuracy=sums[2].item() / labelled if labelled else None,
+                   agreement=sums[3].item() / count if with_teacher and count else None,
+                   kl=sums[4].item() / count if with_teacher and count else None,
+                   loss=sums[5].item() / labelled if labelled else None)
+
+
+def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, batch_size: int = 64,
+          device: torch.device | str = "cpu", progress: str | None = None) -> Evaluation:
+    """``model``'s figures on ``data``: top-1 accuracy and cross-entropy against its labels (pixel
+    accuracy for class masks), top-1 agreement and KL against ``teacher`` (the original model).
+
+    Labels that cannot be the model's classes (a folder of 10 classes for a 1000-class model) are left
+    out with a warning, as in :func:`finetune`. :class:`DataError` when there is nothing to score against.
+
+    >>> from igc_convert.digits import digits_resnet
+    >>> data = resolve_source("digits", image_size=12, channels=1, split="val", samples=8)
+    >>> score(digits_resnet(), data).count
+    8
+    """
+    if not has_labels(data) and teacher is None:
+        raise DataError(f"{getattr(data, 'source', type(data).__name__)} has no labels and there is no original "
+                        "model to compare with: nothing to score against")
+    shape = _logit_shape(model, data)
+    if has_labels(data) and not _labels_fit(shape, FinetuneConfig(ce_weight=0.0), data, None,
+                                            ignored="no accuracy is given"):
+        if teacher is None:
+            raise DataError("the labels cannot be the model's classes and there is no original model to compare "
+                            "with: nothing to score against")
+        data = WithoutLabels(data)
+    sums = score_sums(model, data, teacher, batch_size=batch_size, device=device, progress=progress)
+    return Evaluation.from_sums(sums, 0, "accuracy" if has_labels(data) else "agreement",
+                                with_teacher=teacher is not None)
+
+
+@torch.no_grad()
+def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, batch_size: int = 64,
+               indices: Sequence[int] | None = None, device: torch.device | str = "cpu", num_workers: int = 0,
+               autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+               progress: str | None = None) -> Tensor:
+    """Totals of ``model``'s figures on ``data`` (its items at ``indices``, default all), in float64:
+    ``[images, labelled images, correct, agreeing with the teacher, KL from the teacher, cross-entropy]``.
+
+    Labels are classes or ``H×W`` masks (pixels scored, each image once with its share); without a
+    teacher the agreement and KL stay 0. The model is left in eval mode. ``progress``: a tqdm bar of
+    batches on stderr with this description.
+    """
+    model.eval()
+    if teacher is not None:
+        teacher.eval()
+    sums = torch.zeros(6, dtype=torch.float64)
+    loader = DataLoader(data, batch_size=batch_size, sampler=list(range(len(data))) if indices is None else indices,
+                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            s = _logits(model(as_input(x, model)), "student")
+            t = _logits(teacher(as_input(x, teacher)), "teacher") if teacher is not None else None
+        s = s.float()
+        sums[0] += len(x)
+        labelled, correct, ce = _label_scores(_at_label_size(s, y), y)
+        sums[1] += labelled
+        sums[2] += correct
+        sums[5] += ce
+        if t is not None:
+            kl, same = kl_and_top1(t.float(), s)
+            sums[3] += same
+            sums[4] += kl
+    return sums
+
 
 @dataclass(frozen=True)
 class FinetuneResult:
@@ -286,7 +364,8 @@ def _check_sources(cfg: FinetuneConfig, teacher: nn.Module | None, train: Datase
         raise DataError("the validation data has no labels and there is no teacher to compare with")
 
 
-def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val: Dataset | None) -> bool:
+def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val: Dataset | None,
+                ignored: str = "the teacher's agreement picks the best epoch") -> bool:
     """Whether the data's labels can be the classes of a model whose logits have ``shape``.
 
     A folder's labels number its sorted class sub-folders: they index a model's outputs only when the
@@ -305,7 +384,7 @@ def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val
         if cfg.ce_weight > 0:
             raise DataError(f"{message}; fine-tune by distillation alone (ce_weight=0; on the CLI, without "
                             "--labels)")
-        log.warning("%s; the labels are ignored: the teacher's agreement picks the best epoch", message)
+        log.warning("%s; the labels are ignored: %s", message, ignored)
         return False
     if per_pixel:  # class masks: their values are checked against the classes batch by batch
         return True
@@ -322,7 +401,7 @@ def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val
         if cfg.ce_weight > 0:
             raise DataError(f"{message}; give the model a head for these classes first, or fine-tune by "
                             "distillation alone (ce_weight=0; on the CLI, without --labels)")
-        log.warning("%s; they are ignored: the teacher's agreement picks the best epoch", message)
+        log.warning("%s; they are ignored: %s", message, ignored)
         return False
     return True
 
@@ -692,44 +771,18 @@ class _Trainer:
                 hit = top1_same(t_logits, logits) if t_logits is not None else 0.0
         return float(loss.detach()), hit
 
-    @torch.no_grad()
     def evaluate(self, epoch: int) -> Evaluation:
         """Validation figures of the student, each rank on its own slice, summed over ranks."""
-        student, dev, ctx = self.student, self.ctx.device, self.ctx
-        student.eval()
-        sums = torch.zeros(6, dtype=torch.float64)  # count, labelled, correct, agree, kl, ce
-        indices = list(range(ctx.rank, len(self.val_set), ctx.world))
-        loader = DataLoader(self.val_set, batch_size=self.cfg.batch_size, sampler=indices,
-                            num_workers=self.cfg.num_workers, collate_fn=collate,
-                            generator=torch.Generator().manual_seed(0))
-        for x, y in loader:
-            x, y = x.to(dev), y.to(dev)
-            with self.autocast():
-                s = _logits(student(as_input(x, student)), "student")
-                t = _logits(self.teacher(as_input(x, self.teacher)), "teacher") if self.teacher is not None else None
-            s = s.float()
-            sums[0] += len(x)
-            labelled, correct, ce = _label_scores(_at_label_size(s, y), y)
-            sums[1] += labelled
-            sums[2] += correct
-            sums[5] += ce
-            if t is not None:
-                kl, same = kl_and_top1(t.float(), s)
-                sums[3] += same
-                sums[4] += kl
+        ctx = self.ctx
+        sums = score_sums(self.student, self.val_set, self.teacher, batch_size=self.cfg.batch_size,
+                          indices=list(range(ctx.rank, len(self.val_set), ctx.world)), device=ctx.device,
+                          num_workers=self.cfg.num_workers, autocast=self.autocast)
         if ctx.world > 1:
-            sums = sums.to(dev)
+            sums = sums.to(ctx.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
         self.train_mode()
-        count, labelled = sums[0].item(), sums[1].item()
-        with_teacher = self.teacher is not None
-        return Evaluation(
-            epoch=epoch, count=int(count), metric=self.metric,
-            accuracy=sums[2].item() / labelled if labelled else None,
-            agreement=sums[3].item() / count if with_teacher else None,
-            kl=sums[4].item() / count if with_teacher else None,
-            loss=sums[5].item() / labelled if labelled else None)
+        return Evaluation.from_sums(sums, epoch, self.metric, with_teacher=self.teacher is not None)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def read_checkpoint(self) -> dict[str, Any] | None:

@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "convert": "convert",
     "report": "report",
     "finetune": "finetune",
+    "evaluate": "evaluate",
     "export": "export",
     "bench": "bench",
     "demo": "demo",

@@ -1,0 +1,124 @@
+"""``igc-convert evaluate`` and ``finetune.score``: a converted file's accuracy against labels and its
+agreement with the original model, checked against figures computed here by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from igc_convert.cli import main
+from igc_convert.data import resolve_source
+from igc_convert.digits import digits_resnet
+from igc_convert.errors import DataError
+from igc_convert.finetune import score
+from igc_convert.serialize import load
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Two conversions (0.3 and 0.6 of the conv parameters) of one digits ResNet with saved weights."""
+    from igc_convert import ParamsRatio, convert
+    from igc_convert.models import build_model
+    from igc_convert.serialize import save
+
+    folder = tmp_path_factory.mktemp("evaluate")
+    torch.manual_seed(0)
+    torch.save(digits_resnet().state_dict(), folder / "weights.pt")
+    model, origin = build_model("igc_convert.digits:digits_resnet", folder / "weights.pt")
+    paths = []
+    for ratio in (0.3, 0.6):
+        result = convert(model, ParamsRatio(ratio), progress=False)
+        paths.append(folder / f"c{ratio}.safetensors")
+        save(paths[-1], result.model, origin=origin, plan=result.plan, report=result.report)
+    return model, paths
+
+
+def _by_hand(model, original, data):
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    with torch.no_grad():
+        s, t = model(x), original(x)
+    kl = torch.nn.functional.kl_div(s.log_softmax(1), t.log_softmax(1), log_target=True, reduction="batchmean")
+    return dict(accuracy=(s.argmax(1) == y).float().mean().item(),
+                agreement=(s.argmax(1) == t.argmax(1)).float().mean().item(), kl=kl.item(),
+                original=(t.argmax(1) == y).float().mean().item())
+
+
+def test_cli_scores_every_file_against_the_labels_and_the_original(files, tmp_path, capsys):
+    original, paths = files
+    out = tmp_path / "scores.json"
+    argv = ["evaluate", *map(str, paths), "--data", "digits", "--split", "val", "--samples", "40",
+            "--json", str(out)]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert text.splitlines()[0] == "40 images of digits"
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["original (igc_convert.digits:digits_resnet)", *map(str, paths)]
+    data = resolve_source("digits", image_size=12, channels=1, split="val", samples=40)
+    for row, path in zip(rows[1:], paths):
+        expected = _by_hand(load(path).model, original, data)
+        assert row["accuracy"] == pytest.approx(expected["accuracy"])
+        assert row["agreement"] == pytest.approx(expected["agreement"])
+        assert row["kl"] == pytest.approx(expected["kl"], rel=1e-4, abs=1e-6) and row["kl"] > 0
+        assert row["params_ratio"] == pytest.approx(load(path).report["totals"]["params_ratio"])
+        assert path.name in text
+    assert rows[0]["accuracy"] == pytest.approx(expected["original"]) and rows[0]["agreement"] is None
+
+
+def test_cli_without_the_original_scores_labels_only(files, tmp_path, capsys):
+    _, paths = files
+    assert main(["evaluate", str(paths[0]), "--data", "digits", "--samples", "20", "--original", "none",
+                 "--json", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["agreement"] is None and 0 <= rows[0]["accuracy"] <= 1
+    capsys.readouterr()
+    # unlabelled images and no original: nothing to score against, one line, nothing written
+    assert main(["evaluate", str(paths[0]), "--data", "sample-images", "--samples", "4", "--original", "none",
+                 "--json", str(tmp_path / "none.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nothing to score against" in err[0]
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_cli_says_when_the_original_cannot_be_rebuilt(files, tmp_path, capsys):
+    _, paths = files
+    moved = tmp_path / "moved.safetensors"
+    moved.write_bytes(paths[0].read_bytes())
+    converted = load(moved)
+    from igc_convert.serialize import save
+
+    origin = dict(converted.origin, weights=str(tmp_path / "gone.pt"))
+    save(moved, converted.model, origin=origin, plan=converted.plan, report=converted.report)
+    assert main(["evaluate", str(moved), "--data", "digits", "--samples", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot rebuild the original model" in err and "--original none" in err
+    assert main(["evaluate", str(moved), "--data", "digits", "--samples", "8", "--original", "none"]) == 0
+
+
+def test_cli_refuses_a_file_that_is_not_a_converted_model(tmp_path, capsys):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("not a model")
+    assert main(["evaluate", str(bad), "--data", "digits"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_labels_that_are_not_the_models_classes_are_left_out(files, tmp_path, caplog):
+    """A folder of 3 classes cannot be the 10 digits: agreement only, with a warning."""
+    original, paths = files
+    gen = torch.Generator().manual_seed(0)
+    for c in range(3):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(3):
+            pixels = (torch.rand(12, 12, generator=gen) * 255).byte().numpy()
+            Image.fromarray(pixels, mode="L").save(tmp_path / f"class{c}" / f"{i}.png")
+    data = resolve_source(str(tmp_path), image_size=12, channels=1)
+    figures = score(load(paths[0]).model, data, original, batch_size=4)
+    assert figures.accuracy is None and figures.count == 9 and 0 <= figures.agreement <= 1
+    assert "cannot be its classes" in caplog.text and "no accuracy is given" in caplog.text
+    with pytest.raises(DataError, match="nothing to score against"):
+        score(load(paths[0]).model, data)
