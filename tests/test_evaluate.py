@@ -122,3 +122,30 @@ def test_labels_that_are_not_the_models_classes_are_left_out(files, tmp_path, ca
     assert "cannot be its classes" in caplog.text and "no accuracy is given" in caplog.text
     with pytest.raises(DataError, match="nothing to score against"):
         score(load(paths[0]).model, data)
+
+
+def test_class_masks_are_scored_per_pixel():
+    """A per-pixel classifier on images with H×W class masks: each image counts its share of right pixels."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 1)).eval()
+    x = torch.randn(5, 1, 6, 6)
+    masks = torch.randint(0, 3, (5, 6, 6))
+    masks[0, :2] = 255  # unlabelled pixels (255, as in Pascal VOC) do not count
+
+    class Masks(torch.utils.data.Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return x[i], masks[i]
+
+    data = resolve_source(Masks())
+    figures = score(net, data, batch_size=2)
+    with torch.no_grad():
+        right = net(x).argmax(1) == masks
+    valid = masks != 255
+    expected = torch.stack([right[i][valid[i]].float().mean() for i in range(5)]).mean().item()
+    assert figures.accuracy == pytest.approx(expected) and figures.agreement is None
+    teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1)).eval()
+    with_teacher = score(net, data, teacher)
+    assert with_teacher.accuracy == pytest.approx(expected) and 0 <= with_teacher.agreement <= 1
