@@ -22,6 +22,8 @@ were not used for calibration:
   data: separates the gain of the data from that of the IGC structure;
 * ``sequential+head`` (optional, ``--methods``) (c) with the dense Linear layers re-fitted to the
   converted features (``convert(..., refit_linears=True)``).
+* ``data-logits``, ``sequential-logits`` (optional, ``--methods``) (b) and (c) planned by the logits
+  (``convert(..., plan_by="logits")``): each layer's shapes scored by the logit KL they cause.
 
 Uniform methods give every convertible layer the ratio ``b' = (b·total − fixed) / convertible`` so
 that the whole model lands on ``b`` (the achieved ratio is printed for every method).
@@ -96,9 +98,9 @@ Tensor = torch.Tensor
 PHOTOS = ("china.jpg", "flower.jpg")  # the order of sklearn.datasets.load_sample_images
 DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves", "imagenet", "imagenet-folds")
 DEFAULT_METHODS = ("weight", "data", "weight-same-plan", "sequential", "svd-uniform", "svd-budget", "tucker2")
-ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential")
+ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential", "data-logits", "sequential-logits")
 #: Methods that read the calibration images (converted once per calibration set).
-DATA_METHODS = ("data", "sequential", "sequential+head", "svd-sequential")
+DATA_METHODS = ("data", "sequential", "sequential+head", "svd-sequential", "data-logits", "sequential-logits")
 #: Methods that depend on a calibration set through (b)'s plan, without reading the images.
 PLAN_METHODS = ("weight-same-plan",)
 #: The peers (c) must beat on logit KL.
@@ -507,6 +509,9 @@ def build(method: str, model: nn.Module, layers: Sequence[str], budget: float, c
         result = convert(model, ParamsRatio(budget), calibration=calib, sequential=False, **ours)
     elif method == "sequential":
         result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, **ours)
+    elif method in ("data-logits", "sequential-logits"):
+        result = convert(model, ParamsRatio(budget), calibration=calib, sequential=method.startswith("seq"),
+                         plan_by="logits", **ours)
     elif method == "sequential+head":  # (c) with the classifier re-fitted to the converted features
         result = convert(model, ParamsRatio(budget), calibration=calib, sequential=True, refit_linears=True,
                          **ours)

@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import factorize as fz
-from . import stdconv
+from . import probe, stdconv
 from .blocks import BLOCKS, IGCBlock, check_convertible, conv_macs, conv_output_hw, make_block
 from .calibrate import BatchNormLeafTracer
 from .data import split_item
@@ -243,7 +243,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             plan_iters: int = 15, max_positions: int = 64, progress: bool = True, seed: int = 0,
             allocation: str = "budget", bias_correction: bool = True, linear: bool = False,
             channel_multiple: int | None = None, refit_linears: bool = False, residual_correction: bool = True,
-            model_name: str = "") -> ConversionResult:
+            plan_by: str = "error", model_name: str = "") -> ConversionResult:
     """Convert the dense ``Conv2d`` layers of ``model`` into IGC blocks meeting ``target``.
 
     ``calibration`` (images: tensor, iterable, DataLoader or Dataset) makes the fit data-aware;
@@ -275,6 +275,9 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     space, with a warning. ``channel_multiple`` is the multiple that block shapes prefer for the
     channels of each group (:func:`igc_convert.plan.channel_multiple`; default: onnxruntime's NCHWc
     block on this CPU, 16 with AVX-512, 8 with AVX2); give the deployment CPU's when it differs.
+    ``plan_by="logits"`` (with ``calibration``) allocates the target by what each layer's shapes do to
+    the model's logits on calibration images rather than by the layers' own errors (:mod:`igc_convert.probe`:
+    a forward pass of 16 images per probed shape, up to 6 per layer).
 
     Example::
 
@@ -308,6 +311,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
 
     _check_options(calibration_samples=calibration_samples, damping=damping, max_groups=max_groups,
                    fit_iters=fit_iters, plan_iters=plan_iters, max_positions=max_positions)
+    if plan_by not in probe.PLAN_BY:
+        raise ConfigError(f"plan_by must be one of {', '.join(probe.PLAN_BY)}, got {plan_by!r}")
+    if plan_by == "logits":
+        if calibration is None:
+            raise ConfigError("planning by the logits measures them on calibration images: give calibration")
+        if isinstance(target, MaxError) or allocation == "uniform":
+            raise ConfigError("planning by the logits allocates a params, MACs or latency budget; a max-error "
+                              "target and uniform allocation do not use it")
     multiple = resolve_channel_multiple(channel_multiple)
     original = model
     for name, p in original.named_parameters():
@@ -415,6 +426,11 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         except IGCError as err:
             raise err.in_layer(spec.name)
     metric = TARGET_METRIC.get(type(target), "params")
+    if plan_by == "logits":
+        per_layer = probe.logit_scored(original, [s.module for s in eligible], specs, per_layer,
+                                       torch.cat(batches)[:probe.PROBE_IMAGES], "params" if metric == "latency"
+                                       else metric, damping=damping, fit_iters=plan_iters,
+                                       remove_mean=bias_correction, progress=progress)
     fixed_sites = [s for s in sites if s.name in reasons]
     if metric == "latency":
         from . import latency
@@ -535,6 +551,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if s.name not in records:
             records[s.name] = _record(s, None, "dense", {}, reasons.get(s.name, "kept dense"))
     mode = "weight" if batches is None else ("data-aware, sequential" if sequential else "data-aware")
+    if plan_by == "logits":
+        mode += ", planned by the logits"
     if refitted:
         mode += f" (re-fitted: {', '.join(refitted)})"
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)

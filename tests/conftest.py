@@ -22,6 +22,26 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def converted_files(tmp_path_factory):
+    """Two converted digits models (different plans) written as the convert command would."""
+    from igc_convert import ParamsRatio, convert
+    from igc_convert.digits import digits_resnet
+    from igc_convert.models import build_model
+    from igc_convert.serialize import save
+
+    folder = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    torch.save(digits_resnet().state_dict(), folder / "teacher.pt")
+    model, origin = build_model("igc_convert.digits:digits_resnet", folder / "teacher.pt")
+    files = {}
+    for name, ratio in (("a", 0.3), ("b", 0.6)):
+        result = convert(model, ParamsRatio(ratio), progress=False)
+        files[name] = folder / f"{name}.safetensors"
+        save(files[name], result.model, origin=origin, plan=result.plan, report=result.report)
+    return folder, files
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

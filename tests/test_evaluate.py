@@ -11,7 +11,6 @@ from PIL import Image
 
 from igc_convert.cli import main
 from igc_convert.data import resolve_source
-from igc_convert.digits import digits_resnet
 from igc_convert.errors import DataError
 from igc_convert.finetune import score
 from igc_convert.serialize import load
@@ -20,22 +19,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """Two conversions (0.3 and 0.6 of the conv parameters) of one digits ResNet with saved weights."""
-    from igc_convert import ParamsRatio, convert
-    from igc_convert.models import build_model
-    from igc_convert.serialize import save
+def files(converted_files):
+    """The original digits ResNet and two conversions of it (0.3 and 0.6 of the conv parameters)."""
+    from igc_convert.models import build_model_from_origin
 
-    folder = tmp_path_factory.mktemp("evaluate")
-    torch.manual_seed(0)
-    torch.save(digits_resnet().state_dict(), folder / "weights.pt")
-    model, origin = build_model("igc_convert.digits:digits_resnet", folder / "weights.pt")
-    paths = []
-    for ratio in (0.3, 0.6):
-        result = convert(model, ParamsRatio(ratio), progress=False)
-        paths.append(folder / f"c{ratio}.safetensors")
-        save(paths[-1], result.model, origin=origin, plan=result.plan, report=result.report)
-    return model, paths
+    _, paths = converted_files
+    return build_model_from_origin(load(paths["a"]).origin), [paths["a"], paths["b"]]
 
 
 def _by_hand(model, original, data):

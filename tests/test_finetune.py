@@ -17,7 +17,6 @@ from torch import nn
 from igc_convert.blocks import IGCV1
 from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
-from igc_convert.digits import digits_resnet
 from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
 from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path, finetune,
                                   load_checkpoint)
@@ -393,25 +392,6 @@ def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ CLI
-@pytest.fixture(scope="module")
-def converted_files(tmp_path_factory):
-    """Two converted digits models (different plans) written as the convert command would."""
-    from igc_convert import ParamsRatio, convert
-    from igc_convert.models import build_model
-    from igc_convert.serialize import save
-
-    folder = tmp_path_factory.mktemp("cli")
-    torch.manual_seed(0)
-    torch.save(digits_resnet().state_dict(), folder / "teacher.pt")
-    model, origin = build_model("igc_convert.digits:digits_resnet", folder / "teacher.pt")
-    files = {}
-    for name, ratio in (("a", 0.3), ("b", 0.6)):
-        result = convert(model, ParamsRatio(ratio), progress=False)
-        files[name] = folder / f"{name}.safetensors"
-        save(files[name], result.model, origin=origin, plan=result.plan, report=result.report)
-    return folder, files
-
-
 def test_cli_finetune_writes_a_loadable_model_with_its_history(converted_files, tmp_path, capsys):
     from igc_convert.serialize import load
 

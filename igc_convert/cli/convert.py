@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-shot", action="store_true",
                         help="data-aware fit from the original model's statistics only (faster, less accurate "
                              "than the default sequential fit)")
+    parser.add_argument("--plan-by", choices=("error", "logits"), default="error",
+                        help="error: spread the target over the layers by their own output errors (default); "
+                             "logits: by the KL each layer's shapes cause in the model's output on 16 calibration "
+                             "images (with --calib; a forward pass per measured shape, up to 6 per layer)")
     parser.add_argument("--no-bias-correction", action="store_true",
                         help="fit each layer to the second moment of its inputs and keep its bias as fitted "
                              "(default: a layer followed by a BatchNorm is fitted to how its inputs vary, and the "
@@ -122,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                      calibration_samples=args.calib_samples, exclude=args.exclude, include=args.include,
                      sequential=not args.one_shot, bias_correction=not args.no_bias_correction,
                      residual_correction=not args.no_residual_correction,
-                     refit_linears=args.refit_linears, seed=args.seed,
+                     refit_linears=args.refit_linears, seed=args.seed, plan_by=args.plan_by,
                      linear=args.linear, channel_multiple=args.channel_multiple, model_name=args.model)
     if args.calib and args.check_samples:
         result.report.agreement = _check(model, result.model, args, (height, width), channels)

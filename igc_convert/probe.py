@@ -1,0 +1,143 @@
+"""Planning by the logits (``convert(..., plan_by="logits")``): each layer's shapes scored by what they
+do to the model's output, not by the layer's own error.
+
+The default plan minimises the sum of the layers' squared relative output errors, every layer alike.
+Layers differ in how much of their error reaches the output, and by a lot: perturbing EfficientNet-Lite0's
+stem changes its logit KL ~180× more than the same relative error in a mid-network expansion. Nor is the
+response quadratic at the errors compression reaches, so a sensitivity measured at small errors and
+scaled up plans badly (docs/results/fidelity.md). Instead, for every layer a few shapes along its
+cost–error hull are fitted (data-aware, one-shot), each put in alone as the output change
+``(Ŵ − W) ∗ x`` with its mean over the images taken out, as the bias correction does, and the KL
+divergence of the model's logits from the original's is measured on a probe batch of calibration
+images. The layer's other shapes get the KL interpolated from their error. The allocation then
+minimises the summed KL (each layer's alone: the terms are assumed to add up).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import replace
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .agreement import kl_and_top1, named_logits
+from .blocks import BLOCKS, make_block
+from .errors import IGCError, ModelError
+from .modes import as_input, eval_mode
+from .plan import Candidate, LayerSpec, lower_hull
+
+log = logging.getLogger(__name__)
+
+Tensor = torch.Tensor
+
+#: Calibration images the probes run on.
+PROBE_IMAGES = 16
+#: Shapes fitted and measured per layer, spread along its hull; the rest are interpolated.
+PROBE_POINTS = 6
+PLAN_BY = ("error", "logits")
+
+
+def logit_scored(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[LayerSpec],
+                 per_layer: Sequence[Sequence[Candidate]], images: Tensor, metric: str, *, damping: float,
+                 fit_iters: int, remove_mean: bool = True, progress: bool = True) -> list[list[Candidate]]:
+    """``per_layer`` with every block candidate's ``error`` replaced by ``√KL``: the KL divergence of
+    ``model``'s logits on ``images`` from its own when that layer alone takes that shape (measured for
+    up to :data:`PROBE_POINTS` shapes on the layer's ``metric`` hull, interpolated in error for the others).
+
+    ``convs[i]`` is the module of ``specs[i]`` inside ``model``; the model is not changed.
+    """
+    with eval_mode(model):
+        with torch.no_grad():
+            clean = _logits(model, images)
+        start, probed = time.perf_counter(), 0
+        scored = []
+        bar = tqdm(list(zip(convs, specs, per_layer)), desc="probing", unit="layer", disable=not progress,
+                   leave=False)
+        for conv, spec, cands in bar:
+            hull = [c for c in lower_hull(cands, metric) if c.kind != "dense"]
+            picks = _spread(hull, PROBE_POINTS)
+            points = []
+            for c in picks:
+                try:
+                    delta = _fitted(conv, spec, c, damping, fit_iters) - conv.weight.detach()
+                except IGCError as err:
+                    raise err.in_layer(spec.name)
+                points.append((c.error, _kl_with(model, conv, delta, images, clean, remove_mean)))
+            probed += len(points)
+            scored.append([c if c.kind == "dense" else replace(c, error=math.sqrt(_interpolate(points, c.error)))
+                           for c in cands])
+    log.info("planning by the logits: %d shapes of %d layers measured on %d images in %.0f s", probed,
+             len(scored), len(images), time.perf_counter() - start)
+    return scored
+
+
+def _logits(model: nn.Module, images: Tensor) -> Tensor:
+    logits = named_logits(model(as_input(images, model)))
+    if logits is None or logits.dim() not in (2, 4) or not logits.is_floating_point():
+        raise ModelError("planning by the logits needs a model that returns class logits (N × classes, or "
+                         "N × classes × H × W per pixel); plan by the layers' error instead")
+    return logits
+
+
+def _spread(hull: list[Candidate], count: int) -> list[Candidate]:
+    """Up to ``count`` of the hull's shapes, evenly spaced along it, the cheapest and dearest included."""
+    if len(hull) <= count:
+        return hull
+    return [hull[round(i * (len(hull) - 1) / (count - 1))] for i in range(count)]
+
+
+def _fitted(conv: nn.Module, spec: LayerSpec, c: Candidate, damping: float, fit_iters: int) -> Tensor:
+    """The dense kernel of ``c``'s block, fitted as the one-shot data-aware fit does."""
+    kwargs = {} if c.kind == "igcv1" else dict(max_iter=fit_iters)
+    fit = BLOCKS[c.kind].fit(spec.weight, sigma=spec.sigma, row_weights=spec.row_weights, damping=damping,
+                             **c.shape, **kwargs)
+    block = make_block(c.kind, conv, c.shape, fit=False, name=spec.name)
+    block.load_factors(fit.factors, None)
+    return block.dense_weight().detach().to(conv.weight.dtype)
+
+
+def _kl_with(model: nn.Module, conv: nn.Module, delta: Tensor, images: Tensor, clean: Tensor,
+             remove_mean: bool) -> float:
+    """Mean logit KL from ``clean`` with ``conv``'s output changed by ``delta ∗ x`` (its mean over
+    images and positions removed when the conversion moves that into a bias)."""
+
+    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        d = F.conv2d(args[0], delta, None, module.stride, module.padding, module.dilation, module.groups)
+        return out + (d - d.mean((0, 2, 3), keepdim=True) if remove_mean else d)
+
+    handle = conv.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            kl, _ = kl_and_top1(clean, _logits(model, images))
+    finally:
+        handle.remove()
+    return max(kl / len(images), 0.0)
+
+
+def _interpolate(points: list[tuple[float, float]], error: float) -> float:
+    """KL at ``error`` from the measured ``(error, KL)`` points and ``(0, 0)``: piecewise linear, made
+    non-decreasing in the error (a noisy probe must not make a worse shape look better), extended
+    beyond the largest measured error along the last segment."""
+    pts = sorted([(0.0, 0.0), *points])
+    xs, ys, top = [], [], 0.0
+    for x, y in pts:
+        top = max(top, y)
+        if xs and x <= xs[-1]:
+            ys[-1] = top
+            continue
+        xs.append(x)
+        ys.append(top)
+    if len(xs) == 1:
+        return ys[0]
+    if error >= xs[-1]:
+        slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        return ys[-1] + slope * (error - xs[-1])
+    i = next(k for k in range(1, len(xs)) if error <= xs[k])
+    t = (error - xs[i - 1]) / (xs[i] - xs[i - 1])
+    return ys[i - 1] + t * (ys[i] - ys[i - 1])
