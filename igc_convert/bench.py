@@ -286,6 +286,33 @@ def _runner(session, name: str, x: np.ndarray) -> Callable[[], object]:
     return run
 
 
+class OnnxModule(nn.Module):
+    """An ONNX file run by onnxruntime on the CPU, as a module that takes image batches and returns
+    the graph's first output: for scoring an exported model on data (``igc-convert evaluate``).
+
+    A graph with a fixed batch size is run in chunks of that size (the last one padded).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        super().__init__()
+        proto = _load_onnx(path)
+        self.path = str(path)
+        self.input_name, self.dims, self.np_dtype = _input_spec(proto, path)
+        self.session = _session(proto.SerializeToString(), threads or torch.get_num_threads())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().cpu().numpy().astype(self.np_dtype)
+        fixed = self.dims[0]
+        chunks = [arr] if fixed is None else [arr[i:i + fixed] for i in range(0, len(arr), fixed)]
+        outs = []
+        for chunk in chunks:
+            n = len(chunk)
+            if fixed is not None and n < fixed:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], fixed - n, axis=0)])
+            outs.append(_runner(self.session, self.input_name, chunk)()[0][:n])
+        return torch.from_numpy(np.concatenate(outs)).float()
+
+
 # ---------------------------------------------------------------------------------------------
 # Modules (for the planner)
 # ---------------------------------------------------------------------------------------------

@@ -138,3 +138,32 @@ def test_class_masks_are_scored_per_pixel():
     teacher = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1)).eval()
     with_teacher = score(net, data, teacher)
     assert with_teacher.accuracy == pytest.approx(expected) and 0 <= with_teacher.agreement <= 1
+
+
+@pytest.mark.parametrize("dynamic_batch", [True, False], ids=["dynamic-batch", "batch-1"])
+def test_cli_scores_an_exported_onnx_file_as_its_model(files, tmp_path, capsys, dynamic_batch):
+    """An ONNX export run in onnxruntime gets the accuracy its PyTorch model gets; a fixed batch of 1
+    is run image by image, and its fixed input size sets the images' size."""
+    from igc_convert.export import export_onnx
+
+    _, paths = files
+    onnx_path = tmp_path / "m.onnx"
+    export_onnx(load(paths[0]).model, onnx_path, torch.zeros(1, 1, 12, 12), dynamic_batch=dynamic_batch)
+    out = tmp_path / "s.json"
+    assert main(["evaluate", str(onnx_path), str(paths[0]), "--data", "digits", "--split", "val", "--samples", "37",
+                 "--json", str(out)]) == 0
+    rows = {r["model"]: r for r in json.loads(out.read_text())["rows"]}
+    onnx_row, torch_row = rows[str(onnx_path)], rows[str(paths[0])]
+    assert onnx_row["accuracy"] == torch_row["accuracy"] and onnx_row["agreement"] is None
+    assert torch_row["agreement"] is not None  # the .safetensors file is still compared with its original
+    capsys.readouterr()
+    assert main(["evaluate", str(onnx_path), "--data", "digits", "--image-size", "16"]) == 2
+    assert "takes 12×12 images, not 16×16" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_file_named_onnx_that_is_not_one(tmp_path, capsys):
+    bad = tmp_path / "fake.onnx"
+    bad.write_bytes(b"\x00not onnx")
+    assert main(["evaluate", str(bad), "--data", "digits"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not an ONNX model" in err[0]

@@ -1,15 +1,17 @@
 """``igc-convert evaluate``: score converted model files on images, against their labels and against
-the original model each file was converted from."""
+the original model each file was converted from; exported ONNX files (run in onnxruntime) against
+the labels."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, IGCError, ModelError
-from .export import check_size, input_hw
+from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,8 @@ EXAMPLE = "igc-convert evaluate resnet18-igc.safetensors resnet18-igc-ft.safeten
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="CONVERTED",
-                        help="model files written by igc-convert convert or finetune")
+                        help="model files written by igc-convert convert or finetune, or exported .onnx files "
+                             "(run in onnxruntime; scored against labels only)")
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="images: 'digits', 'sample-images', 'photos', 'imagenet-samples', or a folder (class "
                              "sub-folders, or images/ and masks/, give labels)")
@@ -44,8 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..data import has_labels, resolve_source
     from ..files import atomic_write, check_writable
+    from ..bench import OnnxModule
     from ..finetune import score
-    from ..serialize import load
 
     check_size(args.image_size, "--image-size")
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
@@ -53,8 +56,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be positive, got {value}")
     if args.json:
         check_writable(args.json)
-    files = [load(path) for path in args.models]  # every file checked before any scoring
-    channels, size = input_hw(files[0].model, args.image_size)
+    files = [_open(path) for path in args.models]  # every file checked before any scoring
+    channels, size = _input(files[0], args.image_size)
     data = resolve_source(args.data, split=args.split, samples=args.samples, image_size=size, channels=channels,
                           seed=args.seed)
     log.info("%d images of %s (%s)%s", len(data), args.data, args.split,
@@ -64,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     originals: dict[str, Any] = {}  # origin (as JSON) -> the original model, scored once
     for path, converted in zip(args.models, files):
         teacher = None
+        if isinstance(converted, OnnxModule):  # no origin to rebuild: labels only
+            rows.append(_row(path, None, score(converted, data, batch_size=args.batch_size, progress=path)))
+            continue
         if args.original == "auto":
             key = json.dumps(converted.origin, sort_keys=True)
             if key not in originals:
@@ -79,6 +85,33 @@ def run(args: argparse.Namespace) -> int:
         with atomic_write(args.json, "w") as f:
             json.dump(dict(data=args.data, split=args.split, images=len(data), rows=rows), f, indent=1)
     return 0
+
+
+def _open(path: str) -> Any:
+    """A converted model file, or an ONNX file as an :class:`~igc_convert.bench.OnnxModule`."""
+    from ..bench import OnnxModule
+    from ..serialize import load
+
+    return OnnxModule(path) if Path(path).suffix.lower() == ".onnx" else load(path)
+
+
+def _input(first: Any, size: list[int] | None) -> tuple[int, tuple[int, int]]:
+    """``(channels, (height, width))`` of the images: an ONNX graph's fixed input, else as for export."""
+    from ..bench import OnnxModule
+
+    if not isinstance(first, OnnxModule):
+        return input_hw(first.model, size)
+    channels, *spatial = first.dims[1:]
+    if channels is None or len(spatial) != 2:
+        raise ConfigError(f"{first.path}: input {first.dims} is not batch × channels × height × width")
+    if size:
+        wanted = [size[0], size[-1]]
+        if any(d is not None and d != w for d, w in zip(spatial, wanted)):
+            raise ConfigError(f"{first.path} takes {spatial[0]}×{spatial[1]} images, not {wanted[0]}×{wanted[1]}")
+        return channels, (wanted[0], wanted[1])
+    if any(d is None for d in spatial):
+        return channels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+    return channels, (spatial[0], spatial[1])
 
 
 def _original(origin: dict, path: str):
