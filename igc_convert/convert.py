@@ -426,11 +426,12 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         except IGCError as err:
             raise err.in_layer(spec.name)
     metric = TARGET_METRIC.get(type(target), "params")
+    planned_by = plan_by
     if plan_by == "logits":
-        per_layer = probe.logit_scored(original, [s.module for s in eligible], specs, per_layer,
-                                       torch.cat(batches)[:probe.PROBE_IMAGES], "params" if metric == "latency"
-                                       else metric, damping=damping, fit_iters=plan_iters,
-                                       remove_mean=bias_correction, progress=progress)
+        probe_images = torch.cat(batches)[:probe.PROBE_IMAGES]
+        probing = dict(damping=damping, fit_iters=plan_iters, remove_mean=bias_correction)
+        per_layer = probe.logit_scored(original, [s.module for s in eligible], specs, per_layer, probe_images,
+                                       "params" if metric == "latency" else metric, progress=progress, **probing)
     fixed_sites = [s for s in sites if s.name in reasons]
     if metric == "latency":
         from . import latency
@@ -460,6 +461,21 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         # get faster as the budget shrinks: the hull walk's, without the fill.
         pick = allocate_fast_first if metric in ("macs", "latency") else allocate
         chosen = pick(per_layer, target, fixed_cost=fixed, dense_total=dense_total, fill=metric != "latency")
+        if plan_by == "logits":
+            # The probes changed one layer at a time; with every layer converted the errors compound.
+            # The plan by the layers' own errors is kept when, all blocks in, it measures better.
+            restored = probe.by_fit_error(per_layer)
+            by_error = pick(restored, target, fixed_cost=fixed, dense_total=dense_total, fill=metric != "latency")
+            convs = [s.module for s in eligible]
+            check_images = torch.cat(batches)[:probe.CHECK_IMAGES]
+            kl_logits, kl_error = (probe.plan_kl(original, convs, specs, p, check_images, **probing)
+                                   for p in (chosen, by_error))
+            log.info("planning by the logits: its plan gives a logit KL of %.4g on %d calibration images, the "
+                     "plan by the layers' errors %.4g", kl_logits, len(check_images), kl_error)
+            if kl_error < kl_logits:
+                planned_by = "error"
+                chosen = [next(c for c, r in zip(cands, rest) if r is pick_r)
+                          for cands, rest, pick_r in zip(per_layer, restored, by_error)]
         if metric == "latency":
             chosen = _measured_latency_plan(guard_reference, example, eligible, per_layer, chosen, target, fixed,
                                             dense_total)
@@ -552,7 +568,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             records[s.name] = _record(s, None, "dense", {}, reasons.get(s.name, "kept dense"))
     mode = "weight" if batches is None else ("data-aware, sequential" if sequential else "data-aware")
     if plan_by == "logits":
-        mode += ", planned by the logits"
+        mode += (", planned by the logits" if planned_by == "logits"
+                 else ", planned by the layers' errors (the logits' plan measured worse)")
     if refitted:
         mode += f" (re-fitted: {', '.join(refitted)})"
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)

@@ -110,6 +110,9 @@ class Candidate:
     #: (:func:`has_shuffle`; :func:`on_fast_path`). Speed targets plan with such shapes first
     #: (:func:`allocate_fast_first`).
     fast: bool = True
+    #: The layer's own relative error, kept here when ``error`` holds another score the plan is made on
+    #: (planning by the logits, :mod:`igc_convert.probe`).
+    fit_error: float | None = None
 
     def cost(self, metric: str) -> float:
         value = getattr(self, metric)

@@ -10,7 +10,9 @@ cost–error hull are fitted (data-aware, one-shot), each put in alone as the ou
 ``(Ŵ − W) ∗ x`` with its mean over the images taken out, as the bias correction does, and the KL
 divergence of the model's logits from the original's is measured on a probe batch of calibration
 images. The layer's other shapes get the KL interpolated from their error. The allocation then
-minimises the summed KL (each layer's alone: the terms are assumed to add up).
+minimises the summed KL (each layer's alone: the terms are assumed to add up). They do not once most
+layers are heavily compressed and their errors compound, so :func:`plan_kl` compares the whole plan
+with the plan by the layers' errors, every block in at once, and ``convert`` keeps the better one.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import logging
 import math
 import time
 from dataclasses import replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,8 @@ Tensor = torch.Tensor
 
 #: Calibration images the probes run on.
 PROBE_IMAGES = 16
+#: Calibration images the two whole plans (by the logits, by the layers' errors) are compared on.
+CHECK_IMAGES = 64
 #: Shapes fitted and measured per layer, spread along its hull; the rest are interpolated.
 PROBE_POINTS = 6
 PLAN_BY = ("error", "logits")
@@ -70,11 +74,50 @@ def logit_scored(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[L
                     raise err.in_layer(spec.name)
                 points.append((c.error, _kl_with(model, conv, delta, images, clean, remove_mean)))
             probed += len(points)
-            scored.append([c if c.kind == "dense" else replace(c, error=math.sqrt(_interpolate(points, c.error)))
+            scored.append([c if c.kind == "dense" else
+                           replace(c, error=math.sqrt(_interpolate(points, c.error)), fit_error=c.error)
                            for c in cands])
     log.info("planning by the logits: %d shapes of %d layers measured on %d images in %.0f s", probed,
              len(scored), len(images), time.perf_counter() - start)
     return scored
+
+
+def by_fit_error(per_layer: Sequence[Sequence[Candidate]]) -> list[list[Candidate]]:
+    """The candidates of :func:`logit_scored` with their own relative errors back in ``error``."""
+    return [[c if c.fit_error is None else replace(c, error=c.fit_error) for c in cands] for cands in per_layer]
+
+
+def plan_kl(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[LayerSpec], plan: Sequence[Candidate],
+            images: Tensor, *, damping: float, fit_iters: int, remove_mean: bool = True) -> float:
+    """Mean logit KL on ``images`` from ``model``'s own with every layer as ``plan`` has it (one-shot
+    fits, all in at once): how two plans compare once their errors compound."""
+    deltas = []
+    for conv, spec, c in zip(convs, specs, plan):
+        try:
+            deltas.append(None if c.kind == "dense" else _fitted(conv, spec, c, damping, fit_iters) - conv.weight.detach())
+        except IGCError as err:
+            raise err.in_layer(spec.name)
+    with eval_mode(model), torch.no_grad():
+        clean = _logits(model, images)
+        handles = [conv.register_forward_hook(_changed_by(d, remove_mean)) for conv, d in zip(convs, deltas)
+                   if d is not None]
+        try:
+            kl, _ = kl_and_top1(clean, _logits(model, images))
+        finally:
+            for h in handles:
+                h.remove()
+    return max(kl / len(images), 0.0)
+
+
+def _changed_by(delta: Tensor, remove_mean: bool) -> Callable:
+    """A forward hook adding ``delta ∗ x`` to a conv's output (less its mean over images and positions
+    when the conversion moves that into a bias)."""
+
+    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+        d = F.conv2d(args[0], delta, None, module.stride, module.padding, module.dilation, module.groups)
+        return out + (d - d.mean((0, 2, 3), keepdim=True) if remove_mean else d)
+
+    return hook
 
 
 def _logits(model: nn.Module, images: Tensor) -> Tensor:
@@ -104,14 +147,8 @@ def _fitted(conv: nn.Module, spec: LayerSpec, c: Candidate, damping: float, fit_
 
 def _kl_with(model: nn.Module, conv: nn.Module, delta: Tensor, images: Tensor, clean: Tensor,
              remove_mean: bool) -> float:
-    """Mean logit KL from ``clean`` with ``conv``'s output changed by ``delta ∗ x`` (its mean over
-    images and positions removed when the conversion moves that into a bias)."""
-
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        d = F.conv2d(args[0], delta, None, module.stride, module.padding, module.dilation, module.groups)
-        return out + (d - d.mean((0, 2, 3), keepdim=True) if remove_mean else d)
-
-    handle = conv.register_forward_hook(hook)
+    """Mean logit KL from ``clean`` with ``conv``'s output changed by ``delta ∗ x``."""
+    handle = conv.register_forward_hook(_changed_by(delta, remove_mean))
     try:
         with torch.no_grad():
             kl, _ = kl_and_top1(clean, _logits(model, images))

@@ -106,8 +106,34 @@ def test_cli_plan_by_logits_reaches_the_conversion_and_its_report(tmp_path, caps
     out = tmp_path / "m.safetensors"
     assert main(["convert", "igc_convert.digits:digits_resnet", "-o", str(out), "--params-ratio", "0.3",
                  "--calib", "digits", "--calib-samples", "32", "--check-samples", "0", "--plan-by", "logits"]) == 0
-    assert read_metadata(out)["report"]["mode"] == "data-aware, sequential, planned by the logits"
+    # this random-init model's logits plan may measure worse than the plan by errors: either is said
+    assert read_metadata(out)["report"]["mode"] in ("data-aware, sequential, planned by the logits",
+                                                   "data-aware, sequential, planned by the layers' errors "
+                                                   "(the logits' plan measured worse)")
     capsys.readouterr()
     assert main(["convert", "igc_convert.digits:digits_resnet", "-o", str(tmp_path / "n.safetensors"),
                  "--params-ratio", "0.3", "--plan-by", "logits"]) == 2
     assert "calibration" in capsys.readouterr().err and not (tmp_path / "n.safetensors").exists()
+
+
+def test_the_plan_by_errors_is_kept_when_the_logits_plan_measures_worse(monkeypatch):
+    """Probes change one layer at a time; with all blocks in, the two plans are compared on the logits."""
+    import igc_convert.probe as probe
+
+    torch.manual_seed(0)
+    model = TwoPaths().eval()
+    images = torch.randn(32, 3, 10, 10)
+    common = dict(calibration=images, exclude=["stem"], sequential=False, progress=False)
+    by_error = convert(model, ParamsRatio(0.5), **common)
+    measured = []
+    real = probe.plan_kl
+
+    def worse_for_the_logits(model, convs, specs, plan, images, **kwargs):
+        measured.append(real(model, convs, specs, plan, images, **kwargs))
+        return measured[-1] + (1.0 if len(measured) == 1 else 0.0)  # the first plan is the logits' one
+
+    monkeypatch.setattr(probe, "plan_kl", worse_for_the_logits)
+    kept = convert(model, ParamsRatio(0.5), plan_by="logits", **common)
+    assert len(measured) == 2 and measured[0] < measured[1]  # really better by the logits, made to look worse
+    assert kept.plan == by_error.plan
+    assert kept.report.mode == "data-aware, planned by the layers' errors (the logits' plan measured worse)"
