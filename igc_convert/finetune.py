@@ -236,12 +236,9 @@ def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None
     ``[images, labelled images, correct, agreeing with the teacher, KL from the teacher, cross-entropy]``.
 
     Labels are classes or ``H×W`` masks (pixels scored, each image once with its share); without a
-    teacher the agreement and KL stay 0. The model is left in eval mode. ``progress``: a tqdm bar of
-    batches on stderr with this description.
+    teacher the agreement and KL stay 0. Both models run in eval mode, and every module gets its own
+    train/eval flag back after. ``progress``: a tqdm bar of batches on stderr with this description.
     """
-    model.eval()
-    if teacher is not None:
-        teacher.eval()
     sums = torch.zeros(6, dtype=torch.float64)
     loader = DataLoader(data, batch_size=batch_size, sampler=list(range(len(data))) if indices is None else indices,
                         num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0))
@@ -249,21 +246,22 @@ def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None
         from tqdm.auto import tqdm
 
         loader = tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            s = _logits(model(as_input(x, model)), "student")
-            t = _logits(teacher(as_input(x, teacher)), "teacher") if teacher is not None else None
-        s = s.float()
-        sums[0] += len(x)
-        labelled, correct, ce = _label_scores(_at_label_size(s, y), y)
-        sums[1] += labelled
-        sums[2] += correct
-        sums[5] += ce
-        if t is not None:
-            kl, same = kl_and_top1(t.float(), s)
-            sums[3] += same
-            sums[4] += kl
+    with eval_mode(model, *([teacher] if teacher is not None else [])):
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                s = _logits(model(as_input(x, model)), "student")
+                t = _logits(teacher(as_input(x, teacher)), "teacher") if teacher is not None else None
+            s = s.float()
+            sums[0] += len(x)
+            labelled, correct, ce = _label_scores(_at_label_size(s, y), y)
+            sums[1] += labelled
+            sums[2] += correct
+            sums[5] += ce
+            if t is not None:
+                kl, same = kl_and_top1(t.float(), s)
+                sums[3] += same
+                sums[4] += kl
     return sums
 
 

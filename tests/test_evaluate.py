@@ -167,3 +167,18 @@ def test_cli_refuses_a_file_named_onnx_that_is_not_one(tmp_path, capsys):
     assert main(["evaluate", str(bad), "--data", "digits"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not an ONNX model" in err[0]
+
+
+def test_scoring_runs_in_eval_mode_and_gives_every_module_its_mode_back():
+    """Dropout off while scoring (the same figures twice), and a model training with a frozen
+    BatchNorm comes back exactly so."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Dropout(0.9),
+                              torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    net(torch.zeros(2, 1, 12, 12))
+    net.train()
+    net[1].eval()  # frozen BatchNorm
+    data = resolve_source("digits", image_size=12, channels=1, split="val", samples=16)
+    first, second = score(net, data, batch_size=5), score(net, data, batch_size=5)
+    assert first.accuracy == second.accuracy and first.loss == pytest.approx(second.loss)
+    assert [m.training for m in net] == [True, False, True, True, True]
