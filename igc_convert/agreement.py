@@ -36,6 +36,19 @@ def named_logits(out: Any) -> torch.Tensor | None:
     return None
 
 
+def class_logits(out: Any, what: str, who: str = "the model") -> torch.Tensor:
+    """:func:`named_logits` of a model output when they are class logits (``N × classes``, or
+    ``N × classes × H × W`` per pixel); else a :class:`ModelError` saying that ``what`` needs them and
+    what ``who`` returns instead."""
+    logits = named_logits(out)
+    if logits is None or logits.dim() not in (2, 4) or not logits.is_floating_point():
+        leaves = [f"{type(t).__name__}{list(t.shape) if isinstance(t, torch.Tensor) else ''}" for t in tree_leaves(out)]
+        raise ModelError(f"{what} needs class logits (N × classes, or N × classes × H × W per pixel), but {who} "
+                         f"returns {type(out).__name__} of {', '.join(leaves[:4]) or 'nothing'}"
+                         f"{', ...' if len(leaves) > 4 else ''} (detection outputs are not supported)")
+    return logits
+
+
 def _outputs(model: nn.Module, x: torch.Tensor, which: str) -> tuple[list[torch.Tensor], torch.Tensor | None]:
     """Every floating-point tensor of the model's output, and its class logits when it declares them
     (``N × classes`` from any output, ``N × classes × H × W`` from a dict's ``out``/``logits``)."""

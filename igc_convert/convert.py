@@ -428,10 +428,11 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     metric = TARGET_METRIC.get(type(target), "params")
     planned_by = plan_by
     if plan_by == "logits":
-        probe_images = torch.cat(batches)[:probe.PROBE_IMAGES]
+        check_images = torch.cat(calibration_batches(batches, limit=probe.CHECK_IMAGES))
         probing = dict(damping=damping, fit_iters=plan_iters, remove_mean=bias_correction)
-        per_layer = probe.logit_scored(original, [s.module for s in eligible], specs, per_layer, probe_images,
-                                       "params" if metric == "latency" else metric, progress=progress, **probing)
+        per_layer = probe.logit_scored(original, [s.module for s in eligible], specs, per_layer,
+                                       check_images[:probe.PROBE_IMAGES], "params" if metric == "latency" else metric,
+                                       progress=progress, **probing)
     fixed_sites = [s for s in sites if s.name in reasons]
     if metric == "latency":
         from . import latency
@@ -466,16 +467,13 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             # The plan by the layers' own errors is kept when, all blocks in, it measures better.
             restored = probe.by_fit_error(per_layer)
             by_error = pick(restored, target, fixed_cost=fixed, dense_total=dense_total, fill=metric != "latency")
-            convs = [s.module for s in eligible]
-            check_images = torch.cat(batches)[:probe.CHECK_IMAGES]
-            kl_logits, kl_error = (probe.plan_kl(original, convs, specs, p, check_images, **probing)
-                                   for p in (chosen, by_error))
+            kl_logits, kl_error = probe.plan_kls(original, [s.module for s in eligible], specs, (chosen, by_error),
+                                                 check_images, **probing)
             log.info("planning by the logits: its plan gives a logit KL of %.4g on %d calibration images, the "
                      "plan by the layers' errors %.4g", kl_logits, len(check_images), kl_error)
             if kl_error < kl_logits:
                 planned_by = "error"
-                chosen = [next(c for c, r in zip(cands, rest) if r is pick_r)
-                          for cands, rest, pick_r in zip(per_layer, restored, by_error)]
+                chosen = [cands[rest.index(r)] for cands, rest, r in zip(per_layer, restored, by_error)]
         if metric == "latency":
             chosen = _measured_latency_plan(guard_reference, example, eligible, per_layer, chosen, target, fixed,
                                             dense_total)

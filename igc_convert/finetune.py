@@ -46,10 +46,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, Dataset
 
-from .agreement import kl_and_top1, named_logits, top1_same
+from .agreement import class_logits, kl_and_top1, top1_same
 from .blocks import conv_forward
 from .data import (MASK_IGNORE, SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
@@ -216,8 +215,7 @@ def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, 
         raise DataError(f"{getattr(data, 'source', type(data).__name__)} has no labels and there is no original "
                         "model to compare with: nothing to score against")
     shape = _logit_shape(model, data)
-    if has_labels(data) and not _labels_fit(shape, FinetuneConfig(ce_weight=0.0), data, None,
-                                            ignored="no accuracy is given"):
+    if has_labels(data) and not _labels_fit(shape, data, None, teach=False, ignored="no accuracy is given"):
         if teacher is None:
             raise DataError("the labels cannot be the model's classes and there is no original model to compare "
                             "with: nothing to score against")
@@ -303,7 +301,7 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
-    if not _labels_fit(_logit_shape(student, train_set), config, train_set, val_set):
+    if not _labels_fit(_logit_shape(student, train_set), train_set, val_set, teach=config.ce_weight > 0):
         train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
     blocks = _feature_pairs(student, teacher) if config.feature_weight > 0 else {}
     with _preserved_rng(), _distributed(config) as ctx:
@@ -362,13 +360,13 @@ def _check_sources(cfg: FinetuneConfig, teacher: nn.Module | None, train: Datase
         raise DataError("the validation data has no labels and there is no teacher to compare with")
 
 
-def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val: Dataset | None,
+def _labels_fit(shape: tuple[int, ...], train: Dataset, val: Dataset | None, *, teach: bool,
                 ignored: str = "the teacher's agreement picks the best epoch") -> bool:
     """Whether the data's labels can be the classes of a model whose logits have ``shape``.
 
     A folder's labels number its sorted class sub-folders: they index a model's outputs only when the
     folder has exactly as many classes (ImageNet's synset folders for an ImageNet model). Else they
-    cannot teach (:class:`DataError` when ``ce_weight > 0``) and must not pick the best epoch (top-1
+    cannot teach (:class:`DataError` when they are to, ``teach``) and must not pick the best epoch (top-1
     against them is 0 or chance whatever the student learns, so the start state would always be kept):
     they are hidden, with a warning, and the teacher's agreement picks.
     """
@@ -379,7 +377,7 @@ def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val
         source = getattr(wrong[0], "source", "the data")
         message = (f"{source} has one label per image, but the model classifies each pixel ({shape[1]} classes)"
                    if per_pixel else f"{source} has class masks, but the model classifies whole images")
-        if cfg.ce_weight > 0:
+        if teach:
             raise DataError(f"{message}; fine-tune by distillation alone (ce_weight=0; on the CLI, without "
                             "--labels)")
         log.warning("%s; the labels are ignored: %s", message, ignored)
@@ -396,7 +394,7 @@ def _labels_fit(shape: tuple[int, ...], cfg: FinetuneConfig, train: Dataset, val
         what = f"{count} classes" if count is not None else f"labels up to {top - 1}"
         message = (f"the labels of {getattr(data, 'source', 'the data')} index {what}, but the model has {outputs} "
                    "outputs: they cannot be its classes")
-        if cfg.ce_weight > 0:
+        if teach:
             raise DataError(f"{message}; give the model a head for these classes first, or fine-tune by "
                             "distillation alone (ce_weight=0; on the CLI, without --labels)")
         log.warning("%s; they are ignored: %s", message, ignored)
@@ -413,15 +411,8 @@ def _logit_shape(model: nn.Module, data: Dataset) -> tuple[int, ...]:
 
 
 def _logits(out: Any, which: str) -> Tensor:
-    """The class logits fine-tuning distils from a model output: ``N × classes``, or ``N × classes × H × W``
-    per pixel (segmentation: torchvision's ``{"out": ...}``); :func:`~igc_convert.agreement.named_logits`."""
-    logits = named_logits(out)
-    if logits is None or logits.dim() not in (2, 4) or not logits.is_floating_point():
-        leaves = [f"{type(t).__name__}{list(t.shape) if isinstance(t, Tensor) else ''}" for t in tree_leaves(out)]
-        raise ModelError(f"fine-tuning distils class logits (N × classes, or N × classes × H × W per pixel), but "
-                         f"the {which} returns {type(out).__name__} of {', '.join(leaves[:4]) or 'nothing'}"
-                         f"{', ...' if len(leaves) > 4 else ''} (detection outputs are not supported)")
-    return logits
+    """The class logits fine-tuning distils from a model output (:func:`~igc_convert.agreement.class_logits`)."""
+    return class_logits(out, "fine-tuning", f"the {which}")
 
 
 def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, nn.Conv2d | nn.Linear]:

@@ -11,7 +11,7 @@ cost–error hull are fitted (data-aware, one-shot), each put in alone as the ou
 divergence of the model's logits from the original's is measured on a probe batch of calibration
 images. The layer's other shapes get the KL interpolated from their error. The allocation then
 minimises the summed KL (each layer's alone: the terms are assumed to add up). They do not once most
-layers are heavily compressed and their errors compound, so :func:`plan_kl` compares the whole plan
+layers are heavily compressed and their errors compound, so :func:`plan_kls` compares the whole plan
 with the plan by the layers' errors, every block in at once, and ``convert`` keeps the better one.
 """
 
@@ -24,13 +24,12 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .agreement import kl_and_top1, named_logits
-from .blocks import BLOCKS, make_block
-from .errors import IGCError, ModelError
+from .agreement import class_logits, kl_and_top1
+from .blocks import BLOCKS, conv_forward, make_block
+from .errors import IGCError
 from .modes import as_input, eval_mode
 from .plan import Candidate, LayerSpec, lower_hull
 
@@ -52,27 +51,21 @@ def logit_scored(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[L
                  fit_iters: int, remove_mean: bool = True, progress: bool = True) -> list[list[Candidate]]:
     """``per_layer`` with every block candidate's ``error`` replaced by ``√KL``: the KL divergence of
     ``model``'s logits on ``images`` from its own when that layer alone takes that shape (measured for
-    up to :data:`PROBE_POINTS` shapes on the layer's ``metric`` hull, interpolated in error for the others).
+    up to :data:`PROBE_POINTS` shapes on the layer's ``metric`` hull, interpolated in error for the
+    others); the layer's own error is kept in ``fit_error``.
 
     ``convs[i]`` is the module of ``specs[i]`` inside ``model``; the model is not changed.
     """
+    start, probed, scored = time.perf_counter(), 0, []
     with eval_mode(model):
-        with torch.no_grad():
-            clean = _logits(model, images)
-        start, probed = time.perf_counter(), 0
-        scored = []
+        clean = _clean_logits(model, images)
         bar = tqdm(list(zip(convs, specs, per_layer)), desc="probing", unit="layer", disable=not progress,
                    leave=False)
         for conv, spec, cands in bar:
             hull = [c for c in lower_hull(cands, metric) if c.kind != "dense"]
-            picks = _spread(hull, PROBE_POINTS)
-            points = []
-            for c in picks:
-                try:
-                    delta = _fitted(conv, spec, c, damping, fit_iters) - conv.weight.detach()
-                except IGCError as err:
-                    raise err.in_layer(spec.name)
-                points.append((c.error, _kl_with(model, conv, delta, images, clean, remove_mean)))
+            points = [(c.error, _kl_with(model, [(conv, _delta(conv, spec, c, damping, fit_iters))], images, clean,
+                                         remove_mean))
+                      for c in _spread(hull, PROBE_POINTS)]
             probed += len(points)
             scored.append([c if c.kind == "dense" else
                            replace(c, error=math.sqrt(_interpolate(points, c.error)), fit_error=c.error)
@@ -87,45 +80,29 @@ def by_fit_error(per_layer: Sequence[Sequence[Candidate]]) -> list[list[Candidat
     return [[c if c.fit_error is None else replace(c, error=c.fit_error) for c in cands] for cands in per_layer]
 
 
-def plan_kl(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[LayerSpec], plan: Sequence[Candidate],
-            images: Tensor, *, damping: float, fit_iters: int, remove_mean: bool = True) -> float:
-    """Mean logit KL on ``images`` from ``model``'s own with every layer as ``plan`` has it (one-shot
-    fits, all in at once): how two plans compare once their errors compound."""
-    deltas = []
-    for conv, spec, c in zip(convs, specs, plan):
-        try:
-            deltas.append(None if c.kind == "dense" else _fitted(conv, spec, c, damping, fit_iters) - conv.weight.detach())
-        except IGCError as err:
-            raise err.in_layer(spec.name)
-    with eval_mode(model), torch.no_grad():
-        clean = _logits(model, images)
-        handles = [conv.register_forward_hook(_changed_by(d, remove_mean)) for conv, d in zip(convs, deltas)
-                   if d is not None]
-        try:
-            kl, _ = kl_and_top1(clean, _logits(model, images))
-        finally:
-            for h in handles:
-                h.remove()
-    return max(kl / len(images), 0.0)
+def plan_kls(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[LayerSpec],
+             plans: Sequence[Sequence[Candidate]], images: Tensor, *, damping: float, fit_iters: int,
+             remove_mean: bool = True) -> list[float]:
+    """For each plan (one candidate per layer), the mean logit KL on ``images`` from ``model``'s own
+    with every layer as the plan has it (one-shot fits, all in at once): how plans compare once their
+    errors compound. A shape two plans share is fitted once."""
+    fitted: dict[tuple[int, str, str], Tensor] = {}
+
+    def delta(i: int, c: Candidate) -> Tensor:
+        key = (i, c.kind, repr(sorted(c.shape.items())))
+        if key not in fitted:
+            fitted[key] = _delta(convs[i], specs[i], c, damping, fit_iters)
+        return fitted[key]
+
+    with eval_mode(model):
+        clean = _clean_logits(model, images)
+        return [_kl_with(model, [(convs[i], delta(i, c)) for i, c in enumerate(plan) if c.kind != "dense"],
+                         images, clean, remove_mean) for plan in plans]
 
 
-def _changed_by(delta: Tensor, remove_mean: bool) -> Callable:
-    """A forward hook adding ``delta ∗ x`` to a conv's output (less its mean over images and positions
-    when the conversion moves that into a bias)."""
-
-    def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-        d = F.conv2d(args[0], delta, None, module.stride, module.padding, module.dilation, module.groups)
-        return out + (d - d.mean((0, 2, 3), keepdim=True) if remove_mean else d)
-
-    return hook
-
-
-def _logits(model: nn.Module, images: Tensor) -> Tensor:
-    logits = named_logits(model(as_input(images, model)))
-    if logits is None or logits.dim() not in (2, 4) or not logits.is_floating_point():
-        raise ModelError("planning by the logits needs a model that returns class logits (N × classes, or "
-                         "N × classes × H × W per pixel); plan by the layers' error instead")
-    return logits
+def _clean_logits(model: nn.Module, images: Tensor) -> Tensor:
+    with torch.no_grad():
+        return class_logits(model(as_input(images, model)), "planning by the logits")
 
 
 def _spread(hull: list[Candidate], count: int) -> list[Candidate]:
@@ -135,25 +112,38 @@ def _spread(hull: list[Candidate], count: int) -> list[Candidate]:
     return [hull[round(i * (len(hull) - 1) / (count - 1))] for i in range(count)]
 
 
-def _fitted(conv: nn.Module, spec: LayerSpec, c: Candidate, damping: float, fit_iters: int) -> Tensor:
-    """The dense kernel of ``c``'s block, fitted as the one-shot data-aware fit does."""
+def _delta(conv: nn.Module, spec: LayerSpec, c: Candidate, damping: float, fit_iters: int) -> Tensor:
+    """``Ŵ − W``: the dense kernel of ``c``'s block, fitted as the one-shot data-aware fit does, less the
+    conv's own."""
     kwargs = {} if c.kind == "igcv1" else dict(max_iter=fit_iters)
-    fit = BLOCKS[c.kind].fit(spec.weight, sigma=spec.sigma, row_weights=spec.row_weights, damping=damping,
-                             **c.shape, **kwargs)
-    block = make_block(c.kind, conv, c.shape, fit=False, name=spec.name)
+    try:
+        fit = BLOCKS[c.kind].fit(spec.weight, sigma=spec.sigma, row_weights=spec.row_weights, damping=damping,
+                                 **c.shape, **kwargs)
+        block = make_block(c.kind, conv, c.shape, fit=False, name=spec.name)
+    except IGCError as err:
+        raise err.in_layer(spec.name)
     block.load_factors(fit.factors, None)
-    return block.dense_weight().detach().to(conv.weight.dtype)
+    return block.dense_weight().detach().to(conv.weight.dtype) - conv.weight.detach()
 
 
-def _kl_with(model: nn.Module, conv: nn.Module, delta: Tensor, images: Tensor, clean: Tensor,
+def _kl_with(model: nn.Module, changes: Sequence[tuple[nn.Module, Tensor]], images: Tensor, clean: Tensor,
              remove_mean: bool) -> float:
-    """Mean logit KL from ``clean`` with ``conv``'s output changed by ``delta ∗ x``."""
-    handle = conv.register_forward_hook(_changed_by(delta, remove_mean))
+    """Mean logit KL from ``clean`` with each ``(conv, delta)``'s conv output changed by ``delta ∗ x``
+    (less its mean over images and positions when the conversion moves that into a bias)."""
+
+    def changed_by(delta: Tensor) -> Callable:
+        def hook(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            d = conv_forward(args[0], delta, None, module)  # the conv's own padding mode, too
+            return out + (d - d.mean((0, 2, 3), keepdim=True) if remove_mean else d)
+        return hook
+
+    handles = [conv.register_forward_hook(changed_by(delta)) for conv, delta in changes]
     try:
         with torch.no_grad():
-            kl, _ = kl_and_top1(clean, _logits(model, images))
+            kl, _ = kl_and_top1(clean, class_logits(model(as_input(images, model)), "planning by the logits"))
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return max(kl / len(images), 0.0)
 
 

@@ -45,7 +45,7 @@ class ChannelShuffle(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, c, h, w = x.shape
-        if getattr(self, "gather", False):
+        if self.gather:
             return x.index_select(1, shuffle_permutation(c, self.a, self.b).to(x.device))
         # Batch as -1 and the rest from static sizes keeps the exported graph to one
         # Reshape -> Transpose -> Reshape with constant shapes (no Shape/Gather nodes).

@@ -43,6 +43,14 @@ def tiny_cnn() -> nn.Module:
     return TinyCNN().eval()
 
 
+def with_conv_scaled(factor: float) -> nn.Module:
+    """:func:`tiny_cnn` with its 3×3 conv's kernel scaled: a model that differs from it a little."""
+    model = tiny_cnn()
+    with torch.no_grad():
+        model.features[3].weight.mul_(factor)
+    return model
+
+
 def image_folder(root: Path, count: int = 40) -> Path:
     """A flat folder of smooth random grayscale PNGs: a data source resolve_source accepts, no download."""
     from PIL import Image
@@ -243,15 +251,14 @@ def test_block_option_reaches_our_methods_only(fd, monkeypatch):
 
 def test_calibration_kl_pass_matches_evaluate(fd):
     """The KL-only pass (used on the calibration images) gives what the full evaluation gives."""
-    model = tiny_cnn()
-    scaled = tiny_cnn()
-    with torch.no_grad():
-        scaled.features[3].weight.mul_(1.3)
+    model, scaled = tiny_cnn(), with_conv_scaled(1.3)
     x = torch.randn(10, 1, 12, 12, generator=torch.Generator().manual_seed(4))
     full = fd.evaluate(model, {"scaled": scaled}, fd.convertible_layers(model), x, batch_size=4)["scaled"]
     a = fd.measure_agreement(model, scaled, x, batch_size=3)
     kl, top1 = a.kl, a.top1
-    assert kl > 0 and kl == pytest.approx(full["kl"], rel=1e-9) and top1 == pytest.approx(full["top1"])
+    # batches of 3 and of 4 round differently in float32 (run alone, with other thread counts, this
+    # KL of ~7e-7 differed in the 6th digit): equal to float32's precision, not to float64's
+    assert kl > 0 and kl == pytest.approx(full["kl"], rel=1e-4) and top1 == pytest.approx(full["top1"])
 
 
 def test_imagenet_folds_evaluate_on_the_images_they_do_not_calibrate_on(fd):
@@ -275,10 +282,7 @@ def test_imagenet_folds_evaluate_on_the_images_they_do_not_calibrate_on(fd):
 
 
 def test_labelled_evaluation_images_add_a_top1_accuracy(fd):
-    model = tiny_cnn()
-    scaled = tiny_cnn()
-    with torch.no_grad():
-        scaled.features[3].weight.mul_(1.3)
+    model, scaled = tiny_cnn(), with_conv_scaled(1.3)
     x = torch.randn(12, 1, 12, 12, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         right = model(x).argmax(1)

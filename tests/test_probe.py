@@ -126,14 +126,35 @@ def test_the_plan_by_errors_is_kept_when_the_logits_plan_measures_worse(monkeypa
     common = dict(calibration=images, exclude=["stem"], sequential=False, progress=False)
     by_error = convert(model, ParamsRatio(0.5), **common)
     measured = []
-    real = probe.plan_kl
+    real = probe.plan_kls
 
-    def worse_for_the_logits(model, convs, specs, plan, images, **kwargs):
-        measured.append(real(model, convs, specs, plan, images, **kwargs))
-        return measured[-1] + (1.0 if len(measured) == 1 else 0.0)  # the first plan is the logits' one
+    def worse_for_the_logits(model, convs, specs, plans, images, **kwargs):
+        measured.extend(real(model, convs, specs, plans, images, **kwargs))
+        return [measured[0] + 1.0, *measured[1:]]  # the first plan is the logits' one
 
-    monkeypatch.setattr(probe, "plan_kl", worse_for_the_logits)
+    monkeypatch.setattr(probe, "plan_kls", worse_for_the_logits)
     kept = convert(model, ParamsRatio(0.5), plan_by="logits", **common)
     assert len(measured) == 2 and measured[0] < measured[1]  # really better by the logits, made to look worse
     assert kept.plan == by_error.plan
     assert kept.report.mode == "data-aware, planned by the layers' errors (the logits' plan measured worse)"
+
+
+@pytest.mark.parametrize("mode", ["zeros", "reflect", "circular"])
+def test_a_probed_change_is_what_the_changed_conv_computes_whatever_its_padding(mode):
+    """The probe adds ``(Ŵ − W) ∗ x`` to a conv's output: with the conv's own padding mode, that is the
+    output of the conv with kernel ``Ŵ``."""
+    import copy
+
+    from igc_convert.agreement import kl_and_top1
+    from igc_convert.probe import _clean_logits, _kl_with
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
+    x = torch.randn(4, 3, 6, 6)
+    delta = 0.3 * torch.randn_like(net[0].weight)
+    changed = copy.deepcopy(net)
+    with torch.no_grad():
+        changed[0].weight += delta
+        expected = kl_and_top1(net(x), changed(x))[0] / len(x)
+    got = _kl_with(net, [(net[0], delta)], x, _clean_logits(net, x), remove_mean=False)
+    assert expected > 1e-3 and got == pytest.approx(expected, rel=1e-5)
