@@ -1,6 +1,7 @@
 """The conversion pass: find the dense convs a model really calls, plan, fit, swap, and report.
 
-``convert`` works on a deep copy unless ``inplace=True``:
+``convert`` works on a deep copy unless ``inplace=True`` (then a conversion that fails or is
+interrupted gives the caller's model back as it was):
 
 1. **analyse** — ``torch.fx.symbolic_trace`` gives the convs actually called, in execution order, how
    often each is called (a shared conv is converted once and stays shared) and the BatchNorm that
@@ -18,8 +19,10 @@ else in the network changes and the model saves and loads as ``origin + plan + s
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
+import functools
 import logging
 import math
 from dataclasses import dataclass, replace
@@ -236,6 +239,49 @@ def _quadratic(weight: torch.Tensor, sigma: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------------------------------ convert
+@contextlib.contextmanager
+def _undone_on_failure(model: nn.Module, edited: Sequence[torch.Tensor]):
+    """Give ``model`` its modules, ``edited`` tensors' values and train/eval flags back if the block raises.
+
+    An in-place conversion swaps submodules as it goes, moves fitted layers' mean errors into the
+    running means of BatchNorms and may re-fit Linears; interrupted (an error, Ctrl-C), it would leave
+    the caller a part-converted model. Only module references, flags and the edited tensors are kept:
+    no copy of the convs, which are swapped out, never written.
+    """
+    tree = [(m, dict(m._modules), m.training) for m in model.modules()]
+    saved = [(t, t.detach().clone()) for t in edited]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for t, value in saved:
+                t.copy_(value)
+        for m, children, training in tree:
+            m._modules.clear()
+            m._modules.update(children)
+            m.training = training
+        raise
+
+
+def _transactional(fn):
+    """``convert`` with ``inplace=True`` leaves the caller's model as it was when it fails."""
+
+    @functools.wraps(fn)
+    def wrapper(model, target, **kwargs):
+        if not kwargs.get("inplace") or not isinstance(model, nn.Module):
+            return fn(model, target, **kwargs)
+        # What conversion writes into rather than swaps: buffers (a BatchNorm's running mean takes a
+        # fit's mean error) and, with ``refit_linears``, the Linears' weights and biases.
+        edited = list(model.buffers())
+        if kwargs.get("refit_linears"):
+            edited += [p for m in model.modules() if type(m) is nn.Linear for p in m.parameters(recurse=False)]
+        with _undone_on_failure(model, edited):
+            return fn(model, target, **kwargs)
+
+    return wrapper
+
+
+@_transactional
 def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_inputs: torch.Tensor | None = None,
             calibration: Any = None, calibration_samples: int | None = 256, exclude: Sequence[str] = (),
             include: Sequence[str] | None = None, inplace: bool = False, sequential: bool = True,

@@ -10,9 +10,9 @@ pass converts what it chooses, and :func:`restore` puts the original modules bac
 stayed dense. A converted layer's block approximates the standardised weight; fine-tuning trains
 the block directly (a block has no standardisation of its own).
 
-With ``convert(..., inplace=True)`` the swap happens in the caller's model; a conversion that fails
-part-way leaves the plain convs there (they compute the same outputs, but are no longer standardised
-when trained). Without ``inplace`` the swap is made on a copy.
+With ``convert(..., inplace=True)`` the swap happens in the caller's model (a conversion that fails
+part-way puts the standardised convs back, with every other module it swapped); without ``inplace``
+it is made on a copy.
 
 The ``...Same`` variants are swapped only when their padding is static (``same_pad`` false); with
 TensorFlow-style dynamic padding the conv depends on the input size and stays as it is.

@@ -72,6 +72,12 @@ def test_convert_meets_params_target_and_keeps_the_callers_model():
         assert isinstance(result.model.get_submodule(entry["name"]), ic.IGCBlock)
 
 
+def test_inplace_conversion_converts_the_callers_model():
+    net = _net()
+    result = ic.convert(net, ic.ParamsRatio(0.4), example_inputs=X, inplace=True, progress=False)
+    assert result.model is net and isinstance(net.c2, ic.IGCBlock)
+
+
 @pytest.mark.parametrize("calibrated", [False, True], ids=["weight-space", "data-aware"])
 def test_mixed_train_eval_modes_survive_conversion(calibrated):
     """A model training with a frozen BatchNorm (a common fine-tuning set-up): conversion runs it in eval

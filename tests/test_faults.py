@@ -459,6 +459,60 @@ def test_convert_does_not_touch_the_callers_model_when_the_fit_fails(monkeypatch
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
 
 
+@pytest.mark.parametrize("where", ["second fit", "last step"])
+def test_a_failed_inplace_conversion_leaves_the_callers_model_as_it_was(where, monkeypatch):
+    """Interrupted (Ctrl-C, an error), an in-place conversion gives back the modules it swapped, the
+    BatchNorm statistics and Linear weights it wrote into, and every train/eval flag."""
+    from igc_convert import stdconv
+    from igc_convert.blocks import BLOCKS
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                        nn.Conv2d(16, 32, 3, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    net[5].train()  # flags are given back as they were, mixed ones too
+    calib = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    x = calib[:2]
+    modules = dict(net.named_modules())
+    flags = {n: m.training for n, m in modules.items()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        expected = net(x)
+    seen = {}
+
+    def interrupt():
+        seen["swapped"] = sum(isinstance(m, ic.IGCBlock) for m in net.modules())
+        seen["written"] = [k for k, v in net.state_dict().items() if k in before and not torch.equal(v, before[k])]
+        raise Killed
+
+    if where == "second fit":
+        fit, calls = BLOCKS["igcv1"].fit, []
+
+        def failing(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                interrupt()
+            return fit(*args, **kwargs)
+
+        monkeypatch.setattr(BLOCKS["igcv1"], "fit", staticmethod(failing))
+    else:
+        monkeypatch.setattr(stdconv, "restore", lambda *a: interrupt())
+    with pytest.raises(Killed):
+        ic.convert(net, ic.ParamsRatio(0.3), calibration=calib, inplace=True, refit_linears=True, max_positions=16,
+                   progress=False)
+    assert seen["swapped"] >= 1  # the failure came part-way: the model had been changed
+    if where == "last step":
+        assert {"4.running_mean", "10.weight"} <= set(seen["written"])
+    assert dict(net.named_modules()).keys() == modules.keys()
+    assert all(m is modules[n] for n, m in net.named_modules())
+    assert {n: m.training for n, m in net.named_modules()} == flags
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), expected, rtol=0, atol=0)
+
+
 def test_remove_stale_temporaries_touches_only_the_files_own_temporaries(tmp_path):
     names = [".last.pt.k3j2.tmp", ".last.pt.zz.tmp.onnx", "last.pt", ".last.ptx.k3j2.tmp", "other.tmp",
              ".other.pt.a.tmp"]
