@@ -290,15 +290,33 @@ class OnnxModule(nn.Module):
     """An ONNX file run by onnxruntime on the CPU, as a module that takes image batches and returns
     the graph's first output: for scoring an exported model on data (``igc-convert evaluate``).
 
-    A graph with a fixed batch size is run in chunks of that size (the last one padded).
+    A graph with a fixed batch size is run in chunks of that size (the last one padded). ``origin``
+    and ``params_ratio`` are what ``igc-convert export`` wrote into the file about the converted
+    model (``None`` for other files).
     """
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         super().__init__()
+        from .export import ORIGIN_KEY, PARAMS_RATIO_KEY
+
         proto = _load_onnx(path)
         self.path = str(path)
         self.input_name, self.dims, self.np_dtype = _input_spec(proto, path)
         self.session = _session(proto.SerializeToString(), threads or torch.get_num_threads())
+        props = {p.key: p.value for p in proto.metadata_props}
+        self.origin: dict | None = None
+        self.params_ratio: float | None = None
+        try:
+            if ORIGIN_KEY in props:
+                origin = json.loads(props[ORIGIN_KEY])
+                self.origin = origin if isinstance(origin, dict) else None
+            if PARAMS_RATIO_KEY in props:
+                self.params_ratio = float(props[PARAMS_RATIO_KEY])
+        except ValueError:
+            pass
+        if ORIGIN_KEY in props and self.origin is None:
+            logger.warning("%s: its %s metadata is not a JSON object; the file is scored without it", path,
+                           ORIGIN_KEY)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().cpu().numpy().astype(self.np_dtype)

@@ -36,7 +36,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -54,6 +54,10 @@ logger = logging.getLogger(__name__)
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 INPUT_NAME = "input"
+#: The ``metadata_props`` key under which ``igc-convert export`` stores a converted model's origin (JSON).
+ORIGIN_KEY = "igc_convert.origin"
+#: ... and the conversion's params ratio, when its report has one.
+PARAMS_RATIO_KEY = "igc_convert.params_ratio"
 
 
 @dataclass(frozen=True)
@@ -114,8 +118,14 @@ class SimplifyStats:
 
 def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor, *, dynamic_batch: bool = True,
                 opset: int | None = None, rtol: float = 1e-4, check: bool = True,
-                exporter: str = "auto", dynamic_size: bool = False) -> ExportResult:
+                exporter: str = "auto", dynamic_size: bool = False,
+                metadata: Mapping[str, str] | None = None) -> ExportResult:
     """Export ``model`` (eval mode) to ONNX at ``path``, simplified and checked against onnxruntime.
+
+    ``metadata`` is written into the file's ``metadata_props`` (onnxruntime reads it back with
+    ``session.get_modelmeta().custom_metadata_map``); ``igc-convert export`` stores the converted
+    model's origin there (:data:`ORIGIN_KEY`), so ``igc-convert evaluate`` can compare the file with
+    its original.
 
     ``dynamic_size=True`` makes the input's height and width symbolic too (segmentation, detection
     backbones, image-to-image models), and parity is also checked on a larger size than the example's
@@ -135,6 +145,9 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
     path = check_writable(path)
     if not (rtol > 0):
         raise ConfigError(f"rtol must be positive, got {rtol}")
+    for key, value in (metadata or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ConfigError(f"ONNX metadata keys and values must be strings, got {key!r}: {type(value).__name__}")
     proto, info = to_onnx_model(model, example_input, dynamic_batch=dynamic_batch, opset=opset,
                                 exporter=exporter, reference=True, dynamic_size=dynamic_size)
     max_abs, rel, checked, shapes = math.nan, math.nan, (), ()
@@ -145,6 +158,8 @@ def export_onnx(model: nn.Module, path: str | Path, example_input: torch.Tensor,
             raise ExportError(f"onnxruntime outputs differ from PyTorch: max|diff| {max_abs:.3g}, relative to output "
                               f"scale {rel:.3g} > rtol {rtol:g} (input shapes {[list(x.shape) for x in info.inputs]}); "
                               f"{path} not written")
+    if metadata:
+        onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
     try:
         data = proto.SerializeToString()
     except ValueError as err:  # protobuf's 2 GiB limit

@@ -161,6 +161,44 @@ def test_cli_scores_an_exported_onnx_file_as_its_model(files, tmp_path, capsys, 
     assert "takes 12×12 images, not 16×16" in capsys.readouterr().err
 
 
+def test_cli_compares_a_file_that_export_wrote_with_its_original(files, tmp_path):
+    """``igc-convert export`` writes the converted model's origin and params ratio into the ONNX file:
+    evaluate rebuilds the original from it and reads the file's agreement and KL as its model's."""
+    import onnxruntime as ort
+
+    _, paths = files
+    onnx_path = tmp_path / "a.onnx"
+    assert main(["export", str(paths[0]), "-o", str(onnx_path), "--input-size", "12"]) == 0
+    props = ort.InferenceSession(str(onnx_path)).get_modelmeta().custom_metadata_map
+    assert json.loads(props["igc_convert.origin"]) == load(paths[0]).origin
+    out = tmp_path / "s.json"
+    assert main(["evaluate", str(onnx_path), str(paths[0]), "--data", "digits", "--split", "val", "--samples", "37",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == ["original (igc_convert.digits:digits_resnet)", str(onnx_path), str(paths[0])]
+    onnx_row, torch_row = rows[1], rows[2]
+    assert onnx_row["params_ratio"] == torch_row["params_ratio"] == load(paths[0]).report["totals"]["params_ratio"]
+    assert onnx_row["accuracy"] == torch_row["accuracy"] and onnx_row["agreement"] == torch_row["agreement"]
+    assert onnx_row["kl"] == pytest.approx(torch_row["kl"], rel=1e-3, abs=1e-6)
+
+
+def test_onnx_metadata_that_is_not_an_origin_is_left_out_with_a_warning(files, tmp_path, caplog):
+    from igc_convert.errors import ConfigError
+    from igc_convert.export import ORIGIN_KEY, export_onnx
+
+    _, paths = files
+    model, path, x = load(paths[0]).model, tmp_path / "m.onnx", torch.zeros(1, 1, 12, 12)
+    with pytest.raises(ConfigError, match="must be strings"):
+        export_onnx(model, path, x, metadata={ORIGIN_KEY: {"name": "resnet18"}})
+    assert not path.exists()
+    export_onnx(model, path, x, metadata={ORIGIN_KEY: "[1, 2]", "mine": "kept"})
+    out = tmp_path / "s.json"
+    assert main(["evaluate", str(path), "--data", "digits", "--samples", "20", "--json", str(out)]) == 0
+    assert "is not a JSON object" in caplog.text
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["accuracy"] is not None and row["agreement"] is None
+
+
 def test_cli_refuses_a_file_named_onnx_that_is_not_one(tmp_path, capsys):
     bad = tmp_path / "fake.onnx"
     bad.write_bytes(b"\x00not onnx")

@@ -1,6 +1,7 @@
 """``igc-convert evaluate``: score converted model files on images, against their labels and against
-the original model each file was converted from; exported ONNX files (run in onnxruntime) against
-the labels."""
+the original model each file was converted from. Exported ONNX files run in onnxruntime; those that
+``igc-convert export`` wrote carry their origin and are compared with their original too, others are
+scored against the labels only."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ EXAMPLE = "igc-convert evaluate resnet18-igc.safetensors resnet18-igc-ft.safeten
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="CONVERTED",
-                        help="model files written by igc-convert convert or finetune, or exported .onnx files "
-                             "(run in onnxruntime; scored against labels only)")
+                        help="model files written by igc-convert convert or finetune, or .onnx files (run in onnxruntime; "
+                             "compared with the original when igc-convert export wrote them, else scored "
+                             "against labels only)")
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="images: 'digits', 'sample-images', 'photos', 'imagenet-samples', or a folder (class "
                              "sub-folders, or images/ and masks/, give labels)")
@@ -67,10 +69,9 @@ def run(args: argparse.Namespace) -> int:
     originals: dict[str, Any] = {}  # origin (as JSON) -> the original model, scored once
     for path, converted in zip(args.models, files):
         teacher = None
-        if isinstance(converted, OnnxModule):  # no origin to rebuild: labels only
-            rows.append(_row(path, None, score(converted, data, batch_size=args.batch_size, progress=path)))
-            continue
-        if args.original == "auto":
+        onnx_file = isinstance(converted, OnnxModule)
+        # An exported file carries its origin when igc-convert export wrote it; other ONNX files do not.
+        if args.original == "auto" and converted.origin is not None:
             key = json.dumps(converted.origin, sort_keys=True)
             if key not in originals:
                 originals[key] = _original(converted.origin, path)
@@ -78,8 +79,12 @@ def run(args: argparse.Namespace) -> int:
                     figures = score(originals[key], data, batch_size=args.batch_size, progress="original")
                     rows.append(_row(f"original ({converted.origin.get('name', '?')})", 1.0, figures))
             teacher = originals[key]
-        figures = score(converted.model, data, teacher, batch_size=args.batch_size, progress=path)
-        rows.append(_row(path, (converted.report or {}).get("totals", {}).get("params_ratio"), figures))
+        elif args.original == "auto" and onnx_file:
+            log.info("%s carries no origin (not written by igc-convert export): scored against labels only", path)
+        model = converted if onnx_file else converted.model
+        figures = score(model, data, teacher, batch_size=args.batch_size, progress=path)
+        ratio = converted.params_ratio if onnx_file else (converted.report or {}).get("totals", {}).get("params_ratio")
+        rows.append(_row(path, ratio, figures))
     print(_table(rows, len(data), args.data))
     if args.json:
         with atomic_write(args.json, "w") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 import torch
@@ -102,7 +103,7 @@ def _original(origin: dict) -> nn.Module:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import export_onnx
+    from ..export import ORIGIN_KEY, PARAMS_RATIO_KEY, export_onnx
     from ..files import check_writable
     from ..serialize import load
 
@@ -119,7 +120,12 @@ def run(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch_size, channels, h, w, generator=torch.Generator().manual_seed(args.seed))
     options = dict(dynamic_batch=args.dynamic_batch, opset=args.opset, rtol=args.rtol, exporter=args.exporter,
                    dynamic_size=args.dynamic_size)
-    results = [("converted", export_onnx(converted.model, args.output, x, **options))]
+    # The origin goes into the file, so that `evaluate` can compare it with its original.
+    metadata = {ORIGIN_KEY: json.dumps(converted.origin, sort_keys=True)}
+    params_ratio = (converted.report or {}).get("totals", {}).get("params_ratio")
+    if params_ratio is not None:
+        metadata[PARAMS_RATIO_KEY] = repr(float(params_ratio))
+    results = [("converted", export_onnx(converted.model, args.output, x, metadata=metadata, **options))]
     if args.original:
         original = _original(converted.origin)
         results.append(("original", export_onnx(original, args.original, x, **options)))
