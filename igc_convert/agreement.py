@@ -130,6 +130,8 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
                 kl += batch_kl
                 same += batch_same
             count += len(x)
-    error = math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else math.inf)
+    # Outputs that are empty or zero on every image (a randomly initialised detector finds no boxes)
+    # give no relative error to report: None, rather than a vacuous 0.
+    error = math.sqrt(err2 / ref2) if ref2 > 0 else (None if err2 == 0 else math.inf)
     return Agreement(count, error, kl / count if logits else None, same / count if logits else None, source,
                      per_pixel=per_pixel and logits)

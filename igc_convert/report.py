@@ -60,8 +60,9 @@ class Agreement:
     see (:func:`igc_convert.agreement.measure_agreement`)."""
 
     images: int
-    #: ``‖ŷ − y‖ / ‖y‖`` over every output of every image.
-    output_error: float
+    #: ``‖ŷ − y‖ / ‖y‖`` over every output of every image; None when the original's outputs are empty
+    #: or zero on every image (and the converted model's too): there is nothing to compare.
+    output_error: float | None
     #: For N × classes outputs: mean ``KL(softmax(y) ‖ softmax(ŷ))`` per image (nats) and the fraction
     #: of images with the same top-1 class; with ``per_pixel`` (segmentation logits) both are means over
     #: pixels; None for other outputs.
@@ -74,7 +75,8 @@ class Agreement:
         pixel = "per-pixel " if self.per_pixel else ""
         parts = ([f"{pixel}top-1 agreement {100 * self.top1:.1f}%", f"{pixel}logit KL {self.kl:.4f}"]
                  if self.top1 is not None else [])
-        parts.append(f"relative output error {self.output_error:.4f}")
+        parts.append(f"relative output error {self.output_error:.4f}" if self.output_error is not None else
+                     "no relative output error (both models' outputs are empty or zero on every image)")
         where = f" ({self.source})" if self.source else ""
         return f"against the original on {self.images} held-out images{where}: " + ", ".join(parts)
 

@@ -55,6 +55,26 @@ def test_outputs_other_than_logits_have_no_kl():
     assert a.kl is None and a.top1 is None and a.output_error > 0
 
 
+class NoBoxes(nn.Module):
+    """A detector-like output that is empty on every image (a random-init detector finds nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        scores = self.conv(x).amax((1, 2, 3))
+        return [dict(boxes=torch.zeros(0, 4), scores=s[s > 1e9]) for s in scores[:, None]]
+
+
+def test_outputs_empty_on_every_image_have_no_relative_error():
+    a = measure_agreement(NoBoxes().eval(), NoBoxes().eval(), images(4))
+    assert a.output_error is None and a.kl is None
+    assert "no relative output error (both models' outputs are empty or zero on every image)" in a.text()
+    again = Report.from_dict(json.loads(json.dumps(Report([], agreement=a).to_dict())))
+    assert again.agreement == a
+
+
 def test_modes_are_restored_and_inputs_checked():
     net, other = classifier(), classifier(1)
     net.train()
