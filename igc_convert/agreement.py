@@ -45,7 +45,7 @@ def class_logits(out: Any, what: str, who: str = "the model") -> torch.Tensor:
         leaves = [f"{type(t).__name__}{list(t.shape) if isinstance(t, torch.Tensor) else ''}" for t in tree_leaves(out)]
         raise ModelError(f"{what} needs class logits (N × classes, or N × classes × H × W per pixel), but {who} "
                          f"returns {type(out).__name__} of {', '.join(leaves[:4]) or 'nothing'}"
-                         f"{', ...' if len(leaves) > 4 else ''} (detection outputs are not supported)")
+                         f"{', ...' if len(leaves) > 4 else ''} (a detector's boxes are not class logits)")
     return logits
 
 

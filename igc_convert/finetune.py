@@ -53,6 +53,7 @@ from .blocks import conv_forward
 from .data import (MASK_IGNORE, SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
 from .errors import CheckpointError, ConfigError, DataError, ModelError
+from .features import FeatureDistiller
 from .files import atomic_write, remove_stale_temporaries
 from .linear import linear_site
 from .modes import as_input, eval_mode
@@ -64,6 +65,7 @@ CHECKPOINT_NAME = "last.pt"
 CHECKPOINT_FORMAT = "igc-convert-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
+DISTIL = ("auto", "logits", "features")
 GENTLE_LR = 1e-3       # below this (or with BatchNorm statistics frozen), a far start gets a hint
 FAR_AGREEMENT = 0.9    # top-1 agreement with the teacher under which a start counts as far
 
@@ -73,8 +75,13 @@ FAR_AGREEMENT = 0.9    # top-1 agreement with the teacher under which a start co
 class FinetuneConfig:
     """Everything that shapes a fine-tuning run (validated once, on construction).
 
-    Loss weights: ``kd_weight`` (logit distillation, needs a teacher), ``feature_weight`` (per-block
+    Loss weights: ``kd_weight`` (distillation, needs a teacher), ``feature_weight`` (per-block
     matching against the teacher's original convs), ``ce_weight`` (cross-entropy, needs labels).
+    ``distil`` is what distillation matches: ``"logits"`` (the class logits, KL at ``temperature``),
+    ``"features"`` (every converted layer's output against the original layer's, each model on its
+    own activations, :mod:`igc_convert.features`: for detectors and other models without class
+    logits; the student then trains in eval mode, BatchNorm statistics kept) or ``"auto"`` (logits
+    when the model's outputs are class logits, else features).
     ``freeze_bn=None`` freezes BatchNorm statistics when the training set has fewer than
     ``small_dataset`` images. ``checkpoint_every`` (steps, 0 = epoch ends only) applies when
     ``checkpoint_dir`` is set. ``warmup`` is the fraction of steps with a linear warm-up before the
@@ -108,6 +115,7 @@ class FinetuneConfig:
     kd_weight: float = 1.0
     feature_weight: float = 0.0
     ce_weight: float = 0.0
+    distil: str = "auto"
     freeze_bn: bool | None = None
     small_dataset: int = 5000
     seed: int = 0
@@ -146,6 +154,8 @@ class FinetuneConfig:
             raise bad("clip_grad_norm", "must be positive or None")
         if self.optimizer not in OPTIMIZERS:
             raise bad("optimizer", f"choose from {OPTIMIZERS}")
+        if self.distil not in DISTIL:
+            raise bad("distil", f"choose from {DISTIL}")
         if self.kd_weight + self.feature_weight + self.ce_weight == 0:
             raise ConfigError("every loss weight is 0 (kd_weight, feature_weight, ce_weight): nothing to learn")
         if self.resume and self.checkpoint_dir is None:
@@ -162,7 +172,9 @@ class Evaluation:
     """Validation figures after ``epoch`` epochs (0 = the start). ``metric`` names the one that ranks.
 
     ``accuracy`` (top-1 vs labels) and ``loss`` (cross-entropy) need labels; ``agreement`` (top-1 equal
-    to the teacher's) and ``kl`` (KL from the teacher at T=1) need a teacher.
+    to the teacher's) and ``kl`` (KL from the teacher at T=1) need a teacher. ``feature_error`` (feature
+    distillation: the mean over converted layers of ``‖ŷ − y‖² / ‖y‖²``, each model on its own
+    activations) ranks lowest first.
     """
 
     epoch: int
@@ -172,18 +184,21 @@ class Evaluation:
     agreement: float | None = None
     kl: float | None = None
     loss: float | None = None
+    feature_error: float | None = None
 
     @property
     def value(self) -> float:
         return getattr(self, self.metric)
 
     def key(self) -> tuple[float, float]:
-        """Ranking key: the metric first, then the lower KL (or loss) to break ties."""
+        """Ranking key (higher is better): the metric first, then the lower KL (or loss) to break ties."""
+        if self.metric == "feature_error":
+            return (-self.value, 0.0)
         tie = self.kl if self.kl is not None else self.loss
         return (self.value, -tie if tie is not None else 0.0)
 
     def summary(self) -> str:
-        parts = [f"{name} {getattr(self, name):.4f}" for name in ("accuracy", "agreement", "kl", "loss")
+        parts = [f"{name} {getattr(self, name):.4f}" for name in ("accuracy", "agreement", "kl", "loss", "feature_error")
                  if getattr(self, name) is not None]
         return ", ".join(parts)
 
@@ -263,6 +278,24 @@ def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None
     return sums
 
 
+@torch.no_grad()
+def _feature_sums(distiller: FeatureDistiller, data: Dataset, *, batch_size: int, indices: Sequence[int],
+                  device: torch.device | str, num_workers: int,
+                  autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+    """``[images, Σ images · feature error]`` of the distiller's student on ``data`` (eval mode, float64)."""
+    sums = torch.zeros(2, dtype=torch.float64)
+    loader = DataLoader(data, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)
+    with eval_mode(distiller.student.model, distiller.teacher.model):
+        for x, _ in loader:
+            x = x.to(device)
+            with autocast():
+                error = distiller.loss(x)
+            if error is not None:
+                sums[0] += len(x)
+                sums[1] += len(x) * float(error)
+    return sums
+
+
 @dataclass(frozen=True)
 class FinetuneResult:
     """What :func:`finetune` returns: the student holding its best state, and how it got there.
@@ -301,12 +334,28 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
-    if not _labels_fit(_logit_shape(student, train_set), train_set, val_set, teach=config.ce_weight > 0):
+    features = _distils_features(config, student, teacher, train_set)
+    if features:
+        if config.ce_weight > 0:
+            raise ConfigError("labels teach class logits, which this fine-tuning does not use (distil='features'): "
+                              "fine-tune by distillation alone (ce_weight=0; on the CLI, without --labels)")
+        if has_labels(train_set) or (val_set is not None and has_labels(val_set)):
+            log.info("the data's labels are not used: feature distillation matches the teacher's layers")
+        train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
+    elif not _labels_fit(_logit_shape(student, train_set), train_set, val_set, teach=config.ce_weight > 0):
         train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
     blocks = _feature_pairs(student, teacher) if config.feature_weight > 0 else {}
+    if config.feature_weight > 0 and not blocks:
+        log.warning("feature_weight > 0 but the student has no converted (IGC) blocks: no feature loss")
+    pairs = _feature_pairs(student, teacher) if features else {}
+    if features and not pairs:
+        raise ModelError("feature distillation matches converted (IGC) blocks, and the student has none")
     with _preserved_rng(), _distributed(config) as ctx:
-        trainer = _Trainer(student, teacher, train_set, val_set, config, ctx, blocks, on_step)
-        return trainer.run()
+        trainer = _Trainer(student, teacher, train_set, val_set, config, ctx, blocks, on_step, pairs)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
 
 
 def is_main_process() -> bool:
@@ -435,9 +484,24 @@ def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, n
             raise ModelError(f"feature matching needs the original nn.Conv2d (or nn.Linear) in the teacher at "
                              f"this name; found {found}", layer=name)
         pairs[name] = original
-    if not pairs:
-        log.warning("feature_weight > 0 but the student has no converted (IGC) blocks: no feature loss")
     return pairs
+
+
+def _distils_features(cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module | None, train: Dataset) -> bool:
+    """Whether distillation matches the converted layers' outputs (``cfg.distil``; ``"auto"``: when the
+    student's outputs are not class logits)."""
+    if cfg.distil == "features":
+        if teacher is None:
+            raise ConfigError("distil='features' matches the teacher's layers: it needs a teacher")
+        return True
+    try:
+        _logit_shape(student, train)
+    except ModelError as err:
+        if cfg.distil == "logits" or teacher is None:
+            raise
+        log.info("%s; fine-tuning distils the converted layers' outputs instead (distil='features')", err)
+        return True
+    return False
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -534,7 +598,7 @@ class _Trainer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, train: Dataset, val: Dataset | None,
                  cfg: FinetuneConfig, ctx: _Context, blocks: dict[str, nn.Conv2d],
-                 on_step: Callable[[int], None] | None) -> None:
+                 on_step: Callable[[int], None] | None, pairs: dict[str, nn.Module] | None = None) -> None:
         self.student, self.teacher, self.train_set, self.val_set = student, teacher, train, val
         self.cfg, self.ctx, self.blocks, self.on_step = cfg, ctx, blocks, on_step
         self.home = next((p.device for p in student.parameters()), torch.device("cpu"))
@@ -542,12 +606,24 @@ class _Trainer:
         self.teacher_was_training = teacher.training if teacher is not None else False
         self.freeze_bn = cfg.freeze_bn if cfg.freeze_bn is not None else len(train) < cfg.small_dataset
         self.metric = "accuracy" if val is not None and has_labels(val) else "agreement"
+        self.distiller: FeatureDistiller | None = None
+        if pairs:
+            self.distiller = FeatureDistiller(student, teacher, pairs, first_image(train).unsqueeze(0).to(self.home))
+            self.metric, self.freeze_bn = "feature_error", True
+            if cfg.freeze_bn is False and ctx.main:
+                log.warning("feature distillation runs the student in eval mode: BatchNorm statistics stay as "
+                            "they are (freeze_bn=False is not followed)")
         # Mixed precision on CUDA only: bf16 where supported (no scaler needed), else fp16 + GradScaler.
         self.amp_dtype: torch.dtype | None = None
         if cfg.amp and ctx.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         self.ckpt_path = checkpoint_path(cfg.checkpoint_dir) if cfg.checkpoint_dir is not None else None
         self.skipped = 0
+
+    def close(self) -> None:
+        """Take the feature distillation's hooks off both models."""
+        if self.distiller is not None:
+            self.distiller.remove()
 
     # -- small helpers ---------------------------------------------------------------------------
     def info(self, msg: str, *args: Any) -> None:
@@ -570,6 +646,11 @@ class _Trainer:
                         "--bn live)", 100 * start.agreement, cfg.lr, "frozen" if self.freeze_bn else "updated")
 
     def train_mode(self) -> None:
+        if self.distiller is not None:
+            # A detector's training mode wants box targets, and the teacher's activations are matched
+            # in eval mode: the student trains in eval mode (its parameters still learn).
+            self.student.eval()
+            return
         self.student.train()
         if self.freeze_bn:  # eval mode = use and keep the running statistics; affine params still learn
             for m in self.student.modules():
@@ -608,7 +689,10 @@ class _Trainer:
         if self.teacher is not None:
             self.teacher.to(ctx.device).eval()
         has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in student.modules())
-        if has_bn and cfg.freeze_bn is None:
+        if self.distiller is not None:
+            self.info("distilling the outputs of %d converted layers (%d calls per forward) from the teacher's; "
+                      "the student trains in eval mode", len(set(self.distiller.student.labels)), self.distiller.calls)
+        elif has_bn and cfg.freeze_bn is None:
             self.info("BatchNorm running statistics %s: %d training images %s %d (freeze_bn=%s to change)",
                       "frozen" if self.freeze_bn else "updated", len(self.train_set),
                       "<" if self.freeze_bn else ">=", cfg.small_dataset, not self.freeze_bn)
@@ -646,12 +730,14 @@ class _Trainer:
         else:
             self.info("no validation data: the final weights are returned (give val_data to keep the best)")
 
-        model: nn.Module = student
+        # Feature distillation runs the student up to its last converted layer, returning their outputs.
+        model: nn.Module = student if self.distiller is None else self.distiller.student_outputs
         if ctx.world > 1:
             from torch.nn.parallel import DistributedDataParallel
 
-            model = DistributedDataParallel(student, device_ids=[ctx.device.index] if ctx.device.type == "cuda"
-                                            else None)
+            # (with feature distillation, the parameters after the last converted layer get no gradient)
+            model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
+                                            find_unused_parameters=self.distiller is not None)
         if ckpt is not None:  # last, so that nothing set up above draws from the restored streams
             _set_rng_state(ckpt["rng"][ctx.rank], ctx.device)  # one per rank (same world size: checked)
 
@@ -671,7 +757,8 @@ class _Trainer:
                 for x, y in bar:
                     loss, n_hit = self.train_step(model, hooks, x, y)
                     seen, hits, step, batch = seen + len(x), hits + n_hit, step + 1, batch + 1
-                    bar.set_postfix(loss=f"{loss:.4f}", acc=f"{hits / max(seen, 1):.3f}", refresh=False)
+                    bar.set_postfix(dict(loss=f"{loss:.4f}") if self.distiller is not None else
+                                    dict(loss=f"{loss:.4f}", acc=f"{hits / max(seen, 1):.3f}"), refresh=False)
                     if (self.ckpt_path is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0
                             and batch < steps_per_epoch):  # the epoch-end checkpoint follows anyway
                         self.save(student, step, epoch, batch, history, best, best_state)
@@ -719,26 +806,32 @@ class _Trainer:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         if cfg.augment:
             x, y = augment_batch(x, y, flip=cfg.flip)
+        logits = t_logits = distilled = None
         with self.autocast():
             if hooks is not None:
                 hooks.recording = True
-            logits = _logits(model(as_input(x, self.student)), "student")
+            if self.distiller is not None:
+                distilled = self.distiller.loss(x, model)
+            else:
+                logits = _logits(model(as_input(x, self.student)), "student")
             if hooks is not None:
                 hooks.recording = False
-            t_logits = None
-            if self.teacher is not None:
+            if self.teacher is not None and logits is not None:
                 with torch.no_grad():
                     t_logits = _logits(self.teacher(as_input(x, self.teacher)), "teacher")
-        logits = logits.float()
-        loss = logits.new_zeros(())
-        if t_logits is not None and cfg.kd_weight > 0:
-            loss = loss + cfg.kd_weight * _kd_loss(logits, t_logits.float(), cfg.temperature)
+        loss = torch.zeros((), device=dev)
+        if distilled is not None:
+            loss = loss + cfg.kd_weight * distilled.float()
+        if logits is not None:
+            logits = logits.float()
+            if t_logits is not None and cfg.kd_weight > 0:
+                loss = loss + cfg.kd_weight * _kd_loss(logits, t_logits.float(), cfg.temperature)
         if hooks is not None:
             loss = loss + cfg.feature_weight * hooks.loss()
         labelled = y >= 0
-        scored = _at_label_size(logits, y)  # class masks: logits at their size
-        if cfg.ce_weight > 0 and labelled.any():  # the mean over labelled images, or pixels of masks
-            loss = loss + cfg.ce_weight * F.cross_entropy(scored, y, ignore_index=-1)
+        if logits is not None and cfg.ce_weight > 0 and labelled.any():
+            # the mean over labelled images, or pixels of masks (class masks: logits at their size)
+            loss = loss + cfg.ce_weight * F.cross_entropy(_at_label_size(logits, y), y, ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # a no-op without fp16 scaling
@@ -754,8 +847,10 @@ class _Trainer:
         scaler.update()
         sched.step()
         with torch.no_grad():
-            if y.dim() > 1 or labelled.all():
-                hit = _label_scores(scored, y, loss=False)[1]
+            if logits is None:  # feature distillation: no classes to count
+                hit = 0.0
+            elif y.dim() > 1 or labelled.all():
+                hit = _label_scores(_at_label_size(logits, y), y, loss=False)[1]
             else:  # agreement with the teacher; per-pixel logits count each image's share of pixels
                 hit = top1_same(t_logits, logits) if t_logits is not None else 0.0
         return float(loss.detach()), hit
@@ -763,14 +858,20 @@ class _Trainer:
     def evaluate(self, epoch: int) -> Evaluation:
         """Validation figures of the student, each rank on its own slice, summed over ranks."""
         ctx = self.ctx
-        sums = score_sums(self.student, self.val_set, self.teacher, batch_size=self.cfg.batch_size,
-                          indices=list(range(ctx.rank, len(self.val_set), ctx.world)), device=ctx.device,
-                          num_workers=self.cfg.num_workers, autocast=self.autocast)
+        options = dict(batch_size=self.cfg.batch_size, indices=list(range(ctx.rank, len(self.val_set), ctx.world)),
+                       device=ctx.device, num_workers=self.cfg.num_workers, autocast=self.autocast)
+        if self.distiller is not None:
+            sums = _feature_sums(self.distiller, self.val_set, **options)
+        else:
+            sums = score_sums(self.student, self.val_set, self.teacher, **options)
         if ctx.world > 1:
             sums = sums.to(ctx.device)
             dist.all_reduce(sums)
             sums = sums.cpu()
         self.train_mode()
+        if self.distiller is not None:
+            count = int(sums[0].item())
+            return Evaluation(epoch, count, self.metric, feature_error=sums[1].item() / count if count else None)
         return Evaluation.from_sums(sums, epoch, self.metric, with_teacher=self.teacher is not None)
 
     # -- checkpoints -----------------------------------------------------------------------------

@@ -372,10 +372,11 @@ def test_labels_past_the_models_outputs_are_refused_before_training(teacher):
 
 
 # ------------------------------------------------------------------------------------ torchrun
-def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path):
+@pytest.mark.parametrize("distil", ["auto", "features"])
+def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path, distil):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(TESTS / "_ddp_worker.py"), str(tmp_path)]
+           str(TESTS / "_ddp_worker.py"), str(tmp_path), distil]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -389,6 +390,8 @@ def test_torchrun_two_processes_identical_weights_rank0_writes(tmp_path):
     assert r1["writes"] == []
     saved = load_checkpoint(ckpt)
     assert saved["run"]["world_size"] == 2 and len(saved["rng"]) == 2
+    if distil == "features":  # the converted layer's error against the original's output went down
+        assert min(r0["history"][1:]) < r0["history"][0], r0["history"]
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -426,6 +429,11 @@ def _cli_config(converted_files, tmp_path, monkeypatch, flags: list[str]) -> Fin
     assert cli_main(["finetune", str(files["a"]), "-o", str(out), "--data", "digits", *flags]) == 2
     assert not out.exists()
     return seen["config"]
+
+
+@pytest.mark.parametrize("flags,distil", [([], "auto"), (["--distil", "features"], "features")])
+def test_cli_finetune_distil_option_reaches_the_config(converted_files, tmp_path, monkeypatch, flags, distil):
+    assert _cli_config(converted_files, tmp_path, monkeypatch, flags).distil == distil
 
 
 @pytest.mark.parametrize("flag,freeze", [("auto", None), ("frozen", True), ("live", False)])
@@ -579,23 +587,87 @@ def test_a_segmentation_model_is_distilled_per_pixel(data, caplog):
                  config=FinetuneConfig(epochs=1, ce_weight=1.0, progress=False))
 
 
-def test_a_model_without_class_logits_is_refused_before_training(data):
-    """A detection-style output (a list of dicts of boxes) has nothing to distil: one clear error, before
-    any step, naming what the model returns."""
-    class Detector(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 4, 3)
+class Detector(nn.Module):
+    """torchvision's detector interface around a digits classifier's convs: training mode wants box
+    targets, and eval mode returns, per image, as many boxes as pass a score threshold."""
 
-        def forward(self, x):
-            y = self.conv(x)
-            return [{"boxes": y.flatten(1)[:, :4], "scores": y.mean((1, 2, 3))} for _ in range(1)]
+    def __init__(self, body: Tiny) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.conv2, self.bn2 = body.conv1, body.bn1, body.conv2, body.bn2
+        torch.manual_seed(3)
+        self.head = nn.Conv2d(self.conv2.out_channels, 1, 1)
 
-    model = Detector()
+    def forward(self, x: torch.Tensor, targets=None) -> list[dict[str, torch.Tensor]]:
+        if self.training and targets is None:
+            raise ValueError("targets should not be none when in training mode")
+        scores = self.head(F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))).sigmoid().flatten(1)
+        return [dict(boxes=torch.zeros(int((s > 0.5).sum()), 4), scores=s[s > 0.5]) for s in scores]
+
+
+def _relative_error_by_hand(student: Detector, teacher: Detector, data, batch_size: int) -> float:
+    """The converted conv2's output against the original's, each model on its own activations: the
+    mean over batches (weighted by their images) of ‖ŷ − y‖² / ‖y‖²."""
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    total = 0.0
+    with torch.no_grad():
+        for xb in x.split(batch_size):
+            y = teacher.conv2(F.relu(teacher.bn1(teacher.conv1(xb))))
+            yhat = student.conv2(F.relu(student.bn1(student.conv1(xb))))
+            total += len(xb) * float((yhat - y).pow(2).mean() / y.pow(2).mean())
+    return total / len(x)
+
+
+def test_a_detector_is_distilled_on_its_converted_layers_outputs(teacher, data, caplog):
+    """A model without class logits (boxes) is fine-tuned on what conversion changed: each converted
+    layer's output against the original's. It trains in eval mode (a detector's training mode wants
+    targets), its forward stops after the last converted layer, the best epoch has the lowest error,
+    and the hooks come off both models."""
+    train, val = data
+    original = Detector(copy.deepcopy(teacher)).eval()
+    student = Detector(converted(teacher)).eval()
+    before = copy.deepcopy(original.state_dict())
+    head_calls = []
+    student.head.register_forward_hook(lambda *a: head_calls.append(1))
+    calls_at_step = {}
+    with caplog.at_level(logging.INFO, logger="igc_convert.finetune"):
+        result = finetune(student, train, teacher=original, val_data=val,
+                          on_step=lambda step: calls_at_step.setdefault(step, len(head_calls)),
+                          config=FinetuneConfig(epochs=2, lr=3e-3, progress=False))
+    assert "distils the converted layers' outputs instead (distil='features')" in caplog.text
+    start, best = result.start, result.best
+    assert best.metric == "feature_error" and best.accuracy is None and best.agreement is None
+    assert start.feature_error == pytest.approx(_relative_error_by_hand(Detector(converted(teacher)).eval(),
+                                                                        original, val, 64), rel=1e-5)
+    assert best.epoch > 0 and best.feature_error < 0.8 * start.feature_error, [e.summary() for e in result.history]
+    assert best.feature_error == pytest.approx(_relative_error_by_hand(student, original, val, 64), rel=1e-5)
+    assert len(head_calls) == calls_at_step[1]  # no step nor validation ran the head
+    assert not student.training and states_equal(original, original) and all(
+        torch.equal(v, original.state_dict()[k]) for k, v in before.items())
+    assert not student.conv2._forward_hooks and not original.conv2._forward_hooks
+    with pytest.raises(ConfigError, match="labels teach class logits"):
+        finetune(copy.deepcopy(student), train, teacher=original, config=FinetuneConfig(ce_weight=1.0, progress=False))
+
+
+def test_a_model_without_class_logits_is_refused_when_logits_are_asked_for(teacher, data):
+    """distil='logits', or no teacher, on a detection-style output (boxes): one clear error, before any
+    step, naming what the model returns."""
+    model = Detector(converted(teacher)).eval()
     before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ModelError, match=r"class logits .* returns list of Tensor\[1, 4\], Tensor\[1\]"):
-        finetune(model, data[0], teacher=copy.deepcopy(model), config=FinetuneConfig(epochs=1, progress=False))
+    with pytest.raises(ModelError, match=r"class logits .* returns list of Tensor\[\d+, 4\], Tensor\[\d+\]"):
+        finetune(model, data[0], teacher=Detector(teacher).eval(),
+                 config=FinetuneConfig(epochs=1, distil="logits", progress=False))
+    with pytest.raises(ModelError, match="class logits"):
+        finetune(model, data[0], config=FinetuneConfig(epochs=1, kd_weight=0, ce_weight=1, progress=False))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ConfigError, match="distil"):
+        FinetuneConfig(distil="boxes")
+
+
+def test_a_classifier_can_be_distilled_on_its_layers_outputs(teacher, data):
+    train, val = data
+    result = finetune(converted(teacher), train, teacher=teacher, val_data=val,
+                      config=FinetuneConfig(epochs=1, lr=3e-3, distil="features", progress=False))
+    assert result.best.metric == "feature_error" and result.best.feature_error < result.start.feature_error
 
 
 def test_a_model_with_auxiliary_training_outputs_is_distilled_on_its_main_logits():

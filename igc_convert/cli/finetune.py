@@ -12,7 +12,7 @@ from typing import Any
 
 from ..data import DEFAULT_CROPS
 from ..errors import ConfigError, IGCError, ModelError
-from ..finetune import OPTIMIZERS, FinetuneConfig, FinetuneResult
+from ..finetune import DISTIL, OPTIMIZERS, FinetuneConfig, FinetuneResult
 from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw
 
 HELP = "fine-tune a converted model by distillation from the original (resumable, runs under torchrun)"
@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "does better live, with --lr 1e-2 --batch-size 16)")
     parser.add_argument("--temperature", type=float, default=d.temperature,
                         help=f"distillation temperature (default {d.temperature})")
+    parser.add_argument("--distil", choices=DISTIL, default=d.distil,
+                        help="what the teacher teaches: the class logits, or every converted layer's output "
+                             "(features: for detectors and other models without class logits; the student "
+                             "trains in eval mode); auto: logits when the model's outputs are class logits "
+                             f"(default {d.distil})")
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
                         help="weight of matching each converted block to its original conv "
                              f"(default {d.feature_weight}: off)")
@@ -96,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be positive, got {value}")
     check_writable(args.output)  # before minutes of training
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                            temperature=args.temperature, feature_weight=args.feature_weight,
+                            temperature=args.temperature, feature_weight=args.feature_weight, distil=args.distil,
                             freeze_bn={"auto": None, "frozen": True, "live": False}[args.bn],
                             kd_weight=1.0 if args.teacher == "auto" else 0.0,
                             ce_weight=1.0 if args.labels else 0.0, seed=args.seed,
