@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -411,6 +412,24 @@ def test_cli_finetune_writes_a_loadable_model_with_its_history(converted_files, 
     assert [e["epoch"] for e in history] == [0, 1] and history[0]["count"] == 359  # the held-out digits
     assert result.report["layers"] == before.report["layers"]  # the conversion report is kept
     assert checkpoint_path(tmp_path / "ckpt").exists()
+
+
+def test_cli_fine_tunes_a_converted_torchvision_detector(tmp_path, capsys):
+    """A detector's file (boxes, no class logits) goes through the finetune command: the teacher rebuilt
+    from its origin, feature distillation chosen by itself, the history in the written file."""
+    from igc_convert.serialize import load
+
+    conv, tuned = tmp_path / "det.safetensors", tmp_path / "det-ft.safetensors"
+    assert cli_main(["convert", "fasterrcnn_mobilenet_v3_large_320_fpn", "--weights", "none", "--params-ratio", "0.5",
+                     "-o", str(conv)]) == 0
+    capsys.readouterr()
+    assert cli_main(["finetune", str(conv), "-o", str(tuned), "--data", "photos", "--samples", "8", "--val-samples",
+                     "4", "--epochs", "1", "--batch-size", "4", "--lr", "1e-4"]) == 0
+    assert re.match(r"feature_error: start [\d.]+ -> kept [\d.]+ \(epoch [01] of 1, 2 steps\)",
+                    capsys.readouterr().out)
+    history = load(tuned).report["finetune"]["history"]
+    assert [e["metric"] for e in history] == ["feature_error"] * 2 and all(e["feature_error"] > 0 for e in history)
+    assert load(tuned).report["finetune"]["config"]["distil"] == "auto"
 
 
 def _cli_config(converted_files, tmp_path, monkeypatch, flags: list[str]) -> FinetuneConfig:
