@@ -216,7 +216,9 @@ class Evaluation:
 def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, batch_size: int = 64,
           device: torch.device | str = "cpu", progress: str | None = None) -> Evaluation:
     """``model``'s figures on ``data``: top-1 accuracy and cross-entropy against its labels (pixel
-    accuracy for class masks), top-1 agreement and KL against ``teacher`` (the original model).
+    accuracy for class masks), top-1 agreement and KL against ``teacher`` (the original model). A
+    model without class logits (a detector) gets its feature error against ``teacher`` instead: the
+    mean over its converted layers of ``‖ŷ − y‖² / ‖y‖²``, each model on its own activations.
 
     Labels that cannot be the model's classes (a folder of 10 classes for a 1000-class model) are left
     out with a warning, as in :func:`finetune`. :class:`DataError` when there is nothing to score against.
@@ -229,7 +231,20 @@ def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, 
     if not has_labels(data) and teacher is None:
         raise DataError(f"{getattr(data, 'source', type(data).__name__)} has no labels and there is no original "
                         "model to compare with: nothing to score against")
-    shape = _logit_shape(model, data)
+    try:
+        shape = _logit_shape(model, data)
+    except ModelError:
+        pairs = _feature_pairs(model, teacher) if teacher is not None else {}
+        if not pairs:
+            raise
+        distiller = FeatureDistiller(model, teacher, pairs, first_image(data).unsqueeze(0))
+        try:
+            sums = _feature_sums(distiller, data, batch_size=batch_size, indices=range(len(data)), device=device,
+                                 num_workers=0, autocast=contextlib.nullcontext, progress=progress)
+        finally:
+            distiller.remove()
+        count = int(sums[0].item())
+        return Evaluation(0, count, "feature_error", feature_error=sums[1].item() / count if count else None)
     if has_labels(data) and not _labels_fit(shape, data, None, teach=False, ignored="no accuracy is given"):
         if teacher is None:
             raise DataError("the labels cannot be the model's classes and there is no original model to compare "
@@ -281,10 +296,14 @@ def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None
 @torch.no_grad()
 def _feature_sums(distiller: FeatureDistiller, data: Dataset, *, batch_size: int, indices: Sequence[int],
                   device: torch.device | str, num_workers: int,
-                  autocast: Callable[[], contextlib.AbstractContextManager]) -> Tensor:
+                  autocast: Callable[[], contextlib.AbstractContextManager], progress: str | None = None) -> Tensor:
     """``[images, Σ images · feature error]`` of the distiller's student on ``data`` (eval mode, float64)."""
     sums = torch.zeros(2, dtype=torch.float64)
     loader = DataLoader(data, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
     with eval_mode(distiller.student.model, distiller.teacher.model):
         for x, _ in loader:
             x = x.to(device)
@@ -457,6 +476,15 @@ def _logit_shape(model: nn.Module, data: Dataset) -> tuple[int, ...]:
     with torch.no_grad(), eval_mode(model):
         out = model(as_input(first_image(data).unsqueeze(0), model))
     return tuple(_logits(out, "student").shape)
+
+
+def has_class_logits(model: nn.Module, data: Dataset) -> bool:
+    """Whether ``model``'s output for an item of ``data`` holds class logits (not a detector's boxes)."""
+    try:
+        _logit_shape(model, data)
+    except ModelError:
+        return False
+    return True
 
 
 def _logits(out: Any, which: str) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import re
@@ -20,7 +21,7 @@ from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
 from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
 from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path, finetune,
-                                  load_checkpoint)
+                                  load_checkpoint, score)
 from igc_convert.linear import LinearAsConv
 
 TESTS = Path(__file__).parent
@@ -430,6 +431,13 @@ def test_cli_fine_tunes_a_converted_torchvision_detector(tmp_path, capsys):
     history = load(tuned).report["finetune"]["history"]
     assert [e["metric"] for e in history] == ["feature_error"] * 2 and all(e["feature_error"] > 0 for e in history)
     assert load(tuned).report["finetune"]["config"]["distil"] == "auto"
+    out = tmp_path / "scores.json"  # evaluate gives a detector's feature error against its original
+    assert cli_main(["evaluate", str(conv), str(tuned), "--data", "photos", "--samples", "4", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "feature error" in table and "original" not in table  # no class logits: no accuracy row
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["model"] for r in rows] == [str(conv), str(tuned)]
+    assert all(r["feature_error"] > 0 and r["accuracy"] is None and r["agreement"] is None for r in rows)
 
 
 def _cli_config(converted_files, tmp_path, monkeypatch, flags: list[str]) -> FinetuneConfig:
@@ -663,6 +671,8 @@ def test_a_detector_is_distilled_on_its_converted_layers_outputs(teacher, data, 
     assert not student.training and states_equal(original, original) and all(
         torch.equal(v, original.state_dict()[k]) for k, v in before.items())
     assert not student.conv2._forward_hooks and not original.conv2._forward_hooks
+    scored = score(student, val, original, batch_size=64)  # what `igc-convert evaluate` reports for it
+    assert scored.metric == "feature_error" and scored.feature_error == pytest.approx(best.feature_error, rel=1e-6)
     with pytest.raises(ConfigError, match="labels teach class logits"):
         finetune(copy.deepcopy(student), train, teacher=original, config=FinetuneConfig(ce_weight=1.0, progress=False))
 

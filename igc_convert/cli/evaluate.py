@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import has_labels, resolve_source
     from ..files import atomic_write, check_writable
     from ..bench import OnnxModule
-    from ..finetune import score
+    from ..finetune import has_class_logits, score
 
     check_size(args.image_size, "--image-size")
     for flag, value in (("--samples", args.samples), ("--batch-size", args.batch_size)):
@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
             key = json.dumps(converted.origin, sort_keys=True)
             if key not in originals:
                 originals[key] = _original(converted.origin, path)
-                if has_labels(data):  # the accuracy the converted files are to be read against
+                # the accuracy the converted files are to be read against (a detector has none)
+                if has_labels(data) and has_class_logits(originals[key], data):
                     figures = score(originals[key], data, batch_size=args.batch_size, progress="original")
                     rows.append(_row(f"original ({converted.origin.get('name', '?')})", 1.0, figures))
             teacher = originals[key]
@@ -134,7 +135,8 @@ def _row(name: str, params_ratio: float | None, figures: Any) -> dict[str, Any]:
     return dict(model=name, params_ratio=params_ratio,
                 accuracy=figures.accuracy if figures is not None else None,
                 agreement=figures.agreement if figures is not None else None,
-                kl=figures.kl if figures is not None else None)
+                kl=figures.kl if figures is not None else None,
+                feature_error=figures.feature_error if figures is not None else None)
 
 
 def _table(rows: list[dict[str, Any]], images: int, source: str) -> str:
@@ -142,9 +144,13 @@ def _table(rows: list[dict[str, Any]], images: int, source: str) -> str:
         return format(value, fmt) if value is not None else format("-", f">{fmt.split('.')[0]}")
 
     width = max(len("model"), *(len(r["model"]) for r in rows))
+    # models without class logits (detectors): their converted layers' outputs against the original's
+    features = any(r["feature_error"] is not None for r in rows)
     lines = [f"{images} images of {source}",
-             f"{'model':<{width}}  {'params':>7}  {'top-1 acc':>9}  {'agreement':>9}  {'KL':>8}"]
+             f"{'model':<{width}}  {'params':>7}  {'top-1 acc':>9}  {'agreement':>9}  {'KL':>8}"
+             + (f"  {'feature error':>13}" if features else "")]
     for r in rows:
         lines.append(f"{r['model']:<{width}}  {cell(r['params_ratio'], '7.3f')}  {cell(r['accuracy'], '9.4f')}  "
-                     f"{cell(r['agreement'], '9.4f')}  {cell(r['kl'], '8.4f')}")
+                     f"{cell(r['agreement'], '9.4f')}  {cell(r['kl'], '8.4f')}"
+                     + (f"  {cell(r['feature_error'], '13.4f')}" if features else ""))
     return "\n".join(lines)
