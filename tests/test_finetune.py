@@ -677,6 +677,29 @@ def test_a_detector_is_distilled_on_its_converted_layers_outputs(teacher, data, 
         finetune(copy.deepcopy(student), train, teacher=original, config=FinetuneConfig(ce_weight=1.0, progress=False))
 
 
+def test_feature_distillation_resumes_exactly(teacher, tmp_path):
+    """Killed mid-epoch and resumed from its checkpoint, a feature-distillation run ends with the very
+    weights and history of the uninterrupted one."""
+    train, val = digits("train", 256), digits("val", 64)
+    original, start = Detector(copy.deepcopy(teacher)).eval(), Detector(converted(teacher)).eval()
+
+    def run(folder: str, on_step=None, **kw):
+        return finetune(copy.deepcopy(start), train, teacher=original, val_data=val, on_step=on_step,
+                        config=FinetuneConfig(checkpoint_dir=tmp_path / folder, **RESUME_CFG, **kw))
+
+    def kill(step: int) -> None:
+        if step == 7:
+            raise Kill
+
+    reference = run("ref")
+    with pytest.raises(Kill):
+        run("run", on_step=kill)
+    resumed = run("run", resume=True)
+    assert resumed.resumed_from_step == 5 and resumed.steps == reference.steps
+    assert reference.best.metric == "feature_error"
+    assert states_equal(resumed.model, reference.model) and resumed.history == reference.history
+
+
 def test_a_model_without_class_logits_is_refused_when_logits_are_asked_for(teacher, data):
     """distil='logits', or no teacher, on a detection-style output (boxes): one clear error, before any
     step, naming what the model returns."""
