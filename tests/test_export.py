@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import textwrap
 
 import numpy as np
@@ -581,3 +582,24 @@ def test_a_shuffle_as_gather_is_the_same_permutation_and_is_put_back():
     with pytest.raises(RuntimeError, match="inside"), as_gather(model):
         raise RuntimeError("inside")
     assert not model[0].gather
+
+
+def test_empty_outputs_are_exported_with_a_warning_that_parity_compared_nothing(tmp_path, caplog):
+    """A model whose outputs are empty on the example (a random-init detector keeps no box) passes a
+    parity check that compared nothing: the export says so."""
+    class NoBoxes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x).flatten(1)
+            return y[:, y.shape[1]:]
+
+    with caplog.at_level(logging.WARNING, logger="igc_convert.export"):
+        export_onnx(NoBoxes().eval(), tmp_path / "m.onnx", torch.randn(1, 3, 8, 8))
+    assert "the parity check compared no value" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="igc_convert.export"):
+        export_onnx(nn.Conv2d(3, 4, 3).eval(), tmp_path / "c.onnx", torch.randn(1, 3, 8, 8))
+    assert "compared no value" not in caplog.text
