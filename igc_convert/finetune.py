@@ -203,6 +203,13 @@ class Evaluation:
         return ", ".join(parts)
 
     @classmethod
+    def from_feature_sums(cls, sums: Tensor, epoch: int) -> Evaluation:
+        """The feature error of ``_feature_sums``' totals (summed over processes where there are several)."""
+        count = int(sums[0].item())
+        return cls(epoch=epoch, count=count, metric="feature_error",
+                   feature_error=sums[1].item() / count if count else None)
+
+    @classmethod
     def from_sums(cls, sums: Tensor, epoch: int, metric: str, *, with_teacher: bool) -> Evaluation:
         """The figures of :func:`score_sums`' totals (summed over processes where there are several)."""
         count, labelled = sums[0].item(), sums[1].item()
@@ -243,8 +250,7 @@ def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, 
                                  num_workers=0, autocast=contextlib.nullcontext, progress=progress)
         finally:
             distiller.remove()
-        count = int(sums[0].item())
-        return Evaluation(0, count, "feature_error", feature_error=sums[1].item() / count if count else None)
+        return Evaluation.from_feature_sums(sums, 0)
     if has_labels(data) and not _labels_fit(shape, data, None, teach=False, ignored="no accuracy is given"):
         if teacher is None:
             raise DataError("the labels cannot be the model's classes and there is no original model to compare "
@@ -861,6 +867,9 @@ class _Trainer:
             # the mean over labelled images, or pixels of masks (class masks: logits at their size)
             loss = loss + cfg.ce_weight * F.cross_entropy(_at_label_size(logits, y), y, ignore_index=-1)
         opt.zero_grad(set_to_none=True)
+        if not loss.requires_grad:  # feature distillation matched no output of this batch (shapes differed)
+            sched.step()
+            return float(loss), 0.0
         scaler.scale(loss).backward()
         scaler.unscale_(opt)  # a no-op without fp16 scaling
         # The norm is computed after DDP's all-reduce, so every rank sees the same one and skips together.
@@ -898,8 +907,7 @@ class _Trainer:
             sums = sums.cpu()
         self.train_mode()
         if self.distiller is not None:
-            count = int(sums[0].item())
-            return Evaluation(epoch, count, self.metric, feature_error=sums[1].item() / count if count else None)
+            return Evaluation.from_feature_sums(sums, epoch)
         return Evaluation.from_sums(sums, epoch, self.metric, with_teacher=self.teacher is not None)
 
     # -- checkpoints -----------------------------------------------------------------------------
