@@ -35,7 +35,8 @@ class LayerOutputs:
     ``stop_after`` ends the pass once that many outputs are in (what comes after them is not run);
     ``labels`` name the outputs (default: ``names``).
     A module called several times (a detector's head shared by every feature level) gives one output
-    per call.
+    per call. The hooks act only while the recorder runs the model (a forward of the model called
+    elsewhere is neither recorded nor cut short).
     """
 
     def __init__(self, model: nn.Module, names: Sequence[str], stop_after: int | None = None, *,
@@ -47,22 +48,27 @@ class LayerOutputs:
         self.model, self.stop_after = model, stop_after
         self.labels = list(labels if labels is not None else names)
         self.outputs: list[tuple[str, Tensor]] = []
+        self.armed = False
         # Outputs are labelled (by the student's names, so that the two models' outputs pair up).
         self.handles = [modules[n].register_forward_hook(self._hook(label)) for n, label in zip(names, self.labels)]
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+            if not self.armed:
+                return
             self.outputs.append((name, output))
             if self.stop_after is not None and len(self.outputs) >= self.stop_after:
                 raise _Stop
         return hook
 
     def __call__(self, x: Tensor) -> list[tuple[str, Tensor]]:
-        self.outputs = []
+        self.outputs, self.armed = [], True
         try:
             self.model(as_input(x, self.model))
         except _Stop:
             pass
+        finally:
+            self.armed = False
         outputs, self.outputs = self.outputs, []
         return outputs
 

@@ -35,12 +35,14 @@ def test_outputs_are_recorded_in_call_order_and_the_forward_stops_after_the_last
     recorder = LayerOutputs(model, ["b", "c"], stop_after=3, labels=["B", "C"])
     outputs = recorder(x)
     assert [name for name, _ in outputs] == ["B", "B", "C"] and model.tail_runs == 1  # the tail never ran
+    model(x)  # called elsewhere while the hooks are on: not recorded, not cut short
+    assert model.tail_runs == 2 and recorder.outputs == []
     recorder.remove()
     with torch.no_grad():
         torch.testing.assert_close(outputs[2][1], model.c(model.b(model.b(model.a(x)))))
     assert not model.b._forward_hooks and not model.c._forward_hooks
     model(x)
-    assert model.tail_runs == 2
+    assert model.tail_runs == 3
     with pytest.raises(ModelError, match="no module named 'd'"):
         LayerOutputs(model, ["d"])
 
