@@ -9,8 +9,8 @@ No detection weights can be downloaded here, so the model is a random init whose
 statistics are estimated on photo crops first (without that, its activations shrink by orders of
 magnitude through the backbone, and no fit or fine-tuning means anything). It is converted at
 ``--ratio`` of its conv parameters (data-aware, sequential, calibrated on ``--calib-samples`` crops of
-the photos' training split; ``--calib-samples 0``: a weight-space fit), then fine-tuned on ``--train-samples`` crops of the same split. The
-table gives the feature error (mean over converted layers of ‖ŷ − y‖² / ‖y‖², on crops of the
+the photos' training split; ``--calib-samples 0``: a weight-space fit), then fine-tuned on
+``--train-samples`` crops of the same split. The table gives the feature error (mean over converted layers of ‖ŷ − y‖² / ‖y‖², on crops of the
 held-out photos) after conversion and after each epoch. With real weights (``--weights DEFAULT``,
 where torchvision can download them) the BatchNorm step is skipped.
 
@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                                            distil="features"))
     finetune_s = time.perf_counter() - start
 
-    print(f"{args.model}, {'random init, BatchNorm statistics from photo crops' if args.weights is None else args.weights}; "
-          f"{args.size}x{args.size} crops of the photos; {args.threads} threads")
+    init = "random init, BatchNorm statistics from photo crops" if args.weights is None else args.weights
+    print(f"{args.model}, {init}; {args.size}x{args.size} crops of the photos; {args.threads} threads")
     print(f"converted {sum(1 for r in result.records if r.block != 'dense')}/{len(result.records)} convs: params "
           f"x{totals['params_ratio']:.3f}, MACs x{totals['macs_ratio']:.3f} ({convert_s:.0f} s, "
           + (f"data-aware, sequential, {args.calib_samples} crops)" if args.calib_samples else "weight-space fit)"))

@@ -198,8 +198,8 @@ class Evaluation:
         return (self.value, -tie if tie is not None else 0.0)
 
     def summary(self) -> str:
-        parts = [f"{name} {getattr(self, name):.4f}" for name in ("accuracy", "agreement", "kl", "loss", "feature_error")
-                 if getattr(self, name) is not None]
+        names = ("accuracy", "agreement", "kl", "loss", "feature_error")
+        parts = [f"{name} {getattr(self, name):.4f}" for name in names if getattr(self, name) is not None]
         return ", ".join(parts)
 
     @classmethod

@@ -20,8 +20,8 @@ from igc_convert.blocks import IGCV1
 from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
 from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
-from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path, finetune,
-                                  load_checkpoint, score)
+from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path,
+                                  finetune, load_checkpoint, score)
 from igc_convert.linear import LinearAsConv
 
 TESTS = Path(__file__).parent

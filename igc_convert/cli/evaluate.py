@@ -23,9 +23,9 @@ EXAMPLE = "igc-convert evaluate resnet18-igc.safetensors resnet18-igc-ft.safeten
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="CONVERTED",
-                        help="model files written by igc-convert convert or finetune, or .onnx files (run in onnxruntime; "
-                             "compared with the original when igc-convert export wrote them, else scored "
-                             "against labels only)")
+                        help="model files written by igc-convert convert or finetune, or .onnx files (run in "
+                             "onnxruntime; compared with the original when igc-convert export wrote them, else "
+                             "scored against labels only)")
     parser.add_argument("--data", required=True, metavar="SOURCE",
                         help="images: 'digits', 'sample-images', 'photos', 'imagenet-samples', or a folder (class "
                              "sub-folders, or images/ and masks/, give labels)")
