@@ -66,6 +66,11 @@ CHECKPOINT_FORMAT = "igc-convert-finetune-checkpoint"
 CHECKPOINT_VERSION = 1
 OPTIMIZERS = ("adamw", "sgd")
 DISTIL = ("auto", "logits", "features")
+#: The default learning rates (``FinetuneConfig.lr=None``) of logit and of feature distillation. A
+#: data-aware start of a detector is close to its best layer outputs: at 5e-4 (and 1e-3) every epoch
+#: was worse than the start and the start was kept; at 1e-4 the error fell
+#: (benchmarks/detection_distil.py).
+DEFAULT_LR = {"logits": 5e-4, "features": 1e-4}
 GENTLE_LR = 1e-3       # below this (or with BatchNorm statistics frozen), a far start gets a hint
 FAR_AGREEMENT = 0.9    # top-1 agreement with the teacher under which a start counts as far
 
@@ -82,6 +87,7 @@ class FinetuneConfig:
     own activations, :mod:`igc_convert.features`: for detectors and other models without class
     logits; the student then trains in eval mode, BatchNorm statistics kept) or ``"auto"`` (logits
     when the model's outputs are class logits, else features).
+    ``lr=None`` is :data:`DEFAULT_LR` of the distillation: 5e-4 (logits), 1e-4 (features).
     ``freeze_bn=None`` freezes BatchNorm statistics when the training set has fewer than
     ``small_dataset`` images. ``checkpoint_every`` (steps, 0 = epoch ends only) applies when
     ``checkpoint_dir`` is set. ``warmup`` is the fraction of steps with a linear warm-up before the
@@ -104,7 +110,7 @@ class FinetuneConfig:
 
     epochs: int = 3
     batch_size: int = 64
-    lr: float = 5e-4
+    lr: float | None = None
     optimizer: str = "adamw"
     weight_decay: float = 0.0
     momentum: float = 0.9
@@ -142,8 +148,9 @@ class FinetuneConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise bad(field, "must be a non-negative integer")
         for field in ("lr", "temperature"):
-            if not (math.isfinite(getattr(self, field)) and getattr(self, field) > 0):
-                raise bad(field, "must be a positive number")
+            value = getattr(self, field)
+            if not (field == "lr" and value is None) and not (math.isfinite(value) and value > 0):
+                raise bad(field, "must be a positive number" + (" or None" if field == "lr" else ""))
         for field in ("weight_decay", "kd_weight", "feature_weight", "ce_weight"):
             if not (math.isfinite(getattr(self, field)) and getattr(self, field) >= 0):
                 raise bad(field, "must be a non-negative number")
@@ -327,6 +334,7 @@ class FinetuneResult:
 
     ``history`` has one :class:`Evaluation` per epoch, the start first (empty without validation
     data); ``best`` is the one whose state ``model`` holds (``None`` without validation data).
+    ``lr`` is the peak learning rate used (``FinetuneConfig.lr``, or its default for the distillation).
     """
 
     model: nn.Module
@@ -334,6 +342,7 @@ class FinetuneResult:
     best: Evaluation | None
     steps: int
     resumed_from_step: int | None = None
+    lr: float | None = None
 
     @property
     def start(self) -> Evaluation | None:
@@ -647,6 +656,7 @@ class _Trainer:
             if cfg.freeze_bn is False and ctx.main:
                 log.warning("feature distillation runs the student in eval mode: BatchNorm statistics stay as "
                             "they are (freeze_bn=False is not followed)")
+        self.lr = cfg.lr if cfg.lr is not None else DEFAULT_LR["features" if self.distiller else "logits"]
         # Mixed precision on CUDA only: bf16 where supported (no scaler needed), else fp16 + GradScaler.
         self.amp_dtype: torch.dtype | None = None
         if cfg.amp and ctx.device.type == "cuda":
@@ -671,13 +681,12 @@ class _Trainer:
         compressed one barely moves under them (digits at 0.05 of the conv parameters: 75.5% after 3
         epochs, 98.6% with lr 1e-2, batches of 16 and live BatchNorm statistics).
         """
-        cfg = self.cfg
-        gentle = self.freeze_bn or cfg.lr < GENTLE_LR
+        gentle = self.freeze_bn or self.lr < GENTLE_LR
         if self.ctx.main and gentle and start.agreement is not None and start.agreement < FAR_AGREEMENT:
             log.warning("the student starts far from the teacher (top-1 agreement %.1f%% on the validation data) "
                         "but fine-tunes gently (lr %g, BatchNorm statistics %s): for heavy compression on small data "
                         "try lr 1e-2, batch size 16 and live BatchNorm statistics (--lr 1e-2 --batch-size 16 "
-                        "--bn live)", 100 * start.agreement, cfg.lr, "frozen" if self.freeze_bn else "updated")
+                        "--bn live)", 100 * start.agreement, self.lr, "frozen" if self.freeze_bn else "updated")
 
     def train_mode(self) -> None:
         if self.distiller is not None:
@@ -823,16 +832,16 @@ class _Trainer:
         student.eval().to(self.home)
         if self.teacher is not None:
             self.teacher.to(self.teacher_home).train(self.teacher_was_training)
-        return FinetuneResult(student, tuple(history), best, step, resumed_from)
+        return FinetuneResult(student, tuple(history), best, step, resumed_from, self.lr)
 
     def make_optimizer(self) -> torch.optim.Optimizer:
         params = [p for p in self.student.parameters() if p.requires_grad]
         if not params:
             raise ModelError("the student has no trainable parameters")
         if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+            return torch.optim.SGD(params, lr=self.lr, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay)
-        return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.cfg.weight_decay)
 
     def train_step(self, model: nn.Module, hooks: "_FeatureHooks | None", x: Tensor, y: Tensor) -> tuple[float, float]:
         cfg, dev = self.cfg, self.ctx.device
@@ -880,7 +889,7 @@ class _Trainer:
             self.skipped += 1
             if self.skipped == 1:
                 log.warning("non-finite loss or gradients (lr=%g too high?): such steps are skipped; the best "
-                            "validated state is kept", cfg.lr)
+                            "validated state is kept", self.lr)
         scaler.update()
         sched.step()
         with torch.no_grad():

@@ -115,7 +115,9 @@ def test_bad_settings_exit_2(e2e, argv, capsys):
 
 def test_finetune_settings(e2e):
     default, live, tuned = (e2e.finetune_config(n, epochs=3, seed=0) for n in e2e.CONFIGS)
-    assert default.freeze_bn is None and default.lr == 5e-4  # the shipped defaults
+    from igc_convert.finetune import DEFAULT_LR
+
+    assert default.freeze_bn is None and default.lr is None and DEFAULT_LR["logits"] == 5e-4  # the shipped defaults
     assert live.freeze_bn is False and tuned.freeze_bn is False and tuned.batch_size < default.batch_size
     assert e2e.finetune_config("default", epochs=3, seed=0, ce_weight=1.0).ce_weight == 1.0
     with pytest.raises(ConfigError, match="unknown fine-tuning setting"):

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..data import DEFAULT_CROPS
 from ..errors import ConfigError, IGCError, ModelError
-from ..finetune import DISTIL, OPTIMIZERS, FinetuneConfig, FinetuneResult
+from ..finetune import DEFAULT_LR, DISTIL, OPTIMIZERS, FinetuneConfig, FinetuneResult
 from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw
 
 HELP = "fine-tune a converted model by distillation from the original (resumable, runs under torchrun)"
@@ -47,7 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "masks/ of class indices); adds cross-entropy on them to the loss. "
                              "Without it, labels that are not the model's classes are ignored")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the data (default {d.epochs})")
-    parser.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--lr", type=float, default=d.lr,
+                        help=f"peak learning rate (default {DEFAULT_LR['logits']:g} for logit distillation, "
+                             f"{DEFAULT_LR['features']:g} for feature distillation)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size,
                         help=f"images per step and process (default {d.batch_size})")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer,
@@ -147,7 +149,7 @@ def summary(result: FinetuneResult, config: FinetuneConfig, args: argparse.Names
     return {
         "data": args.data, "val_data": args.val_data or f"{args.data} (held-out split)",
         "teacher": args.teacher, "labels": args.labels, "steps": result.steps,
-        "config": config.trajectory(),
+        "config": {**config.trajectory(), "lr": result.lr},  # the learning rate used, default or given
         "best_epoch": result.best.epoch if result.best else None,
         "history": [dataclasses.asdict(e) for e in result.history],
     }
