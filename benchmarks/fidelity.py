@@ -727,7 +727,7 @@ def run_benchmark(model: nn.Module, splits: Sequence[DataSplit], settings: Setti
                 results.append(res)
             log.info("evaluating %d models at budget %g on %s", len(models), budget, split.label)
             scores = evaluate(model, models, layers, split.eval, settings.batch_size, split.eval_labels)
-            if split.eval_labels is not None:
+            if split.eval_labels is not None and split.original_accuracy is None:  # the same at every budget
                 split.original_accuracy = top1_accuracy(model, split.eval, split.eval_labels, settings.batch_size)
             in_sample_logits = {k: measure_agreement(model, m, split.calib[:settings.eval_images],
                                                      batch_size=settings.batch_size) for k, m in models.items()}

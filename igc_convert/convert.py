@@ -476,7 +476,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if plan_by == "logits":
         check_images = torch.cat(calibration_batches(batches, limit=probe.CHECK_IMAGES))
         probing = dict(damping=damping, fit_iters=plan_iters, remove_mean=bias_correction)
-        per_layer = probe.logit_scored(original, [s.module for s in eligible], specs, per_layer,
+        convs = [s.module for s in eligible]
+        per_layer = probe.logit_scored(original, convs, specs, per_layer,
                                        check_images[:probe.PROBE_IMAGES], "params" if metric == "latency" else metric,
                                        progress=progress, **probing)
     fixed_sites = [s for s in sites if s.name in reasons]
@@ -513,8 +514,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             # The plan by the layers' own errors is kept when, all blocks in, it measures better.
             restored = probe.by_fit_error(per_layer)
             by_error = pick(restored, target, fixed_cost=fixed, dense_total=dense_total, fill=metric != "latency")
-            kl_logits, kl_error = probe.plan_kls(original, [s.module for s in eligible], specs, (chosen, by_error),
-                                                 check_images, **probing)
+            kl_logits, kl_error = probe.plan_kls(original, convs, specs, (chosen, by_error), check_images, **probing)
             log.info("planning by the logits: its plan gives a logit KL of %.4g on %d calibration images, the "
                      "plan by the layers' errors %.4g", kl_logits, len(check_images), kl_error)
             if kl_error < kl_logits:

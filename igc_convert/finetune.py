@@ -39,7 +39,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -253,7 +253,7 @@ def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, 
             raise
         distiller = FeatureDistiller(model, teacher, pairs, first_image(data).unsqueeze(0))
         try:
-            sums = _feature_sums(distiller, data, batch_size=batch_size, indices=range(len(data)), device=device,
+            sums = _feature_sums(distiller, data, batch_size=batch_size, indices=None, device=device,
                                  num_workers=0, autocast=contextlib.nullcontext, progress=progress)
         finally:
             distiller.remove()
@@ -281,12 +281,7 @@ def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None
     train/eval flag back after. ``progress``: a tqdm bar of batches on stderr with this description.
     """
     sums = torch.zeros(6, dtype=torch.float64)
-    loader = DataLoader(data, batch_size=batch_size, sampler=list(range(len(data))) if indices is None else indices,
-                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0))
-    if progress is not None:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
+    loader = _scoring_loader(data, batch_size, indices, num_workers, progress)
     with eval_mode(model, *([teacher] if teacher is not None else [])):
         for x, y in loader:
             x, y = x.to(device), y.to(device)
@@ -306,17 +301,28 @@ def score_sums(model: nn.Module, data: Dataset, teacher: nn.Module | None = None
     return sums
 
 
+def _scoring_loader(data: Dataset, batch_size: int, indices: Sequence[int] | None, num_workers: int,
+                    progress: str | None) -> Iterable:
+    """``data``'s items at ``indices`` (default all) in order, in batches; with ``progress``, under a
+    tqdm bar of batches on stderr with that description."""
+    # A generator of its own: the loader draws a seed from it even without workers, and must not draw
+    # it from the global stream that training (and an exact resume) follows.
+    loader = DataLoader(data, batch_size=batch_size, sampler=range(len(data)) if indices is None else indices,
+                        num_workers=num_workers, collate_fn=collate, generator=torch.Generator().manual_seed(0))
+    if progress is None:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
+
+
 @torch.no_grad()
-def _feature_sums(distiller: FeatureDistiller, data: Dataset, *, batch_size: int, indices: Sequence[int],
+def _feature_sums(distiller: FeatureDistiller, data: Dataset, *, batch_size: int, indices: Sequence[int] | None,
                   device: torch.device | str, num_workers: int,
                   autocast: Callable[[], contextlib.AbstractContextManager], progress: str | None = None) -> Tensor:
     """``[images, Σ images · feature error]`` of the distiller's student on ``data`` (eval mode, float64)."""
     sums = torch.zeros(2, dtype=torch.float64)
-    loader = DataLoader(data, batch_size=batch_size, sampler=indices, num_workers=num_workers, collate_fn=collate)
-    if progress is not None:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc=progress, unit="batch", file=sys.stderr, leave=False)
+    loader = _scoring_loader(data, batch_size, indices, num_workers, progress)
     with eval_mode(distiller.student.model, distiller.teacher.model):
         for x, _ in loader:
             x = x.to(device)
@@ -368,7 +374,8 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
-    features = _distils_features(config, student, teacher, train_set)
+    shape = _logit_shape_unless_features(config, student, teacher, train_set)
+    features = shape is None
     if features:
         if config.ce_weight > 0:
             raise ConfigError("labels teach class logits, which this fine-tuning does not use (distil='features'): "
@@ -376,16 +383,16 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
         if has_labels(train_set) or (val_set is not None and has_labels(val_set)):
             log.info("the data's labels are not used: feature distillation matches the teacher's layers")
         train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
-    elif not _labels_fit(_logit_shape(student, train_set), train_set, val_set, teach=config.ce_weight > 0):
+    elif not _labels_fit(shape, train_set, val_set, teach=config.ce_weight > 0):
         train_set, val_set = WithoutLabels(train_set), (WithoutLabels(val_set) if val_set is not None else None)
-    blocks = _feature_pairs(student, teacher) if config.feature_weight > 0 else {}
-    if config.feature_weight > 0 and not blocks:
-        log.warning("feature_weight > 0 but the student has no converted (IGC) blocks: no feature loss")
-    pairs = _feature_pairs(student, teacher) if features else {}
+    pairs = _feature_pairs(student, teacher) if features or config.feature_weight > 0 else {}
     if features and not pairs:
         raise ModelError("feature distillation matches converted (IGC) blocks, and the student has none")
+    if config.feature_weight > 0 and not pairs:
+        log.warning("feature_weight > 0 but the student has no converted (IGC) blocks: no feature loss")
+    blocks, distilled = (pairs if config.feature_weight > 0 else {}), (pairs if features else {})
     with _preserved_rng(), _distributed(config) as ctx:
-        trainer = _Trainer(student, teacher, train_set, val_set, config, ctx, blocks, on_step, pairs)
+        trainer = _Trainer(student, teacher, train_set, val_set, config, ctx, blocks, on_step, distilled)
         try:
             return trainer.run()
         finally:
@@ -530,21 +537,21 @@ def _feature_pairs(student: nn.Module, teacher: nn.Module | None) -> dict[str, n
     return pairs
 
 
-def _distils_features(cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module | None, train: Dataset) -> bool:
-    """Whether distillation matches the converted layers' outputs (``cfg.distil``; ``"auto"``: when the
-    student's outputs are not class logits)."""
+def _logit_shape_unless_features(cfg: FinetuneConfig, student: nn.Module, teacher: nn.Module | None,
+                                 train: Dataset) -> tuple[int, ...] | None:
+    """The student's logit shape (:func:`_logit_shape`), or None when distillation matches the converted
+    layers' outputs instead (``cfg.distil``; ``"auto"``: when the student's outputs are not class logits)."""
     if cfg.distil == "features":
         if teacher is None:
             raise ConfigError("distil='features' matches the teacher's layers: it needs a teacher")
-        return True
+        return None
     try:
-        _logit_shape(student, train)
+        return _logit_shape(student, train)
     except ModelError as err:
         if cfg.distil == "logits" or teacher is None:
             raise
         log.info("%s; fine-tuning distils the converted layers' outputs instead (distil='features')", err)
-        return True
-    return False
+        return None
 
 
 # ------------------------------------------------------------------------------------ distribution
@@ -865,16 +872,18 @@ class _Trainer:
         loss = torch.zeros((), device=dev)
         if distilled is not None:
             loss = loss + cfg.kd_weight * distilled.float()
+        scored = None  # the logits as the labels score them (class masks: at their size)
         if logits is not None:
             logits = logits.float()
+            scored = _at_label_size(logits, y)
             if t_logits is not None and cfg.kd_weight > 0:
                 loss = loss + cfg.kd_weight * _kd_loss(logits, t_logits.float(), cfg.temperature)
         if hooks is not None:
             loss = loss + cfg.feature_weight * hooks.loss()
         labelled = y >= 0
-        if logits is not None and cfg.ce_weight > 0 and labelled.any():
-            # the mean over labelled images, or pixels of masks (class masks: logits at their size)
-            loss = loss + cfg.ce_weight * F.cross_entropy(_at_label_size(logits, y), y, ignore_index=-1)
+        if scored is not None and cfg.ce_weight > 0 and labelled.any():
+            # the mean over labelled images, or pixels of masks
+            loss = loss + cfg.ce_weight * F.cross_entropy(scored, y, ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         if not loss.requires_grad:  # feature distillation matched no output of this batch (shapes differed)
             sched.step()
@@ -896,7 +905,7 @@ class _Trainer:
             if logits is None:  # feature distillation: no classes to count
                 hit = 0.0
             elif y.dim() > 1 or labelled.all():
-                hit = _label_scores(_at_label_size(logits, y), y, loss=False)[1]
+                hit = _label_scores(scored, y, loss=False)[1]
             else:  # agreement with the teacher; per-pixel logits count each image's share of pixels
                 hit = top1_same(t_logits, logits) if t_logits is not None else 0.0
         return float(loss.detach()), hit

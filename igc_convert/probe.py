@@ -58,7 +58,7 @@ def logit_scored(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[L
     """
     start, probed, scored = time.perf_counter(), 0, []
     with eval_mode(model):
-        clean = _clean_logits(model, images)
+        clean = _logits(model, images)
         bar = tqdm(list(zip(convs, specs, per_layer)), desc="probing", unit="layer", disable=not progress,
                    leave=False)
         for conv, spec, cands in bar:
@@ -95,12 +95,13 @@ def plan_kls(model: nn.Module, convs: Sequence[nn.Module], specs: Sequence[Layer
         return fitted[key]
 
     with eval_mode(model):
-        clean = _clean_logits(model, images)
+        clean = _logits(model, images)
         return [_kl_with(model, [(convs[i], delta(i, c)) for i, c in enumerate(plan) if c.kind != "dense"],
                          images, clean, remove_mean) for plan in plans]
 
 
-def _clean_logits(model: nn.Module, images: Tensor) -> Tensor:
+def _logits(model: nn.Module, images: Tensor) -> Tensor:
+    """The model's class logits on ``images`` (with whatever hooks are on it)."""
     with torch.no_grad():
         return class_logits(model(as_input(images, model)), "planning by the logits")
 
@@ -139,8 +140,7 @@ def _kl_with(model: nn.Module, changes: Sequence[tuple[nn.Module, Tensor]], imag
 
     handles = [conv.register_forward_hook(changed_by(delta)) for conv, delta in changes]
     try:
-        with torch.no_grad():
-            kl, _ = kl_and_top1(clean, class_logits(model(as_input(images, model)), "planning by the logits"))
+        kl, _ = kl_and_top1(clean, _logits(model, images))
     finally:
         for h in handles:
             h.remove()

@@ -146,7 +146,7 @@ def test_a_probed_change_is_what_the_changed_conv_computes_whatever_its_padding(
     import copy
 
     from igc_convert.agreement import kl_and_top1
-    from igc_convert.probe import _clean_logits, _kl_with
+    from igc_convert.probe import _kl_with, _logits
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode=mode), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)).eval()
@@ -156,5 +156,5 @@ def test_a_probed_change_is_what_the_changed_conv_computes_whatever_its_padding(
     with torch.no_grad():
         changed[0].weight += delta
         expected = kl_and_top1(net(x), changed(x))[0] / len(x)
-    got = _kl_with(net, [(net[0], delta)], x, _clean_logits(net, x), remove_mean=False)
+    got = _kl_with(net, [(net[0], delta)], x, _logits(net, x), remove_mean=False)
     assert expected > 1e-3 and got == pytest.approx(expected, rel=1e-5)

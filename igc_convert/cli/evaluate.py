@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, IGCError, ModelError
-from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw
+from ..errors import ConfigError
+from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw, rebuild_original
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
         if args.original == "auto" and converted.origin is not None:
             key = json.dumps(converted.origin, sort_keys=True)
             if key not in originals:
-                originals[key] = _original(converted.origin, path)
+                originals[key] = rebuild_original(converted.origin, f"the original model of {path!r}",
+                                                  "use --original none to score against labels only")
                 # the accuracy the converted files are to be read against (a detector has none)
                 if has_labels(data) and has_class_logits(originals[key], data):
                     figures = score(originals[key], data, batch_size=args.batch_size, progress="original")
@@ -118,17 +119,6 @@ def _input(first: Any, size: list[int] | None) -> tuple[int, tuple[int, int]]:
     if any(d is None for d in spatial):
         return channels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
     return channels, (spatial[0], spatial[1])
-
-
-def _original(origin: dict, path: str):
-    from ..models import build_model_from_origin
-
-    try:
-        return build_model_from_origin(origin)
-    except Exception as err:  # the origin may name user code: any failure means "no original"
-        message = str(err) if isinstance(err, IGCError) else f"{type(err).__name__}: {err}"
-        raise ModelError(f"cannot rebuild the original model of {path!r}: {message}; use --original none to "
-                         "score against labels only") from err
 
 
 def _row(name: str, params_ratio: float | None, figures: Any) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import logging
 import torch
 from torch import nn
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError, IGCError, ModelError
 
 HELP = "export a converted model (and optionally its original) to ONNX, with onnxruntime parity"
 EXAMPLE = "igc-convert export resnet18-igc.safetensors -o resnet18-igc.onnx --original resnet18.onnx --input-size 224"
@@ -85,6 +85,18 @@ def input_hw(model: nn.Module, size: list[int] | None) -> tuple[int, tuple[int, 
     if declared is not None:
         return channels, declared[1:]
     return channels, (DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE)
+
+
+def rebuild_original(origin: dict, what: str, instead: str) -> nn.Module:
+    """The original model of a converted file, rebuilt from its ``origin``; any failure (the origin may
+    name user code) is one :class:`ModelError`: cannot rebuild ``what``, and what to do ``instead``."""
+    from ..models import build_model_from_origin
+
+    try:
+        return build_model_from_origin(origin)
+    except Exception as err:
+        message = str(err) if isinstance(err, IGCError) else f"{type(err).__name__}: {err}"
+        raise ModelError(f"cannot rebuild {what}: {message}; {instead}") from err
 
 
 def _original(origin: dict) -> nn.Module:

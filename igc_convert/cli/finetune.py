@@ -11,9 +11,9 @@ import logging
 from typing import Any
 
 from ..data import DEFAULT_CROPS
-from ..errors import ConfigError, IGCError, ModelError
+from ..errors import ConfigError
 from ..finetune import DEFAULT_LR, DISTIL, OPTIMIZERS, FinetuneConfig, FinetuneResult
-from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw
+from .export import DEFAULT_IMAGE_SIZE, check_size, input_hw, rebuild_original
 
 HELP = "fine-tune a converted model by distillation from the original (resumable, runs under torchrun)"
 EXAMPLE = ("igc-convert finetune resnet18-igc.safetensors -o resnet18-igc-ft.safetensors --data train/ "
@@ -90,7 +90,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data import resolve_source
     from ..files import check_writable
     from ..finetune import finetune, is_main_process
-    from ..models import build_model_from_origin
     from ..serialize import load, save
 
     if args.resume and not args.checkpoint_dir:
@@ -114,12 +113,8 @@ def run(args: argparse.Namespace) -> int:
     converted = load(args.converted)
     teacher = None
     if args.teacher == "auto":
-        try:
-            teacher = build_model_from_origin(converted.origin)
-        except Exception as err:  # the origin may name user code: any failure means "no teacher"
-            message = str(err) if isinstance(err, IGCError) else f"{type(err).__name__}: {err}"
-            raise ModelError(f"cannot rebuild the teacher (the original model) of {args.converted!r}: {message}; "
-                             "use --teacher none --labels to fine-tune on labels only") from err
+        teacher = rebuild_original(converted.origin, f"the teacher (the original model) of {args.converted!r}",
+                                   "use --teacher none --labels to fine-tune on labels only")
 
     channels, size = input_hw(converted.model, args.image_size)
     options = dict(image_size=size, channels=channels, seed=args.seed)
