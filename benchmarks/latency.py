@@ -18,8 +18,9 @@ Variants:
 * ``latency-0.33`` — ``convert(model, LatencyRatio(0.33))``: the issue's ResNet-50 goal as a target;
 * ``params-0.25+guard`` — ``params-0.25`` then ``enforce_not_slower(ratio=1.0)``: the guard alone
   on a MAC-blind plan;
-* ``macs-0.26@8`` / ``macs-0.26@16`` (only when asked for) — ``macs-0.26`` planned for an NCHWc
-  block of 8 (AVX2) or 16 (AVX-512) instead of this CPU's (``convert(channel_multiple=...)``).
+* ``macs-0.26@8`` / ``@16`` / ``@32``, ``latency-0.33@8`` (only when asked for) — the variant
+  planned for groups of a multiple of 8, 16 or 32 channels instead of the default (this CPU's
+  NCHWc block; at least 16 for latency targets) (``convert(channel_multiple=...)``).
 
 With ``--linear`` every variant is also converted with ``linear=True`` (its ``nn.Linear`` layers on
 2-D inputs become IGC blocks too), as ``<variant>+linear``, timed in the same run; the MAC column
@@ -86,9 +87,11 @@ VARIANTS = (
     Variant("latency-0.5", LatencyRatio(0.5)),
     Variant("latency-0.33", LatencyRatio(0.33)),
     Variant("params-0.25+guard", ParamsRatio(0.25), guard=1.0),
-    # Not run by default: the MAC plan made for another CPU's NCHWc block (8 = AVX2, 16 = AVX-512).
+    # Not run by default: plans made for another channel multiple (8 = AVX2's NCHWc block, 16 = AVX-512's).
     Variant("macs-0.26@8", MacsRatio(0.26), channel_multiple=8),
     Variant("macs-0.26@16", MacsRatio(0.26), channel_multiple=16),
+    Variant("macs-0.26@32", MacsRatio(0.26), channel_multiple=32),
+    Variant("latency-0.33@8", LatencyRatio(0.33), channel_multiple=8),
 )
 DEFAULT_VARIANTS = tuple(v.name for v in VARIANTS if v.default and v.channel_multiple is None)
 

@@ -40,8 +40,8 @@ from .data import split_item
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .modes import as_input
-from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
-                   allocate, allocate_fast_first, candidates, uniform)
+from .plan import (LATENCY_CHANNEL_MULTIPLE, TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError,
+                   ParamsRatio, Target, allocate, allocate_fast_first, candidates, uniform)
 from .plan import channel_multiple as resolve_channel_multiple
 from .report import LayerRecord, Report
 
@@ -320,7 +320,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     more than :data:`MAX_LAYER_STATS_BYTES` (e.g. VGG's 25088-wide classifier) is fitted in weight
     space, with a warning. ``channel_multiple`` is the multiple that block shapes prefer for the
     channels of each group (:func:`igc_convert.plan.channel_multiple`; default: onnxruntime's NCHWc
-    block on this CPU, 16 with AVX-512, 8 with AVX2); give the deployment CPU's when it differs.
+    block on this CPU, 16 with AVX-512, 8 with AVX2; at least 16 for a latency target); give the
+    deployment CPU's when it differs.
     ``plan_by="logits"`` (with ``calibration``) allocates the target by what each layer's shapes do to
     the model's logits on calibration images rather than by the layers' own errors (:mod:`igc_convert.probe`:
     a forward pass of 16 images per probed shape, up to 6 per layer).
@@ -365,7 +366,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         if isinstance(target, MaxError) or allocation == "uniform":
             raise ConfigError("planning by the logits allocates a params, MACs or latency budget; a max-error "
                               "target and uniform allocation do not use it")
-    multiple = resolve_channel_multiple(channel_multiple)
+    multiple = resolve_channel_multiple(channel_multiple, latency=isinstance(target, LatencyRatio))
     original = model
     for name, p in original.named_parameters():
         if p.is_meta:
@@ -459,8 +460,10 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         row_weights = calibrate.bn_row_weights(original, bn_map) if bn_map else {}
 
     # plan
-    log.info("block shapes prefer multiples of %d channels per group (onnxruntime's NCHWc fast path%s)",
-             multiple, "" if channel_multiple is not None else " on this CPU")
+    where = ("" if channel_multiple is not None else
+             f" on this CPU, at least {LATENCY_CHANNEL_MULTIPLE} for a latency target" if isinstance(target, LatencyRatio)
+             else " on this CPU")
+    log.info("block shapes prefer multiples of %d channels per group (onnxruntime's NCHWc fast path%s)", multiple, where)
     specs = [LayerSpec(s.name, s.module.weight.detach().to(torch.float64), s.module.bias is not None,
                        s.module.stride, s.module.padding, s.module.dilation, s.input_hw,
                        sigmas.get(s.name), row_weights.get(s.name), mean_energy.get(s.name, 0.0)) for s in eligible]

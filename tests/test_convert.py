@@ -213,6 +213,11 @@ def test_channel_multiple_defaults_to_this_cpus_nchwc_block_and_is_checked(monke
     monkeypatch.setattr(bench, "nchwc_block_size", lambda: None)
     assert channel_multiple() == DEFAULT_CHANNEL_MULTIPLE
     assert channel_multiple(32) == 32
+    # latency targets plan groups of at least 16 channels (measured faster on an AVX2 CPU, block 8)
+    for block, latency in ((None, 16), (8, 16), (16, 16), (32, 32)):
+        monkeypatch.setattr(bench, "nchwc_block_size", lambda: block)
+        assert channel_multiple(latency=True) == latency
+        assert channel_multiple(8, latency=True) == 8  # a given multiple is kept
     for bad in (0, 12, -8, True, 8.0):
         with pytest.raises(ConfigError, match="channel_multiple"):
             ic.convert(_net(), ic.ParamsRatio(0.5), example_inputs=X, progress=False, channel_multiple=bad)

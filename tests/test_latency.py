@@ -260,19 +260,22 @@ def test_a_loosened_plan_that_measures_too_slow_is_not_fitted(scripted_modules, 
     assert result.plan == plans[0]
 
 
+@pytest.mark.parametrize("given", [16, None], ids=["multiple16", "default-on-avx2"])
 @pytest.mark.parametrize("ratio", [0.6, 0.35], ids=lambda r: f"latency{r}")
-def test_latency_plans_take_shapes_off_the_fast_path_only_when_they_must(scripted_modules, monkeypatch, ratio):
+def test_latency_plans_take_shapes_off_the_fast_path_only_when_they_must(scripted_modules, monkeypatch, ratio, given):
     """Timed alone, a block costs the same per parameter whatever its groups (scripted here, and nearly so
     in onnxruntime), so the error-best shapes, few channels per group, would win; inside a model they
-    run far slower. A target the fast shapes reach gets fast shapes only."""
+    run far slower. A target the fast shapes reach gets fast shapes only. By default a latency target
+    plans groups of at least 16 channels, also where onnxruntime's NCHWc block is 8 (AVX2)."""
     model = _cnn(width=32)
     x = torch.randn(1, 3, 16, 16)
     monkeypatch.setattr(latency, "plan_latency_ratio", lambda *a, **k: 0.0)
     monkeypatch.setattr(latency, "rest_of_model_latency", lambda *a, **k: 0.0)
     monkeypatch.setattr(latency, "enforce_not_slower", lambda original, result, *a, **k: result)
+    monkeypatch.setattr(bench, "nchwc_block_size", lambda: 8)
     scripted_modules.speed = 1.0
     result = igc_convert.convert(model, igc_convert.LatencyRatio(ratio), example_inputs=x, progress=False,
-                                 block="igcv1", channel_multiple=16)
+                                 block="igcv1", channel_multiple=given)
     assert result.plan
     for entry in result.plan:
         spec = _layer(model.get_submodule(entry["name"]), entry["name"], hw=(16, 16))

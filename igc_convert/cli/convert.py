@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "named LAYER.conv; they then count in the params/MACs ratios")
     parser.add_argument("--channel-multiple", type=int, default=None, metavar="N",
                         help="channels per group that block shapes prefer multiples of (default: onnxruntime's "
-                             "NCHWc block on this CPU, 16 with AVX-512, 8 with AVX2; give the deployment CPU's)")
+                             "NCHWc block on this CPU, 16 with AVX-512, 8 with AVX2, and at least 16 for --latency-ratio; "
+                             "give the deployment CPU's)")
     parser.add_argument("--exclude", nargs="+", default=[], metavar="GLOB", help="layer names to keep dense")
     parser.add_argument("--include", nargs="+", default=None, metavar="GLOB", help="only convert these layers")
     parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
