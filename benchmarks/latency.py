@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -269,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += model_rows
     load1 = os.getloadavg()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread; "
-          f"torch {torch.__version__}; {platform.machine()} {bench._cpu_name()}, {os.cpu_count()} cores")
+          f"torch {torch.__version__}; {bench.cpu_description()}")
     print(f"input {args.size}x{args.size}, random weights (seed {args.seed}); latency plans and guards at batch 1; "
           f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; {time.perf_counter() - start:.0f} s in all")

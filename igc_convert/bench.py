@@ -65,6 +65,8 @@ class BenchResult:
     rows: tuple[BenchRow, ...]
     notes: tuple[str, ...] = ()
     onnxruntime_version: str = ""
+    #: The machine the times were taken on (:func:`cpu_description`): the ratios depend on it.
+    cpu: str = ""
 
     def table(self) -> str:
         """Aligned text table, with the settings the numbers depend on.
@@ -76,7 +78,7 @@ class BenchResult:
         head = [f"onnxruntime {self.onnxruntime_version} CPUExecutionProvider, {self.threads} intra-op thread"
                 f"{'s' if self.threads != 1 else ''}, 1 inter-op thread, sequential; median of {self.runs} "
                 f"alternating runs (A, B, B, A, A, B, ...) after {self.warmup} warm-up",
-                f"A = {self.a_path}", f"B = {self.b_path}"]
+                *([f"CPU: {self.cpu}"] if self.cpu else []), f"A = {self.a_path}", f"B = {self.b_path}"]
         cols = ("batch", "input", "A median (ms)", "B median (ms)", "B/A")
         cells = [(str(r.batch_size), "x".join(map(str, r.input_shape[1:])), f"{r.a_median_s * 1e3:.3f}",
                   f"{r.b_median_s * 1e3:.3f}", f"{r.ratio:.3f}") for r in self.rows]
@@ -90,7 +92,8 @@ class BenchResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for reports)."""
         return {"a": self.a_path, "b": self.b_path, "threads": self.threads, "runs": self.runs,
-                "warmup": self.warmup, "onnxruntime": self.onnxruntime_version, "notes": list(self.notes),
+                "warmup": self.warmup, "onnxruntime": self.onnxruntime_version, "cpu": self.cpu,
+                "notes": list(self.notes),
                 "rows": [{"batch_size": r.batch_size, "input_shape": list(r.input_shape), "a_median_s": r.a_median_s,
                           "b_median_s": r.b_median_s, "ratio": r.ratio} for r in self.rows]}
 
@@ -153,7 +156,8 @@ def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_si
             logger.debug("batch %d: A %.3f ms, B %.3f ms", batch, a * 1e3, b * 1e3)
     import onnxruntime as ort
 
-    return BenchResult(str(a_path), str(b_path), threads, runs, warmup, tuple(rows), tuple(notes), ort.__version__)
+    return BenchResult(str(a_path), str(b_path), threads, runs, warmup, tuple(rows), tuple(notes), ort.__version__,
+                       cpu_description())
 
 
 def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int = 0,
@@ -404,6 +408,17 @@ def onnxruntime_optimised(proto: onnx.ModelProto) -> onnx.ModelProto:
         opts.optimized_model_filepath = os.path.join(tmp, "optimised.onnx")
         ort.InferenceSession(proto.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         return onnx.load(opts.optimized_model_filepath)
+
+
+def cpu_description() -> str:
+    """The CPU as latency figures need it named: model, cores, and onnxruntime's NCHWc block on it.
+
+    CPUs sold under one model name differ in what decides the ratios (an "AMD EPYC" with AVX-512 runs
+    onnxruntime's NCHWc kernels in blocks of 16, one without in blocks of 8), so the block is named too.
+    """
+    block = nchwc_block_size()
+    return (f"{platform.machine()} {_cpu_name()}, {os.cpu_count()} cores, onnxruntime NCHWc block "
+            f"{block if block else 'none'}")
 
 
 def _cpu_name() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 
 import numpy as np
 import onnx
@@ -77,10 +78,14 @@ def test_bench_medians_ratio_and_table(pair):
         assert row.ratio == pytest.approx(row.b_median_s / row.a_median_s)
     table = result.table()
     assert "1 intra-op thread," in table and str(pair[0]) in table and str(pair[1]) in table
+    # the CPU is named with onnxruntime's NCHWc block on it, which the ratios depend on
+    block = bench.nchwc_block_size()
+    assert f"CPU: {platform.machine()} " in table and f"NCHWc block {block or 'none'}" in table
     lines = table.splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("batch"))
     assert len({len(line) for line in lines[header:header + 3]}) == 1  # aligned columns
     assert json.loads(json.dumps(result.to_dict()))["rows"][1]["batch_size"] == 3
+    assert result.to_dict()["cpu"] == bench.cpu_description()
 
 
 def test_fixed_batch_is_timed_at_its_own_size(tmp_path):
