@@ -223,13 +223,15 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
     return model
 
 
-def _describe(target: Target) -> str:
+def _describe(target: Target, multiple: int | None = None) -> str:
+    """The target as the report names it; for a speed target, with the channel multiple it was planned
+    for (the plan suits CPUs whose onnxruntime NCHWc block divides it)."""
     if isinstance(target, ParamsRatio):
         return f"params <= {target.ratio:g}x"
-    if isinstance(target, MacsRatio):
-        return f"MACs <= {target.ratio:g}x"
-    if isinstance(target, LatencyRatio):
-        return f"latency <= {target.ratio:g}x"
+    if isinstance(target, (MacsRatio, LatencyRatio)):
+        what = "MACs" if isinstance(target, MacsRatio) else "latency"
+        groups = f", groups of multiples of {multiple} channels" if multiple else ""
+        return f"{what} <= {target.ratio:g}x{groups}"
     return f"layer error <= {target.error:g}"
 
 
@@ -619,7 +621,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
                  else ", planned by the layers' errors (the logits' plan measured worse)")
     if refitted:
         mode += f" (re-fitted: {', '.join(refitted)})"
-    report = Report([records[s.name] for s in sites], path, path_reason, _describe(target), mode, model_name)
+    report = Report([records[s.name] for s in sites], path, path_reason, _describe(target, multiple), mode,
+                    model_name)
     log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
     result = ConversionResult(converted, plan, report)
     if isinstance(target, LatencyRatio) and plan:

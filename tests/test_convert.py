@@ -198,6 +198,10 @@ def test_macs_target_prefers_shapes_on_the_fast_path_and_falls_back_when_it_must
     by_macs = ic.convert(net, ic.MacsRatio(0.15), **kw)
     by_params = ic.convert(net, ic.ParamsRatio(0.15), **kw)
     assert by_macs.plan and all(_fast(e["shape"], multiple) for e in by_macs.plan)
+    # the report says which multiple a speed target was planned for (the deployment CPU's block must divide it)
+    assert by_macs.report.target == f"MACs <= 0.15x, groups of multiples of {multiple} channels"
+    assert f"groups of multiples of {multiple} channels" in by_macs.report.table().splitlines()[0]
+    assert by_params.report.target == "params <= 0.15x"
     assert by_macs.report.totals()["macs_ratio"] <= 0.15
     assert not all(_fast(e["shape"], multiple) for e in by_params.plan)
     tight = ic.convert(net, ic.MacsRatio(0.05), **kw)
