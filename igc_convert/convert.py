@@ -40,8 +40,8 @@ from .data import split_item
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
 from .modes import as_input
-from .plan import (LATENCY_CHANNEL_MULTIPLE, TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError,
-                   ParamsRatio, Target, allocate, allocate_fast_first, candidates, uniform)
+from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
+                   allocate, allocate_fast_first, candidates, uniform)
 from .plan import channel_multiple as resolve_channel_multiple
 from .report import LayerRecord, Report
 
@@ -462,10 +462,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         row_weights = calibrate.bn_row_weights(original, bn_map) if bn_map else {}
 
     # plan
-    where = ("" if channel_multiple is not None else
-             f" on this CPU, at least {LATENCY_CHANNEL_MULTIPLE} for a latency target" if isinstance(target, LatencyRatio)
-             else " on this CPU")
-    log.info("block shapes prefer multiples of %d channels per group (onnxruntime's NCHWc fast path%s)", multiple, where)
+    log.info("block shapes prefer multiples of %d channels per group (onnxruntime's NCHWc fast path; %s)", multiple,
+             "given" if channel_multiple is not None else "the default for this CPU and target")
     specs = [LayerSpec(s.name, s.module.weight.detach().to(torch.float64), s.module.bias is not None,
                        s.module.stride, s.module.padding, s.module.dilation, s.input_hw,
                        sigmas.get(s.name), row_weights.get(s.name), mean_energy.get(s.name, 0.0)) for s in eligible]
@@ -623,7 +621,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         mode += f" (re-fitted: {', '.join(refitted)})"
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target, multiple), mode,
                     model_name)
-    log.info("converted %d of %d convs (%s)", len(plan), len(sites), _describe(target))
+    log.info("converted %d of %d convs (%s)", len(plan), len(sites), report.target)
     result = ConversionResult(converted, plan, report)
     if isinstance(target, LatencyRatio) and plan:
         # The per-layer plan adds up latencies measured alone; the whole model is what must not be

@@ -169,9 +169,10 @@ class LayerSpec:
 DEFAULT_CHANNEL_MULTIPLE = 8
 #: Latency targets plan groups of at least this many channels by default, even where the NCHWc block
 #: is 8 (AVX2). On a 2-core AVX2 AMD EPYC, at ``LatencyRatio(0.33)``, plans for 16 kept more of the
-#: MACs at the same measured latency than plans for 8, in three alternating runs: ResNet-50 0.272 /
-#: 0.249 / 0.291 of the MACs against 0.268 / 0.223 / 0.251 (summed squared weight error 28.9 against
-#: 31.2 in the last), ResNet-18 0.251 / 0.237 against 0.214 / 0.226 (error 11.26 against 11.24).
+#: MACs at the same measured latency than plans for 8 (two alternating runs, then the plans remade
+#: once more): ResNet-50 0.272 / 0.249 / 0.291 of the MACs against 0.268 / 0.223 / 0.251 (summed
+#: squared weight error 28.9 against 31.2 in the last), ResNet-18 0.251 / 0.237 against 0.214 / 0.226
+#: (error 11.26 against 11.24; ResNet-18's first figure is from the second run only).
 #: Timed alone, a block of 8-channel groups looks as fast per MAC as one of 16; inside the model it
 #: is slower (more, smaller kernels), and the whole-model check then takes MACs away.
 LATENCY_CHANNEL_MULTIPLE = 16

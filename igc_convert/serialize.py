@@ -52,6 +52,11 @@ class Converted:
     report: dict[str, Any] | None
     path: Path
 
+    @property
+    def params_ratio(self) -> float | None:
+        """The conversion's params ratio, from its report (None without one)."""
+        return (self.report or {}).get("totals", {}).get("params_ratio")
+
 
 def save(path: str | os.PathLike, model: nn.Module, *, origin: Mapping[str, Any],
          plan: Sequence[Mapping[str, Any]], report: Any = None) -> Path:

@@ -85,8 +85,7 @@ def run(args: argparse.Namespace) -> int:
             log.info("%s carries no origin (not written by igc-convert export): scored against labels only", path)
         model = converted if onnx_file else converted.model
         figures = score(model, data, teacher, batch_size=args.batch_size, progress=path)
-        ratio = converted.params_ratio if onnx_file else (converted.report or {}).get("totals", {}).get("params_ratio")
-        rows.append(_row(path, ratio, figures))
+        rows.append(_row(path, converted.params_ratio, figures))
     print(_table(rows, len(data), args.data))
     if args.json:
         with atomic_write(args.json, "w") as f:

@@ -134,9 +134,8 @@ def run(args: argparse.Namespace) -> int:
                    dynamic_size=args.dynamic_size)
     # The origin goes into the file, so that `evaluate` can compare it with its original.
     metadata = {ORIGIN_KEY: json.dumps(converted.origin, sort_keys=True)}
-    params_ratio = (converted.report or {}).get("totals", {}).get("params_ratio")
-    if params_ratio is not None:
-        metadata[PARAMS_RATIO_KEY] = repr(float(params_ratio))
+    if converted.params_ratio is not None:
+        metadata[PARAMS_RATIO_KEY] = repr(float(converted.params_ratio))
     results = [("converted", export_onnx(converted.model, args.output, x, metadata=metadata, **options))]
     if args.original:
         original = _original(converted.origin)
