@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     # top-1 agreement and KL(original || converted) on the held-out crops; kept in the saved report
     result.report.agreement = measure_agreement(original, converted, check, source=f"{args.calib}, val split")
     print(f"\nconv params x{result.report.totals()['params_ratio']:.3f}; {result.report.agreement.text()}")
+    if result.report.agreement.top1 < 0.5:  # the usual case for this compact model (README, "Limitations")
+        print("most held-out images changed their top class: this compact model needs fine-tuning at this budget; "
+              "distil it on images like your deployment data (examples/finetune_imagefolder.py)")
     if importlib.util.find_spec("foolbox") is not None:
         imagenet = resolve_source("imagenet-samples", image_size=args.input_size, labels=True)
         x = torch.stack([imagenet[i][0] for i in range(len(imagenet))])

@@ -139,6 +139,8 @@ def test_efficientnet_lite0(tmp_path):
     assert text.count("converted: ") == 2
     assert "against the original on 4 held-out images (" in text and "val split): top-1 agreement" in text
     assert "logit KL" in text and read_metadata(out)["report"]["agreement"]["images"] == 4
+    agreement = read_metadata(out)["report"]["agreement"]["top1"]
+    assert ("needs fine-tuning at this budget" in text) == (agreement < 0.5)
     if importlib.util.find_spec("foolbox") is not None:
         assert re.search(r"on 20 labelled ImageNet validation images \(imagenet-samples\): original \d+/20, "
                          r"converted \d+/20", text)
