@@ -165,12 +165,17 @@ def sample_photos() -> list[tuple[str, Tensor]]:
     return [(Path(f).name, _chw(img)) for f, img in zip(bunch.filenames, bunch.images)]
 
 
+_NEEDS_SKIMAGE = "data source 'photos' needs scikit-image: pip install 'igc-convert[photos]'"
+_NEEDS_FOOLBOX = ("data source 'imagenet-samples' reads the ImageNet images foolbox ships: "
+                  "pip install 'igc-convert[imagenet-samples]'")
+
+
 def all_photos() -> list[tuple[str, Tensor]]:
     """Every real photo the installed packages ship (:func:`sample_photos`, matplotlib's, scikit-image's)."""
     try:
         import skimage.data
     except ImportError as e:
-        raise DataError("data source 'photos' needs scikit-image: pip install 'igc-convert[photos]'") from e
+        raise DataError(_NEEDS_SKIMAGE) from e
     import matplotlib.cbook
     import numpy as np
     from PIL import Image
@@ -208,8 +213,7 @@ def imagenet_samples(size: int | tuple[int, int], channels: int) -> FolderImages
     files = sorted(f for d in folders for f in (Path(d) / "data").glob("imagenet_*_*.jpg")
                    if re.fullmatch(r"imagenet_\d+_\d+\.jpg", f.name))
     if not files:
-        raise DataError("data source 'imagenet-samples' reads the ImageNet images foolbox ships: "
-                        "pip install 'igc-convert[imagenet-samples]'")
+        raise DataError(_NEEDS_FOOLBOX)
     labels = [int(f.stem.rsplit("_", 1)[1]) for f in files]
     if max(labels) >= IMAGENET_CLASSES:
         raise DataError(f"data source 'imagenet-samples': {files[labels.index(max(labels))].name} names "
@@ -496,8 +500,7 @@ def resolve_source(source: Any, *, image_size: int | tuple[int, int] = 224, chan
         elif Path(name).exists():
             dataset = _folder(Path(name), size, channels or 3)
         else:
-            raise DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos', "
-                            "'imagenet-samples' or an existing folder")
+            raise _unknown_source(name)
     else:
         dataset = _from_object(source, channels)
 
@@ -514,6 +517,36 @@ def resolve_source(source: Any, *, image_size: int | tuple[int, int] = 224, chan
         keep = torch.randperm(len(dataset), generator=gen)[:samples].sort().values.tolist()
         dataset = SubsetImages(dataset, keep, f"{samples} samples")
     return dataset
+
+
+def check_source(source: Any) -> None:
+    """Refuse, before any model is built or loaded, a data source that :func:`resolve_source` would
+    refuse by its name alone: an unknown name or a path that does not exist, or a named source whose
+    package is not installed (:class:`DataError`, the same message). A folder's images, and every
+    Python object, are checked when the source is resolved.
+
+    >>> check_source("digits")
+    >>> check_source("no/such/folder")
+    Traceback (most recent call last):
+    ...
+    igc_convert.errors.DataError: unknown data source 'no/such/folder': not 'digits', 'sample-images', 'photos', 'imagenet-samples' or an existing folder
+    """
+    import importlib.util
+
+    if not isinstance(source, (str, os.PathLike)):
+        return
+    name = os.fspath(source)
+    if name == "photos" and importlib.util.find_spec("skimage") is None:
+        raise DataError(_NEEDS_SKIMAGE)
+    if name == "imagenet-samples" and importlib.util.find_spec("foolbox") is None:
+        raise DataError(_NEEDS_FOOLBOX)
+    if name not in ("digits", "sample-images", "photos", "imagenet-samples") and not Path(name).exists():
+        raise _unknown_source(name)
+
+
+def _unknown_source(name: str) -> DataError:
+    return DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos', "
+                     "'imagenet-samples' or an existing folder")
 
 
 def _size_hw(image_size: Any) -> tuple[int, int]:

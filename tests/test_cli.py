@@ -73,3 +73,20 @@ def test_a_torchvision_segmentation_model_through_every_command(tmp_path, capsys
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: np.random.default_rng(0).standard_normal((1, 3, 80, 48), dtype=np.float32)})[0]
     assert out.shape == (1, 21, 80, 48)
+
+
+@pytest.mark.parametrize("argv", [
+    ["convert", "no_such_model", "--params-ratio", "0.5", "--calib", "no/such/folder", "-o", "{tmp}/out.safetensors"],
+    ["finetune", "{tmp}/missing.safetensors", "-o", "{tmp}/out.safetensors", "--data", "no/such/folder"],
+    ["finetune", "{tmp}/missing.safetensors", "-o", "{tmp}/out.safetensors", "--data", "digits",
+     "--val-data", "no/such/folder"],
+    ["evaluate", "{tmp}/missing.safetensors", "--data", "no/such/folder"],
+], ids=["convert", "finetune", "finetune-val", "evaluate"])
+def test_a_mistyped_data_source_fails_before_any_model_is_built_or_read(argv, tmp_path, capsys):
+    # The model (a name that builds nothing, a file that does not exist) would fail too: the source's
+    # error comes first, so a typo in it never waits for a model to be built, downloaded or loaded.
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "unknown data source 'no/such/folder'" in err[0]
+    assert list(tmp_path.iterdir()) == []

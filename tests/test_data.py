@@ -196,6 +196,28 @@ def test_missing_path_and_unknown_name_are_data_errors(tmp_path):
         resolve_source("imagenet")
 
 
+def test_check_source_refuses_by_name_what_resolve_source_would(tmp_path, monkeypatch):
+    import importlib.util
+
+    from igc_convert.data import check_source
+
+    for bad in (tmp_path / "nope", "imagenet"):
+        with pytest.raises(DataError, match="unknown data source") as early:
+            check_source(bad)
+        with pytest.raises(DataError) as late:
+            resolve_source(bad)
+        assert str(early.value) == str(late.value)
+    for good in ("digits", "sample-images", "photos", "imagenet-samples", tmp_path, torch.zeros(2, 3, 8, 8)):
+        check_source(good)  # an empty folder and a Python object are left to resolve_source
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("skimage", "foolbox") else real(name, *a))
+    with pytest.raises(DataError, match=r"needs scikit-image: pip install 'igc-convert\[photos\]'"):
+        check_source("photos")
+    with pytest.raises(DataError, match=r"pip install 'igc-convert\[imagenet-samples\]'"):
+        check_source("imagenet-samples")
+
+
 # ------------------------------------------------------------------------------------ Python objects
 def test_tensor_source_is_wrapped_unlabelled():
     x = torch.randn(6, 3, 10, 12)

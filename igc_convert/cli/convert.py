@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.output, args.report, args.plot):
         if path:
             check_writable(path)
+    if args.calib:
+        from ..data import check_source
+
+        check_source(args.calib)  # a mistyped source fails before the model is built (a download, maybe)
     torch.manual_seed(args.seed)
     weights = None if str(args.weights).lower() == "none" else args.weights
     model, origin = build_model(args.model, weights, num_classes=args.num_classes, seed=args.seed)

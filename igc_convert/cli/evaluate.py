@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import has_labels, resolve_source
+    from ..data import check_source, has_labels, resolve_source
     from ..files import atomic_write, check_writable
     from ..bench import OnnxModule
     from ..finetune import has_class_logits, score
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"{flag} must be positive, got {value}")
     if args.json:
         check_writable(args.json)
+    check_source(args.data)  # before any model is loaded or rebuilt
     files = [_open(path) for path in args.models]  # every file checked before any scoring
     channels, size = _input(files[0], args.image_size)
     data = resolve_source(args.data, split=args.split, samples=args.samples, image_size=size, channels=channels,

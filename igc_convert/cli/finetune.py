@@ -87,7 +87,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import resolve_source
+    from ..data import check_source, resolve_source
     from ..files import check_writable
     from ..finetune import finetune, is_main_process
     from ..serialize import load, save
@@ -101,6 +101,9 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be positive, got {value}")
     check_writable(args.output)  # before minutes of training
+    for source in (args.data, args.val_data):
+        if source:
+            check_source(source)  # before the teacher is rebuilt (a download, maybe)
     config = FinetuneConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
                             temperature=args.temperature, feature_weight=args.feature_weight, distil=args.distil,
                             freeze_bn={"auto": None, "frozen": True, "live": False}[args.bn],
