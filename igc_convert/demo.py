@@ -70,13 +70,12 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoSummary:
     from .data import resolve_source
     from .digits import CHANNELS, IMAGE_SIZE, evaluate, train_digits_model
     from .export import export_onnx
-    from .files import check_writable
+    from .files import check_writable, make_folder
     from .finetune import FinetuneConfig, finetune
     from .models import build_model
     from .serialize import save, save_state_dict
 
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(config.out, "output folder")
     check_writable(out / "summary.png")
     torch.manual_seed(config.seed)
     t0 = time.perf_counter()

@@ -41,6 +41,40 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_creatable_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Fail early, before any work, if the folder ``path`` cannot be created, or written to when it exists.
+
+    Probed for real (a temporary entry made and removed at once: permission bits do not tell for root,
+    nor for read-only or pseudo file systems); nothing is left behind and ``path`` is not created.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise FileFormatError(f"cannot use {str(path)!r} as the {what}: it is not a folder")
+    parent = path
+    while not parent.exists():
+        parent = parent.absolute().parent
+    try:
+        if parent.is_dir():
+            os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
+            return path
+    except OSError as err:
+        reason = err.strerror or str(err)
+    else:
+        reason = f"{str(parent)!r} is not a folder"
+    action = "write to" if parent == path else "create"
+    raise FileFormatError(f"cannot {action} the {what} {str(path)!r}: {reason}")
+
+
+def make_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``mkdir -p path``; an ``OSError`` becomes a :class:`FileFormatError` naming the folder."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise FileFormatError(f"cannot create the {what} {str(path)!r}: {err.strerror or err}") from err
+    return path
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     """Open a temporary file next to ``path``; on success it replaces ``path`` atomically.

@@ -54,7 +54,7 @@ from .data import (MASK_IGNORE, SourceDataset, WithoutLabels, collate, first_ima
                    resolve_source)
 from .errors import CheckpointError, ConfigError, DataError, ModelError
 from .features import FeatureDistiller
-from .files import atomic_write, remove_stale_temporaries
+from .files import atomic_write, check_creatable_folder, make_folder, remove_stale_temporaries
 from .linear import linear_site
 from .modes import as_input, eval_mode
 
@@ -371,6 +371,8 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
         result = finetune(student, train, teacher=teacher, val_data=val, config=FinetuneConfig(epochs=1))
         assert result.best.value >= result.start.value   # never worse than the start
     """
+    if config.checkpoint_dir is not None:  # before minutes of training, not at the first save
+        check_creatable_folder(config.checkpoint_dir, "checkpoint folder")
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
@@ -979,7 +981,7 @@ class _Trainer:
             "best": None if best is None else {"evaluation": dataclasses.asdict(best), "state": best_state},
             "run": self.run_fingerprint(),
         }
-        self.ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.ckpt_path.parent, "checkpoint folder")
         with atomic_write(self.ckpt_path, "wb") as f:
             torch.save(ckpt, f)
         log.debug("checkpoint saved: %s (step %d)", self.ckpt_path, step)

@@ -90,3 +90,12 @@ def test_a_mistyped_data_source_fails_before_any_model_is_built_or_read(argv, tm
     assert code == 2 and len(err) == 1
     assert "unknown data source 'no/such/folder'" in err[0]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unusable_checkpoint_folder_fails_before_the_model_is_read(tmp_path, capsys):
+    (tmp_path / "file").write_bytes(b"x")
+    code = main(["finetune", str(tmp_path / "missing.safetensors"), "-o", str(tmp_path / "out.safetensors"),
+                 "--data", "digits", "--checkpoint-dir", str(tmp_path / "file" / "ckpt")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "cannot create the checkpoint folder" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

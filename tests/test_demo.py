@@ -31,3 +31,12 @@ def test_demo_cli_rejects_bad_ratio(tmp_path, capsys):
     assert "params ratio" in capsys.readouterr().err
     with pytest.raises(ConfigError):
         DemoConfig(threads=0)
+
+
+def test_demo_cli_reports_an_output_folder_it_cannot_make_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_bytes(b"x")
+    for out in (tmp_path / "file", tmp_path / "file" / "sub"):
+        assert main(["demo", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot create the output folder" in err[0]
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

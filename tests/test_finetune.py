@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from torch import nn
 from igc_convert.blocks import IGCV1
 from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
-from igc_convert.errors import CheckpointError, ConfigError, DataError, ModelError
+from igc_convert.errors import CheckpointError, ConfigError, DataError, FileFormatError, ModelError
 from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path,
                                   finetune, load_checkpoint, score)
 from igc_convert.linear import LinearAsConv
@@ -280,6 +281,36 @@ def test_resume_with_a_checkpoint_of_another_model_fails_and_keeps_it(teacher, d
         finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val,
                  config=FinetuneConfig(epochs=1, seed=5, checkpoint_dir=tmp_path, resume=True, progress=False))
     assert checkpoint_path(tmp_path).read_bytes() == before
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file", "not creatable"])
+def test_an_unusable_checkpoint_folder_fails_before_any_training(teacher, data, tmp_path, monkeypatch, where):
+    train, val = data
+    (tmp_path / "file").write_bytes(b"x")
+    folder = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "ckpt",
+              "not creatable": tmp_path / "ro" / "ckpt"}[where]
+    if where == "not creatable":  # permission bits do not stop root: make the probe's mkdir fail instead
+        real = tempfile.mkdtemp
+        monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, dir=None, **k: (
+            (_ for _ in ()).throw(PermissionError(13, "Permission denied")) if Path(dir) == tmp_path
+            else real(*a, dir=dir, **k)))
+    steps = []
+    with pytest.raises(FileFormatError, match="checkpoint folder"):
+        finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val, on_step=steps.append,
+                 config=FinetuneConfig(epochs=1, checkpoint_dir=folder, progress=False))
+    assert steps == [] and sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_checkpoint_folder_probe_creates_nothing_and_a_failed_mkdir_is_a_file_error(tmp_path):
+    from igc_convert.files import check_creatable_folder, make_folder
+
+    assert check_creatable_folder(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert check_creatable_folder(tmp_path) == tmp_path
+    assert list(tmp_path.iterdir()) == []  # probed, and nothing left behind
+    (tmp_path / "file").write_bytes(b"x")
+    with pytest.raises(FileFormatError, match="cannot create the checkpoint folder"):
+        make_folder(tmp_path / "file" / "sub", "checkpoint folder")
+    assert make_folder(tmp_path / "a" / "b").is_dir()
 
 
 def test_corrupt_checkpoint_is_a_checkpoint_error(tmp_path):
