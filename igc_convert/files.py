@@ -29,7 +29,8 @@ def _umask_mode() -> int:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written (missing or read-only folder)."""
+    """Fail early, before any work, if ``path`` cannot be written (missing or read-only folder, a folder
+    that takes no new file: probed with a temporary file, removed at once)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -38,6 +39,13 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} is not writable")
     if path.is_dir():
         raise FileFormatError(f"cannot write {str(path)!r}: it is a folder")
+    try:  # for real: permission bits do not tell for root, nor for pseudo or full file systems
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
+    except OSError as err:
+        raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not take new files "
+                              f"({err.strerror or err})") from err
+    os.close(fd)
+    _discard(probe)
     return path
 
 
