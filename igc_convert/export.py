@@ -458,6 +458,14 @@ def _export(model: nn.Module, x: torch.Tensor, *, dynamic_batch: bool, opset: in
             logger.warning("%s exporter failed: %s", name, _first_line(err))
             errors.append((name, err))
             continue
+        written = model_ir.opset_imports.get("", model_ir.opset_imports.get("ai.onnx"))
+        if opset is not None and written != opset:
+            # The dynamo exporter converts its opset-18+ graph down only where onnx's version converter
+            # can, and otherwise keeps it: a file of another opset than asked is no answer.
+            err = ValueError(f"it wrote opset {written}, not the opset {opset} asked for")
+            logger.warning("%s exporter: %s", name, err)
+            errors.append((name, err))
+            continue
         if errors:
             logger.warning("exported with the %s exporter after the %s exporter failed", name, errors[0][0])
         return model_ir, name

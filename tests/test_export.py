@@ -603,3 +603,20 @@ def test_empty_outputs_are_exported_with_a_warning_that_parity_compared_nothing(
     with caplog.at_level(logging.WARNING, logger="igc_convert.export"):
         export_onnx(nn.Conv2d(3, 4, 3).eval(), tmp_path / "c.onnx", torch.randn(1, 3, 8, 8))
     assert "compared no value" not in caplog.text
+
+
+def test_the_opset_asked_for_is_the_opset_written_or_an_error(tmp_path):
+    # The dynamo exporter writes opset 18+ and converts down only where onnx's version converter can
+    # (not this model's BatchNorms): it used to hand back its own opset 18 for 13, silently.
+    from igc_convert.digits import digits_resnet
+
+    torch.manual_seed(0)
+    model = digits_resnet().eval()
+    x = torch.randn(1, 1, 12, 12)
+    res = export_onnx(model, tmp_path / "m13.onnx", x, opset=13)
+    assert res.opset == 13 and res.exporter == "torchscript"
+    assert [o.version for o in onnx.load(str(tmp_path / "m13.onnx")).opset_import if o.domain in ("", "ai.onnx")] == [13]
+    with pytest.raises(ExportError, match="opset 18, not the opset 13 asked for"):
+        export_onnx(model, tmp_path / "dynamo13.onnx", x, opset=13, exporter="dynamo")
+    assert not (tmp_path / "dynamo13.onnx").exists()
+    assert export_onnx(model, tmp_path / "m20.onnx", x, opset=20).opset == 20
