@@ -403,7 +403,14 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
             original, owned = working, True
             sites, path, path_reason = find_convs(original)
     if example is not None:
-        _record_input_sizes(original, sites, example)
+        try:
+            _record_input_sizes(original, sites, example)
+        except ModelError as err:
+            if example_inputs is not None:
+                raise
+            # the example is the first calibration image: name the data, which is the likelier culprit
+            raise DataError(f"calibration images of shape {tuple(batches[0].shape[1:])} do not fit the model "
+                            f"(its input channels and size?): {err}") from err
     guard_reference = copy.deepcopy(original) if owned and isinstance(target, LatencyRatio) else original
     if isinstance(target, (MacsRatio, LatencyRatio)) and example is None:
         raise ConfigError(f"a {TARGET_METRIC[type(target)]} target needs example inputs (or calibration images) "
