@@ -52,7 +52,7 @@ from .agreement import class_logits, kl_and_top1, top1_same
 from .blocks import conv_forward
 from .data import (MASK_IGNORE, SourceDataset, WithoutLabels, collate, first_image, has_labels, make_loader,
                    resolve_source)
-from .errors import CheckpointError, ConfigError, DataError, ModelError
+from .errors import CheckpointError, ConfigError, DataError, IGCError, ModelError, one_line
 from .features import FeatureDistiller
 from .files import atomic_write, check_creatable_folder, make_folder, remove_stale_temporaries
 from .linear import linear_site
@@ -242,6 +242,7 @@ def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, 
     >>> score(digits_resnet(), data).count
     8
     """
+    data = _as_dataset(data, "data")  # a list or tensor as finetune takes it: its labels are then seen
     if not has_labels(data) and teacher is None:
         raise DataError(f"{getattr(data, 'source', type(data).__name__)} has no labels and there is no original "
                         "model to compare with: nothing to score against")
@@ -497,8 +498,16 @@ def _labels_fit(shape: tuple[int, ...], train: Dataset, val: Dataset | None, *, 
 def _logit_shape(model: nn.Module, data: Dataset) -> tuple[int, ...]:
     """The shape of the model's logits for one item of ``data`` (a :class:`ModelError` before any training
     when its output has none)."""
-    with torch.no_grad(), eval_mode(model):
-        out = model(as_input(first_image(data).unsqueeze(0), model))
+    x = first_image(data).unsqueeze(0)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = model(as_input(x, model))
+    except IGCError:
+        raise
+    except Exception as err:  # the model ran in conversion: the images are the likelier culprit
+        source = getattr(data, "source", type(data).__name__)
+        raise DataError(f"the model fails on the images of {source}, of shape {tuple(x.shape[1:])} (its input "
+                        f"channels and size?): {type(err).__name__}: {one_line(err)}") from err
     return tuple(_logits(out, "student").shape)
 
 

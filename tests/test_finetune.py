@@ -900,3 +900,26 @@ def test_class_masks_from_a_dict_dataset_train_a_segmentation_model():
     result = finetune(Seg(), Halves(), val_data=Halves(),
                       config=FinetuneConfig(epochs=3, lr=5e-2, kd_weight=0, ce_weight=1, batch_size=8, progress=False))
     assert result.best.metric == "accuracy" and result.best.accuracy == 1.0
+
+
+def test_images_the_model_cannot_take_are_a_data_error_before_any_training(teacher):
+    steps = []
+    with pytest.raises(DataError, match=r"fails on the images of .*of shape \(3, 12, 12\).*RuntimeError"):
+        finetune(noisy_copy(teacher, 0.1), torch.randn(8, 3, 12, 12), teacher=teacher, on_step=steps.append,
+                 config=FinetuneConfig(epochs=1, progress=False))
+    assert steps == []
+    with pytest.raises(DataError, match="fails on the images"):
+        score(teacher, torch.randn(4, 3, 12, 12), teacher=teacher)
+
+
+def test_score_takes_a_list_of_pairs_as_finetune_does(teacher, caplog):
+    # Labels that cannot be the model's 10 classes: left out with a warning (an IndexError before).
+    x = digits("val", 8)
+    items = [(x[i][0], 42) for i in range(len(x))]
+    with caplog.at_level(logging.WARNING):
+        ev = score(teacher, items, teacher=teacher)
+    assert "cannot be its classes" in caplog.text and ev.count == 8 and ev.agreement == 1.0
+    with pytest.raises(DataError, match="nothing to score against"):
+        score(teacher, items)
+    good = [(x[i][0], int(x[i][1])) for i in range(len(x))]
+    assert score(teacher, good).accuracy == score(teacher, x).accuracy
