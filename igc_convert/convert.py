@@ -436,6 +436,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
 
     if include is not None and not any(_matches(s.name, include) for s in sites):
         raise ConfigError(f"include patterns {list(include)} match no conv; convs are named like {sites[0].name!r}")
+    if exclude and not eligible and "excluded" in reasons.values():
+        raise ConfigError(f"exclude patterns {list(exclude)} leave no conv to convert")
 
     # statistics
     sigmas: dict[str, torch.Tensor] = {}

@@ -390,6 +390,8 @@ def _api_cases() -> list[Case]:
             "no Conv2d layers to convert"),
         api("include-matches-nothing", lambda e: _convert(e, include=["no_such_layer*"]), ConfigError,
             "no_such_layer"),
+        api("exclude-leaves-nothing", lambda e: _convert(e, exclude=["*"]), ConfigError,
+            r"exclude patterns \['\*'\] leave no conv to convert"),
         api("meta-device-weights", lambda e: ic.convert(_meta(e), ic.ParamsRatio(0.5), progress=False), ModelError,
             "meta"),
         api("forward-raises", lambda e: _convert(e, factory="Explodes", example_inputs=X), ModelError,
