@@ -6,8 +6,17 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
+
+# Property tests draw the same examples on every run by default, so a run (CI's included) passes or
+# fails on the code alone; HYPOTHESIS_PROFILE=explore draws new ones, to look for failures.
+settings.register_profile("repeatable", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 
 @pytest.fixture(scope="module")
