@@ -165,6 +165,8 @@ def sample_photos() -> list[tuple[str, Tensor]]:
     return [(Path(f).name, _chw(img)) for f, img in zip(bunch.filenames, bunch.images)]
 
 
+#: The data sources known by name (anything else is a folder's path).
+NAMED_SOURCES = ("digits", "sample-images", "photos", "imagenet-samples")
 _NEEDS_SKIMAGE = "data source 'photos' needs scikit-image: pip install 'igc-convert[photos]'"
 _NEEDS_FOOLBOX = ("data source 'imagenet-samples' reads the ImageNet images foolbox ships: "
                   "pip install 'igc-convert[imagenet-samples]'")
@@ -540,13 +542,13 @@ def check_source(source: Any) -> None:
         raise DataError(_NEEDS_SKIMAGE)
     if name == "imagenet-samples" and importlib.util.find_spec("foolbox") is None:
         raise DataError(_NEEDS_FOOLBOX)
-    if name not in ("digits", "sample-images", "photos", "imagenet-samples") and not Path(name).exists():
+    if name not in NAMED_SOURCES and not Path(name).exists():
         raise _unknown_source(name)
 
 
 def _unknown_source(name: str) -> DataError:
-    return DataError(f"unknown data source {name!r}: not 'digits', 'sample-images', 'photos', "
-                     "'imagenet-samples' or an existing folder")
+    names = ", ".join(repr(n) for n in NAMED_SOURCES[:-1])
+    return DataError(f"unknown data source {name!r}: not {names}, {NAMED_SOURCES[-1]!r} or an existing folder")
 
 
 def _size_hw(image_size: Any) -> tuple[int, int]:

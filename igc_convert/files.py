@@ -29,8 +29,19 @@ def _umask_mode() -> int:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Fail early, before any work, if ``path`` cannot be written (missing or read-only folder, a folder
-    that takes no new file: probed with a temporary file, removed at once)."""
+    """Fail early, before any work, if ``path`` cannot be written: a missing or read-only folder, or one
+    that takes no new file (tried for real, :func:`_probe`)."""
+    path = _destination(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    reason = _probe(folder)
+    if reason:
+        raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not take new files ({reason})")
+    return path
+
+
+def _destination(path: str | os.PathLike) -> Path:
+    """``path`` as a file to write, checked without touching the disk (the writers' own temporary file
+    is their probe)."""
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
@@ -39,38 +50,35 @@ def check_writable(path: str | os.PathLike) -> Path:
         raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} is not writable")
     if path.is_dir():
         raise FileFormatError(f"cannot write {str(path)!r}: it is a folder")
-    try:  # for real: permission bits do not tell for root, nor for pseudo or full file systems
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=folder)
-    except OSError as err:
-        raise FileFormatError(f"cannot write {str(path)!r}: folder {str(folder)!r} does not take new files "
-                              f"({err.strerror or err})") from err
-    os.close(fd)
-    _discard(probe)
     return path
 
 
-def check_creatable_folder(path: str | os.PathLike, what: str = "folder") -> Path:
-    """Fail early, before any work, if the folder ``path`` cannot be created, or written to when it exists.
+def _probe(folder: Path) -> str:
+    """Why ``folder`` takes no new entry ("" when it does), found by making a temporary file there and
+    removing it at once: permission bits do not tell for root, nor for read-only or pseudo file systems."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".probe.", dir=folder)
+    except OSError as err:
+        return err.strerror or str(err)
+    os.close(fd)
+    _discard(probe)
+    return ""
 
-    Probed for real (a temporary entry made and removed at once: permission bits do not tell for root,
-    nor for read-only or pseudo file systems); nothing is left behind and ``path`` is not created.
-    """
+
+def check_creatable_folder(path: str | os.PathLike, what: str = "folder") -> Path:
+    """Fail early, before any work, if the folder ``path`` cannot be created, or written to when it exists
+    (its nearest existing folder is tried for real, :func:`_probe`); ``path`` is not created."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileFormatError(f"cannot use {str(path)!r} as the {what}: it is not a folder")
     parent = path
     while not parent.exists():
         parent = parent.absolute().parent
-    try:
-        if parent.is_dir():
-            os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
-            return path
-    except OSError as err:
-        reason = err.strerror or str(err)
-    else:
-        reason = f"{str(parent)!r} is not a folder"
-    action = "write to" if parent == path else "create"
-    raise FileFormatError(f"cannot {action} the {what} {str(path)!r}: {reason}")
+    reason = _probe(parent) if parent.is_dir() else f"{str(parent)!r} is not a folder"
+    if reason:
+        action = "write to" if parent == path else "create"
+        raise FileFormatError(f"cannot {action} the {what} {str(path)!r}: {reason}")
+    return path
 
 
 def make_folder(path: str | os.PathLike, what: str = "folder") -> Path:
@@ -92,7 +100,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with atomic_write("report.json", "w") as f:
             json.dump(report, f)
     """
-    path = check_writable(path)
+    path = _destination(path)
     fd, tmp = _mkstemp(path, ".tmp")
     try:
         f = os.fdopen(fd, mode)
@@ -114,7 +122,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     Yields a temporary path in the destination's folder; it is renamed over ``path`` on success and
     removed on failure.
     """
-    path = check_writable(path)
+    path = _destination(path)
     fd, tmp = _mkstemp(path, f".tmp{suffix}")
     os.close(fd)
     with _replacing(path, tmp):

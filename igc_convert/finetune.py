@@ -167,6 +167,8 @@ class FinetuneConfig:
             raise ConfigError("every loss weight is 0 (kd_weight, feature_weight, ce_weight): nothing to learn")
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("resume=True needs checkpoint_dir (where the checkpoint to resume is)")
+        if self.checkpoint_dir is not None:  # before minutes of training, not at the first save
+            check_creatable_folder(self.checkpoint_dir, "checkpoint folder")
 
     def trajectory(self) -> dict[str, Any]:
         """The options the weights depend on: a resumed run must use the same ones."""
@@ -372,8 +374,6 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
         result = finetune(student, train, teacher=teacher, val_data=val, config=FinetuneConfig(epochs=1))
         assert result.best.value >= result.start.value   # never worse than the start
     """
-    if config.checkpoint_dir is not None:  # before minutes of training, not at the first save
-        check_creatable_folder(config.checkpoint_dir, "checkpoint folder")
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)

@@ -289,11 +289,15 @@ def test_an_unusable_checkpoint_folder_fails_before_any_training(teacher, data, 
     (tmp_path / "file").write_bytes(b"x")
     folder = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "ckpt",
               "not creatable": tmp_path / "ro" / "ckpt"}[where]
-    if where == "not creatable":  # permission bits do not stop root: make the probe's mkdir fail instead
-        real = tempfile.mkdtemp
-        monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, dir=None, **k: (
-            (_ for _ in ()).throw(PermissionError(13, "Permission denied")) if Path(dir) == tmp_path
-            else real(*a, dir=dir, **k)))
+    if where == "not creatable":  # permission bits do not stop root: make the probe's file fail instead
+        real = tempfile.mkstemp
+
+        def mkstemp(*args, dir=None, **kwargs):
+            if Path(dir) == tmp_path:
+                raise PermissionError(13, "Permission denied")
+            return real(*args, dir=dir, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     steps = []
     with pytest.raises(FileFormatError, match="checkpoint folder"):
         finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val, on_step=steps.append,

@@ -38,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "at a larger size")
     parser.add_argument("--original", metavar="PATH",
                         help="also export the original (unconverted) model here, the same way, for comparison")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset the file must have (default: the exporter's); --exporter auto takes TorchScript "
-                             "where the dynamo exporter cannot convert its graph to it")
+    parser.add_argument("--opset", type=int, default=None,
+                        help="ONNX opset the file must have (default: the exporter's); --exporter auto takes "
+                             "TorchScript where the dynamo exporter cannot convert its graph to it")
     parser.add_argument("--rtol", type=float, default=1e-4,
                         help="largest accepted onnxruntime-vs-PyTorch error relative to the output scale")
     parser.add_argument("--channels", type=int, default=None,

@@ -88,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..data import check_source, resolve_source
-    from ..files import check_creatable_folder, check_writable
+    from ..files import check_writable
     from ..finetune import finetune, is_main_process
     from ..serialize import load, save
 
@@ -101,8 +101,6 @@ def run(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be positive, got {value}")
     check_writable(args.output)  # before minutes of training
-    if args.checkpoint_dir:
-        check_creatable_folder(args.checkpoint_dir, "checkpoint folder")
     for source in (args.data, args.val_data):
         if source:
             check_source(source)  # before the teacher is rebuilt (a download, maybe)
