@@ -31,6 +31,24 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def refuse_new_files(monkeypatch):
+    """``refuse(folder, err)``: every temporary file made in ``folder`` raises ``err`` from then on, as a
+    read-only or pseudo file system would even for root (whom permission bits never stop)."""
+    import tempfile
+
+    real = tempfile.mkstemp
+    refused: dict[Path, OSError] = {}
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir) in refused:
+            raise refused[Path(dir)]
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return lambda folder, err: refused.__setitem__(Path(folder), err)
+
+
 @pytest.fixture(scope="module")
 def converted_files(tmp_path_factory):
     """Two converted digits models (different plans) written as the convert command would."""

@@ -102,21 +102,12 @@ def test_an_unusable_checkpoint_folder_fails_before_the_model_is_read(tmp_path, 
 
 
 @pytest.mark.parametrize("command", ["convert", "export"])
-def test_an_output_folder_that_takes_no_new_file_fails_before_any_work(command, tmp_path, monkeypatch, capsys):
+def test_an_output_folder_that_takes_no_new_file_fails_before_any_work(command, tmp_path, refuse_new_files, capsys):
     # Permission bits do not stop root (nor tell of a read-only or pseudo file system): the check
     # makes a file there for real. The model (a name that builds nothing, a missing file) would fail too.
-    import tempfile
-
     ro = tmp_path / "ro"
     ro.mkdir()
-    real = tempfile.mkstemp
-
-    def mkstemp(*args, dir=None, **kwargs):
-        if Path(dir) == ro:
-            raise OSError(30, "Read-only file system")
-        return real(*args, dir=dir, **kwargs)
-
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    refuse_new_files(ro, OSError(30, "Read-only file system"))
     argv = {"convert": ["convert", "no_such_model", "--params-ratio", "0.5", "-o", str(ro / "out.safetensors")],
             "export": ["export", str(tmp_path / "missing.safetensors"), "-o", str(ro / "out.onnx")]}[command]
     assert main(argv) == 2

@@ -9,7 +9,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -284,20 +283,13 @@ def test_resume_with_a_checkpoint_of_another_model_fails_and_keeps_it(teacher, d
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file", "not creatable"])
-def test_an_unusable_checkpoint_folder_fails_before_any_training(teacher, data, tmp_path, monkeypatch, where):
+def test_an_unusable_checkpoint_folder_fails_before_any_training(teacher, data, tmp_path, refuse_new_files, where):
     train, val = data
     (tmp_path / "file").write_bytes(b"x")
     folder = {"a file": tmp_path / "file", "under a file": tmp_path / "file" / "ckpt",
               "not creatable": tmp_path / "ro" / "ckpt"}[where]
-    if where == "not creatable":  # permission bits do not stop root: make the probe's file fail instead
-        real = tempfile.mkstemp
-
-        def mkstemp(*args, dir=None, **kwargs):
-            if Path(dir) == tmp_path:
-                raise PermissionError(13, "Permission denied")
-            return real(*args, dir=dir, **kwargs)
-
-        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    if where == "not creatable":
+        refuse_new_files(tmp_path, PermissionError(13, "Permission denied"))
     steps = []
     with pytest.raises(FileFormatError, match="checkpoint folder"):
         finetune(noisy_copy(teacher, 0.1), train, teacher=teacher, val_data=val, on_step=steps.append,
