@@ -26,7 +26,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -75,6 +75,8 @@ class ConversionResult:
     model: nn.Module
     plan: list[dict[str, Any]]
     report: Report
+    #: Why no conv was converted, when none was (empty otherwise).
+    unconverted: str = ""
 
     @property
     def records(self) -> list[LayerRecord]:
@@ -542,10 +544,15 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     plan: list[dict[str, Any]] = []
     records: dict[str, LayerRecord] = {}
     todo = [(s, spec, c) for s, spec, c in zip(eligible, specs, chosen) if c.kind != "dense"]
-    for s, spec, c in zip(eligible, specs, chosen):
+    for s, cands, c in zip(eligible, per_layer, chosen):
         if c.kind == "dense":
-            reasons[s.name] = ("no block is cheaper than the dense conv" if len(per_layer[specs.index(spec)]) == 1
-                               else "kept dense by the planner")
+            blocks = [x for x in cands if x.kind != "dense"]
+            if not blocks:
+                reasons[s.name] = "no block is cheaper than the dense conv"
+            elif isinstance(target, MaxError):
+                reasons[s.name] = f"lowest block error {min(x.error for x in blocks):.3g} > {target.error:g}"
+            else:
+                reasons[s.name] = "kept dense by the planner"
     resumable = None
     if batches is not None and sequential:
         from . import calibrate
@@ -631,7 +638,8 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     report = Report([records[s.name] for s in sites], path, path_reason, _describe(target, multiple), mode,
                     model_name)
     log.info("converted %d of %d convs (%s)", len(plan), len(sites), report.target)
-    result = ConversionResult(converted, plan, report)
+    result = ConversionResult(converted, plan, report,
+                              "" if plan else _why_unconverted(target, eligible, per_layer, sites, reasons))
     if isinstance(target, LatencyRatio) and plan:
         # The per-layer plan adds up latencies measured alone; the whole model is what must not be
         # slower: measure it against the original and put layers back until it is within the target.
@@ -641,8 +649,34 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
     if linear:
         unwrap_dense(result.model)  # Linears left dense become plain nn.Linear again: the plan rebuilds the rest
     stdconv.restore(result.model, standardised)
+    if isinstance(target, LatencyRatio) and not result.plan and not result.unconverted:
+        # the whole-model check put every layer back
+        result.unconverted = (f"every converted layer was put back: with them the model measured slower than "
+                              f"{target.ratio:g} × the original on this machine")
+    if result.unconverted:
+        log.warning("no conv was converted: %s", result.unconverted)
     result.plan[:0] = kept
     return result
+
+
+def _why_unconverted(target: Target, eligible: Sequence[ConvSite], per_layer: Sequence[Sequence[Any]],
+                     sites: Sequence[ConvSite], reasons: Mapping[str, str]) -> str:
+    """Why a plan converts no conv, in the words of a ``target`` the user can change."""
+    blocks = [(x.error, s.name) for s, cands in zip(eligible, per_layer) for x in cands if x.kind != "dense"]
+    if not eligible:
+        return f"no conv can be converted ({reasons[sites[0].name]}" + (
+            f", and {len(sites) - 1} more)" if len(sites) > 1 else ")")
+    if not blocks:
+        return "no block shape is cheaper than its dense conv"
+    if isinstance(target, MaxError):
+        error, name = min(blocks)
+        return (f"no block reaches a layer error <= {target.error:g}: the lowest any layer's blocks reach is "
+                f"{error:.3g} (at {name}); raise the max error")
+    if isinstance(target, LatencyRatio):
+        return "no block measured in onnxruntime on this machine fits the latency target"
+    if target.ratio >= 1:
+        return f"a {'MACs' if isinstance(target, MacsRatio) else 'params'} ratio of {target.ratio:g} keeps every conv dense"
+    return "the planner kept every conv dense"
 
 
 def _functional_convs(model: nn.Module) -> str:

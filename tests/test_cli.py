@@ -114,3 +114,19 @@ def test_an_output_folder_that_takes_no_new_file_fails_before_any_work(command, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not take new files (Read-only file system)" in err[0]
     assert list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("target, why", [
+    (["--max-error", "1e-9"], r"no block reaches a layer error <= 1e-09: the lowest any layer's blocks reach is "
+                              r"[\d.]+ \(at layer[\w.]+\); raise the max error"),
+    (["--params-ratio", "1"], r"a params ratio of 1 keeps every conv dense"),
+], ids=["max-error", "ratio-one"])
+def test_a_target_that_converts_nothing_writes_nothing_and_says_why(target, why, tmp_path, capsys):
+    # The file would be the original model under a new name: the run fails (exit 2), the user's file stays.
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"the user's file")
+    code = main(["convert", "resnet18", "--input-size", "32", "-o", str(out), *target])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert re.fullmatch("igc-convert convert: error: no conv was converted, nothing written: " + why, err[-1]), err[-1]
+    assert out.read_bytes() == b"the user's file" and [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]

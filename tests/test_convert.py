@@ -174,6 +174,35 @@ def test_exclude_and_max_error_targets():
             assert r.weight_error <= 0.9 + 1e-6
 
 
+def test_a_max_error_keeps_dense_the_layers_no_block_fits_and_says_how_close_they_came(caplog):
+    net = _net()
+    loose = ic.convert(net, ic.MaxError(0.6), example_inputs=X, progress=False)
+    assert loose.plan and loose.unconverted == ""
+    best = {}
+    for r in loose.records:
+        if not r.converted and r.reason.startswith("lowest block error"):
+            best[r.name] = float(r.reason.split()[3])
+            assert best[r.name] > 0.6 and r.reason.endswith("> 0.6")
+    with caplog.at_level(logging.WARNING, logger="igc_convert.convert"):
+        tight = ic.convert(net, ic.MaxError(1e-9), example_inputs=X, progress=False)
+    assert tight.plan == [] and not any(r.converted for r in tight.records)
+    fitted = [r for r in tight.records if r.reason.startswith("lowest block error")]
+    assert [r.name for r in fitted] == ["c1", "c2", "c3"]  # "dw" is grouped: never a candidate
+    assert all(r.reason.endswith("> 1e-09") for r in fitted)
+    lowest = min(float(r.reason.split()[3]) for r in fitted)
+    assert tight.unconverted.startswith(f"no block reaches a layer error <= 1e-09: the lowest any layer's blocks "
+                                        f"reach is {lowest:.3g} (at ")
+    assert f"no conv was converted: {tight.unconverted}" in caplog.text
+    torch.testing.assert_close(tight.model(X), net(X))
+
+
+@pytest.mark.parametrize("target, why", [(ic.ParamsRatio(1.0), "a params ratio of 1 keeps every conv dense"),
+                                         (ic.MacsRatio(1.0), "a MACs ratio of 1 keeps every conv dense")])
+def test_a_ratio_of_one_converts_nothing_and_says_so(target, why):
+    result = ic.convert(_net(), target, example_inputs=X, progress=False)
+    assert result.plan == [] and result.unconverted == why
+
+
 def test_macs_target():
     result = ic.convert(_net(), ic.MacsRatio(0.6), example_inputs=X, progress=False)
     assert result.report.totals()["macs_ratio"] <= 0.6 + 1e-9

@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
                      residual_correction=not args.no_residual_correction,
                      refit_linears=args.refit_linears, seed=args.seed, plan_by=args.plan_by,
                      linear=args.linear, channel_multiple=args.channel_multiple, model_name=args.model)
+    if result.unconverted:  # the file would be the original model: say why instead of writing it
+        raise ConfigError(f"no conv was converted, nothing written: {result.unconverted}")
     if args.calib and args.check_samples:
         result.report.agreement = _check(model, result.model, args, (height, width), channels)
     save(args.output, result.model, origin=origin, plan=result.plan, report=result.report.to_dict())
