@@ -39,7 +39,7 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -360,20 +360,23 @@ class FinetuneResult:
 
 # ------------------------------------------------------------------------------------ entry point
 def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None, val_data: Any = None,
-             config: FinetuneConfig = FinetuneConfig(),
-             on_step: Callable[[int], None] | None = None) -> FinetuneResult:
+             config: FinetuneConfig | None = None, on_step: Callable[[int], None] | None = None,
+             **options: Any) -> FinetuneResult:
     """Fine-tune ``student`` (in place) on ``data``, distilling from ``teacher``; return the best state.
 
     ``data``/``val_data``: a data set from :func:`igc_convert.data.resolve_source` or any Python
     object it accepts (Dataset, DataLoader, tensor, iterable of tensors or ``(x, y)`` pairs).
-    ``on_step(step)`` is called after every optimiser step (and its checkpoint), e.g. to stop early by
-    raising. The caller's RNG states are restored on return.
+    ``config`` (default ``FinetuneConfig()``) shapes the run; ``options`` are any of its fields,
+    which override it (``epochs=3, lr=1e-3``). ``on_step(step)`` is called after every optimiser
+    step (and its checkpoint), e.g. to stop early by raising. The caller's RNG states are restored on
+    return.
 
     Example::
 
-        result = finetune(student, train, teacher=teacher, val_data=val, config=FinetuneConfig(epochs=1))
+        result = finetune(student, train, teacher=teacher, val_data=val, epochs=1)
         assert result.best.value >= result.start.value   # never worse than the start
     """
+    config = _with_options(FinetuneConfig() if config is None else config, options)
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None
     _check_sources(config, teacher, train_set, val_set)
@@ -400,6 +403,19 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
             return trainer.run()
         finally:
             trainer.close()
+
+
+def _with_options(config: FinetuneConfig, options: Mapping[str, Any]) -> FinetuneConfig:
+    """``config`` with ``options`` (field name → value) in place of its own values, validated anew."""
+    if not isinstance(config, FinetuneConfig):
+        raise ConfigError(f"config must be a FinetuneConfig, got {type(config).__name__}")
+    fields = {f.name for f in dataclasses.fields(FinetuneConfig) if f.init}
+    unknown = sorted(set(options) - fields)
+    if unknown:
+        raise ConfigError(f"finetune() got unknown option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                          f"it takes teacher, val_data, config, on_step and FinetuneConfig's fields: "
+                          f"{', '.join(sorted(fields))}")
+    return dataclasses.replace(config, **options) if options else config
 
 
 def is_main_process() -> bool:

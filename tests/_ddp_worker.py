@@ -7,6 +7,7 @@ Each rank saves ``OUT/rank{RANK}.pt`` with its final weights and the paths it wr
 ``atomic_write`` (spied on), so the test can check identical weights and rank-0-only checkpoints.
 """
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-import igc_convert.finetune as ft
+ft = importlib.import_module("igc_convert.finetune")  # the package binds the function to "finetune"
 from igc_convert.data import resolve_source
 
 

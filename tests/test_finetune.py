@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 import logging
 import os
@@ -327,6 +328,33 @@ def test_bad_config_is_a_config_error(kwargs):
         FinetuneConfig(**kwargs)
 
 
+def test_options_given_to_finetune_are_the_config_s_fields(teacher, data):
+    train, val = data
+    config = FinetuneConfig(epochs=1, lr=3e-3, progress=False)
+    by_config = finetune(noisy_copy(teacher, 0.5), train, teacher=teacher, val_data=val, config=config).model
+    by_options = finetune(noisy_copy(teacher, 0.5), train, teacher=teacher, val_data=val, epochs=1, lr=3e-3,
+                          progress=False).model
+    # options override the config's own values: the same run whichever way it is asked for
+    overridden = finetune(noisy_copy(teacher, 0.5), train, teacher=teacher, val_data=val,
+                          config=FinetuneConfig(epochs=2, lr=1.0, progress=False), epochs=1, lr=3e-3).model
+    assert not states_equal(by_config, noisy_copy(teacher, 0.5))  # it trained
+    assert states_equal(by_config, by_options) and states_equal(by_config, overridden)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epoch=1), "unknown option epoch; it takes teacher, val_data, config, on_step and FinetuneConfig's fields: "
+                    "amp, augment, batch_size"),
+    (dict(epochs=0), "fine-tune option epochs=0: must be a positive integer"),
+    (dict(config=dict(epochs=1)), "config must be a FinetuneConfig, got dict"),
+], ids=["misspelt", "invalid", "config-not-a-config"])
+def test_a_bad_option_is_a_config_error_before_any_training(teacher, data, kwargs, match):
+    student = noisy_copy(teacher, 0.5)
+    before = copy.deepcopy(student)
+    with pytest.raises(ConfigError, match=match):
+        finetune(student, data[0], teacher=teacher, **kwargs)
+    assert states_equal(student, before)
+
+
 def test_loss_and_data_mismatches_are_clear_errors(teacher, data):
     train, val = data
     unlabelled = torch.randn(16, 1, 8, 8)
@@ -470,7 +498,7 @@ def test_cli_fine_tunes_a_converted_torchvision_detector(tmp_path, capsys):
 
 def _cli_config(converted_files, tmp_path, monkeypatch, flags: list[str]) -> FinetuneConfig:
     """The FinetuneConfig the finetune command builds from ``flags`` (it stops before training)."""
-    import igc_convert.finetune as ft
+    ft = importlib.import_module("igc_convert.finetune")  # the package binds the function to "finetune"
 
     seen = {}
 
@@ -510,7 +538,7 @@ def test_cli_finetune_augment_option_reaches_the_config(converted_files, tmp_pat
     ("digits", [], [], (1438, 359)),
 ])
 def test_cli_finetune_sample_counts(converted_files, tmp_path, monkeypatch, source, samples, val_samples, want):
-    import igc_convert.finetune as finetune_module
+    finetune_module = importlib.import_module("igc_convert.finetune")
 
     if source == "photos":
         pytest.importorskip("skimage")
@@ -577,7 +605,7 @@ def test_cli_finetune_bad_input_is_exit_2_and_writes_nothing(converted_files, tm
 def test_cli_teacher_of_a_random_init_conversion_is_that_very_model(tmp_path, monkeypatch):
     """`convert --weights none` then `finetune --teacher auto`: the teacher is the model that was
     converted (same seeded init), not another random draw of its architecture."""
-    import igc_convert.finetune as finetune_module
+    finetune_module = importlib.import_module("igc_convert.finetune")
     from igc_convert.models import build_model, state_digest
 
     out = tmp_path / "c.safetensors"
