@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from .errors import DataError, ModelError
-from .modes import as_input, eval_mode
+from .modes import as_input, eval_mode, require_module
 from .report import Agreement
 
 
@@ -107,6 +107,8 @@ def measure_agreement(original: nn.Module, converted: nn.Module, images: Any, *,
 
     from .convert import calibration_batches
 
+    require_module(original, "original")
+    require_module(converted, "converted")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
     try:

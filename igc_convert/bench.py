@@ -197,6 +197,8 @@ def _check_settings(threads: int, runs: int, warmup: int) -> None:
 
 
 def _load_onnx(path: str | os.PathLike) -> onnx.ModelProto:
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"an ONNX model path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise FileFormatError(f"{str(path)!r} does not exist or is not a file")

@@ -39,7 +39,7 @@ from .calibrate import BatchNormLeafTracer
 from .data import split_item
 from .errors import ConfigError, DataError, IGCError, ModelError, UnsupportedLayerError, call_model
 from .linear import LinearAsConv, linear_site, unwrap_dense, wrap_linears
-from .modes import as_input
+from .modes import as_input, require_module
 from .plan import (TARGET_METRIC, LatencyRatio, LayerSpec, MacsRatio, MaxError, ParamsRatio, Target,
                    allocate, allocate_fast_first, candidates, uniform)
 from .plan import channel_multiple as resolve_channel_multiple
@@ -199,6 +199,7 @@ def apply_plan(model: nn.Module, plan: Sequence[dict[str, Any]], *, fit: bool = 
     whose parent is an ``nn.Linear`` (a Linear converted with ``linear=True``) first wraps that Linear
     in a :class:`~igc_convert.linear.LinearAsConv`.
     """
+    require_module(model)
     swaps = []  # build every block first: a bad entry must not leave the plan half-applied
     for entry in plan:
         try:
@@ -341,8 +342,7 @@ def convert(model: nn.Module, target: Target, *, block: str = "igcv1", example_i
         raise ModelError(f"cannot convert a compiled {type(model).__name__} (its convs are no longer nn.Conv2d "
                          "modules to replace); convert the nn.Module it was made from, then export or script "
                          "the result")
-    if not isinstance(model, nn.Module):
-        raise ModelError(f"expected an nn.Module, got {type(model).__name__}")
+    require_module(model)
     compiled = getattr(model, "_orig_mod", None)
     if isinstance(compiled, nn.Module) and type(model).__name__ == "OptimizedModule":
         # torch.compile's wrapper: calibration through it recompiles for every hook (minutes, for the

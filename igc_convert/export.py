@@ -47,7 +47,7 @@ from torch import nn
 
 from .errors import ConfigError, ExportError, IGCError, ModelError
 from .files import atomic_write, check_writable
-from .modes import eval_mode
+from .modes import eval_mode, require_module
 from .shuffle import as_gather
 
 logger = logging.getLogger(__name__)
@@ -218,13 +218,14 @@ def to_onnx_model(model: nn.Module, example_input: torch.Tensor, *, dynamic_batc
     computed first — which also turns "input too small" into a clear error — and returned for
     :func:`parity`.
     """
-    if not isinstance(model, nn.Module):
-        raise ConfigError(f"expected an nn.Module, got {type(model).__name__}")
+    require_module(model)
     if not isinstance(example_input, torch.Tensor) or example_input.dim() < 1:
         raise ConfigError("example_input must be a tensor with a batch dimension, "
                           f"got {type(example_input).__name__}")
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int) or opset < 1):
+        raise ConfigError(f"opset must be a positive integer (or None: the exporter's), got {opset!r}")
     if dynamic_size and (example_input.dim() != 4 or not example_input.is_floating_point()):
         raise ConfigError("dynamic_size needs a float image batch N×C×H×W as example input, "
                           f"got shape {list(example_input.shape)} ({example_input.dtype})")

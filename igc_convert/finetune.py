@@ -56,7 +56,7 @@ from .errors import CheckpointError, ConfigError, DataError, IGCError, ModelErro
 from .features import FeatureDistiller
 from .files import atomic_write, check_creatable_folder, make_folder, remove_stale_temporaries
 from .linear import linear_site
-from .modes import as_input, eval_mode
+from .modes import as_input, eval_mode, require_module
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,9 @@ def score(model: nn.Module, data: Dataset, teacher: nn.Module | None = None, *, 
     >>> score(digits_resnet(), data).count
     8
     """
+    require_module(model)
+    if teacher is not None:
+        require_module(teacher, "teacher")
     data = _as_dataset(data, "data")  # a list or tensor as finetune takes it: its labels are then seen
     if not has_labels(data) and teacher is None:
         raise DataError(f"{getattr(data, 'source', type(data).__name__)} has no labels and there is no original "
@@ -376,6 +379,9 @@ def finetune(student: nn.Module, data: Any, *, teacher: nn.Module | None = None,
         result = finetune(student, train, teacher=teacher, val_data=val, epochs=1)
         assert result.best.value >= result.start.value   # never worse than the start
     """
+    require_module(student, "student")
+    if teacher is not None:
+        require_module(teacher, "teacher")
     config = _with_options(FinetuneConfig() if config is None else config, options)
     train_set = _as_dataset(data, "data")
     val_set = _as_dataset(val_data, "val_data") if val_data is not None else None

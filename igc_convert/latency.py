@@ -36,7 +36,7 @@ from . import bench
 from .blocks import BLOCKS
 from .errors import ConfigError, IGCError
 from .linear import LinearAsConv, dense_conv
-from .modes import eval_mode
+from .modes import eval_mode, require_module
 from .plan import Candidate, LayerSpec, lower_hull
 
 if TYPE_CHECKING:  # convert imports this module lazily; avoid the cycle at import time
@@ -327,6 +327,7 @@ def enforce_not_slower(original: nn.Module, result: "ConversionResult", example_
         result = enforce_not_slower(model, result, x, ratio=1.0)
         [r.name for r in result.records if r.reason == REVERTED]
     """
+    require_module(original, "original")
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0):
         raise ConfigError(f"latency ratio must be a positive number, got {ratio!r}")
     if not (isinstance(margin, (int, float)) and 0 <= margin < 1):

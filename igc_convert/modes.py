@@ -9,6 +9,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .errors import ModelError
+
 
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module) -> Iterator[None]:
@@ -48,3 +50,15 @@ def as_input(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """``x`` on ``model``'s device, and in its floating dtype when ``x`` is floating."""
     device, dtype = placement(model)
     return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
+
+
+def require_module(obj: object, role: str = "model") -> None:
+    """:class:`ModelError` unless ``obj`` is an ``nn.Module`` (a name or a path passed where a model goes).
+
+    >>> require_module("resnet18", "teacher")
+    Traceback (most recent call last):
+    ...
+    igc_convert.errors.ModelError: teacher must be a torch.nn.Module, got str
+    """
+    if not isinstance(obj, nn.Module):
+        raise ModelError(f"{role} must be a torch.nn.Module, got {type(obj).__name__}")
