@@ -25,6 +25,7 @@ import fnmatch
 import functools
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -664,8 +665,8 @@ def _why_unconverted(target: Target, eligible: Sequence[ConvSite], per_layer: Se
     """Why a plan converts no conv, in the words of a ``target`` the user can change."""
     blocks = [(x.error, s.name) for s, cands in zip(eligible, per_layer) for x in cands if x.kind != "dense"]
     if not eligible:
-        return f"no conv can be converted ({reasons[sites[0].name]}" + (
-            f", and {len(sites) - 1} more)" if len(sites) > 1 else ")")
+        counts = Counter(reasons[s.name] for s in sites)
+        return "no conv can be converted: " + "; ".join(f"{why} ({n}×)" if n > 1 else why for why, n in counts.items())
     if not blocks:
         return "no block shape is cheaper than its dense conv"
     if isinstance(target, MaxError):

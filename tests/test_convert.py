@@ -203,6 +203,15 @@ def test_a_ratio_of_one_converts_nothing_and_says_so(target, why):
     assert result.plan == [] and result.unconverted == why
 
 
+def test_a_model_with_no_convertible_conv_says_why_per_reason():
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, groups=8), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1, groups=2))
+    result = ic.convert(net, ic.MaxError(0.5), example_inputs=torch.randn(1, 8, 16, 16), progress=False)
+    assert result.plan == []
+    assert result.unconverted == ("no conv can be converted: grouped conv (groups=8) is already sparse; only groups=1 "
+                                  "convs are converted (2×); grouped conv (groups=2) is already sparse; only groups=1 "
+                                  "convs are converted")
+
+
 def test_macs_target():
     result = ic.convert(_net(), ic.MacsRatio(0.6), example_inputs=X, progress=False)
     assert result.report.totals()["macs_ratio"] <= 0.6 + 1e-9
