@@ -135,10 +135,28 @@ def run_demo(config: DemoConfig = DemoConfig()) -> DemoSummary:
                                + f" (converted / original, {config.threads} threads)",
         "wall time": f"{time.perf_counter() - t0:.0f} s",
     }
+    note = speed_note([r.ratio for r in bench.rows])
+    if note:
+        summary.rows["note"] = note
     summary.files = [str(f) for f in files]
     _figure(files[3], t, (dense_acc, init_acc, tuned_acc), bench, config)
     print(summary.table(), flush=True)
     return summary
+
+
+def speed_note(ratios: list[float]) -> str | None:
+    """What to make of a converted model measured slower than its original (None when it is not).
+
+    >>> speed_note([0.8, 0.9]) is None
+    True
+    >>> speed_note([1.1, 0.9]).startswith("the converted model is slower here")
+    True
+    """
+    if max(ratios, default=0.0) <= 1:
+        return None
+    return ("the converted model is slower here: the demo plans for size, and at 12x12 a block's extra, small "
+            "convs cost more than the MACs they save on this CPU; a latency target (convert --latency-ratio "
+            "1.0) keeps dense every layer whose block measures slower")
 
 
 def _figure(path: Path, totals: dict, accs: tuple[float, float, float], bench, config: DemoConfig) -> None:
