@@ -147,6 +147,41 @@ def test_subsampled_sigma_is_close_and_seeded():
         assert not torch.equal(sub[name], other[name])
 
 
+@pytest.mark.parametrize("exponent", [70, -70], ids=["2^70", "2^-70"])
+def test_statistics_do_not_depend_on_the_scale_of_the_activations(exponent):
+    # Products of activations near 1e21 (or 1e-21) overflow (underflow) float32; the matmuls run on
+    # rows scaled by a power of two and the float64 sums take the scale back, exactly.
+    net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
+    torch.manual_seed(2)
+    batches = [torch.randn(4, 3, 6, 6) + 0.5 for _ in range(2)]
+    big = [x * 2.0 ** exponent for x in batches]
+    ref = cal.collect_input_moments(net, ["0"], batches, progress=False)["0"]
+    got = cal.collect_input_moments(net, ["0"], big, progress=False)["0"]
+    torch.testing.assert_close(got.sigma * 2.0 ** (-2 * exponent), ref.sigma, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.mean * 2.0 ** -exponent, ref.mean, rtol=1e-6, atol=0)
+    paired = cal.collect_paired_stats(net, net, "0", big, progress=False)
+    for m in (paired.sigma_actual, paired.cross, paired.sigma_original):
+        torch.testing.assert_close(m * 2.0 ** (-2 * exponent), ref.sigma, rtol=1e-6, atol=0)
+
+
+def test_a_large_batch_runs_in_several_forwards_with_the_same_statistics(monkeypatch):
+    net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
+    torch.manual_seed(3)
+    batches = [torch.randn(10, 3, 6, 6), torch.randn(3, 3, 6, 6)]
+    sizes = []
+    net.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    whole = cal.collect_input_moments(net, ["0", "2"], batches, max_positions=36, progress=False)
+    monkeypatch.setattr(cal, "_FORWARD_ELEMENTS", 4 * 3 * 6 * 6)  # four images per forward
+    sizes.clear()
+    parts = cal.collect_input_moments(net, ["0", "2"], batches, max_positions=36, progress=False)
+    assert sizes == [1, 4, 4, 2, 3]  # the layout probe (one image), then batch 0 in three parts, batch 1
+    for name in ("0", "2"):
+        torch.testing.assert_close(parts[name].sigma, whole[name].sigma, rtol=1e-5, atol=1e-6)  # float32 products
+        torch.testing.assert_close(parts[name].sigma, _brute_sigma(net[int(name)], [b if name == "0" else
+                                   net[1](net[0](b)) for b in batches]), rtol=1e-5, atol=1e-7)
+        assert parts[name].count == whole[name].count == 13 * 36
+
+
 def test_memory_budget_groups_give_the_same_result(caplog):
     net = _net(CONVS["k3-p1"], c_in=3, c_mid=8)
     batches = [torch.randn(4, 3, 12, 12) for _ in range(2)]
