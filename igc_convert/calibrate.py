@@ -454,8 +454,9 @@ class InputMoments:
         ``R_c R_cᵀ`` this matrix: the rank of the fit goes to how the inputs *vary*, not to their mean
         (large and positive after a ReLU), which the bias reproduces exactly.
         """
-        cov = self.sigma - torch.outer(self.mean, self.mean)
-        return 0.5 * (cov + cov.T)
+        # One n×n allocation: with Σ exactly symmetric (as collected) so is Σ − μμᵀ, μ_i·μ_j being μ_j·μ_i.
+        cov = torch.outer(self.mean, self.mean).neg_().add_(self.sigma)
+        return cov if torch.equal(self.sigma, self.sigma.mT) else 0.5 * (cov + cov.mT)
 
 
 def stats_bytes(conv: nn.Conv2d | nn.Linear) -> int:
