@@ -122,7 +122,7 @@ def test_blocked_gram_for_long_patches(block, monkeypatch):
         monkeypatch.setattr(cal, "_GRAM_BLOCK", block)  # 2·7 < 18 = patch length: blocks of 7, 7, 4
         conv, x = nn.Conv2d(2, 3, 3, padding=1), torch.randn(3, 2, 6, 5)
     else:
-        conv, x = nn.Conv2d(120, 2, 3), torch.randn(2, 120, 5, 5)  # n = 1080 > 2·512
+        conv, x = nn.Conv2d(120, 2, 3), torch.randn(2, 120, 5, 5)  # n = 1080 > 2·_GRAM_BLOCK (256)
     net = nn.Sequential(conv)
     sigma = cal.collect_input_stats(net, ["0"], [x], max_positions=1000, progress=False)["0"]
     expected = _brute_sigma(conv, [x])
