@@ -611,6 +611,32 @@ class _Branchy(nn.Module):
         return self.conv(x) if x.sum() > 0 else -self.conv(x)  # data-dependent: not traceable
 
 
+def test_resumed_statistics_keep_large_batches_in_parts_with_the_same_result(monkeypatch):
+    torch.manual_seed(1)
+    net = _Residual().eval()
+    layers = ["stem", "a", "b", "head"]
+    batches = [torch.randn(9, 3, 9, 9), torch.randn(4, 3, 9, 9)]
+    converted = copy.deepcopy(net)
+    converted.a = _perturbed(net.a, 5)
+    sizes = []
+    converted.bn.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+
+    def stats():
+        sizes.clear()
+        resumed = cal.SequentialStats.create(net, converted, layers, batches, max_positions=100, seed=3)
+        return [resumed(name) for name in layers]
+
+    want = stats()
+    assert sizes == [9, 4]
+    monkeypatch.setattr(cal, "_FORWARD_ELEMENTS", 4 * 3 * 9 * 9)  # four images a part
+    got = stats()
+    assert sizes == [4, 4, 1, 4]
+    for g, w in zip(got, want):
+        assert g.count == w.count
+        for key in ("sigma_actual", "cross", "sigma_original", "mean_actual", "mean_original"):
+            torch.testing.assert_close(getattr(g, key), getattr(w, key), rtol=1e-5, atol=1e-6)
+
+
 def test_resumable_statistics_decline_what_they_cannot_do(caplog):
     torch.manual_seed(0)
     batches = [torch.randn(2, 3, 8, 8)]
