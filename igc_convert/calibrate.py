@@ -76,7 +76,7 @@ _CHUNK_ELEMENTS = 1 << 22
 #: convolutions run less efficiently. ResNet-50's statistics pass, 256 images, 2 threads, medians of
 #: three alternated runs: 35.6 s at 32 images per forward, 34.9 s at 6, 33.2 s at 16. The sequential
 #: statistics keep their activations in batches of this size too (the whole sequential conversion:
-#: 159.5 s at 32 images, 153.4 s at 16, 152.2 s at 8).
+#: 159.5 s at 32 images, 153.4 s at 16, 152.2 s at 8; one run each).
 _FORWARD_ELEMENTS = 16 * 3 * 224 * 224
 
 _BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
