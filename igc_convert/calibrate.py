@@ -236,6 +236,18 @@ def _finish(geom: _Geometry, acc: Tensor, count: int) -> Tensor:
     return geom.to_unfold_order(acc.cpu()).div_(count)
 
 
+def _minus_outer(m: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``m − a bᵀ`` (float64), making one ``n × n`` tensor where ``m - torch.outer(a, b)`` makes two: the
+    same bits (``−x + m`` is ``m − x``), so exactly symmetric when ``m`` is and ``a`` is ``b``."""
+    return torch.outer(a.to(torch.float64), b.to(torch.float64)).neg_().add_(m)
+
+
+def _symmetric(m: Tensor) -> Tensor:
+    """``m`` itself when exactly symmetric (as collected), else ``(m + mᵀ) / 2``: a comparison instead of
+    two ``n × n`` temporaries for the 4608-wide moments of a 3×3 conv."""
+    return m if torch.equal(m, m.mT) else 0.5 * (m + m.mT)
+
+
 def _matmul_dtype(x: Tensor) -> torch.dtype:
     # float32 matmuls are the speed we want; a float64 model keeps its precision.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -459,8 +471,7 @@ class InputMoments:
         (large and positive after a ReLU), which the bias reproduces exactly.
         """
         # One n×n allocation: with Σ exactly symmetric (as collected) so is Σ − μμᵀ, μ_i·μ_j being μ_j·μ_i.
-        cov = torch.outer(self.mean, self.mean).neg_().add_(self.sigma)
-        return cov if torch.equal(self.sigma, self.sigma.mT) else 0.5 * (cov + cov.mT)
+        return _symmetric(_minus_outer(self.sigma, self.mean, self.mean))
 
 
 def stats_bytes(conv: nn.Conv2d | nn.Linear) -> int:
@@ -614,14 +625,14 @@ class PairedStats:
         merge: dict[str, Any] = {}
         if self.merge_cross is not None and self.merge_mean is not None:
             mu_e = self.merge_mean.to(f64)
-            merge = dict(merge_cross=self.merge_cross - torch.outer(mu_e, mu_a),
+            merge = dict(merge_cross=_minus_outer(self.merge_cross, mu_e, mu_a),
                          merge_original=(None if self.merge_original is None
-                                         else self.merge_original - torch.outer(mu_e, mu_o)),
+                                         else _minus_outer(self.merge_original, mu_e, mu_o)),
                          merge_energy=(None if self.merge_energy is None
                                        else self.merge_energy - float(mu_e.pow(2).sum())))
-        return replace(self, sigma_actual=self.sigma_actual - torch.outer(mu_a, mu_a),
-                       cross=self.cross - torch.outer(mu_o, mu_a),
-                       sigma_original=self.sigma_original - torch.outer(mu_o, mu_o),
+        return replace(self, sigma_actual=_minus_outer(self.sigma_actual, mu_a, mu_a),
+                       cross=_minus_outer(self.cross, mu_o, mu_a),
+                       sigma_original=_minus_outer(self.sigma_original, mu_o, mu_o),
                        folds=tuple(f.centred_moments() for f in self.folds), centred=True, **merge)
 
 
@@ -1122,8 +1133,7 @@ def _sequential_parts(weight: Tensor, stats: PairedStats, damping: float) -> tup
     merge = stats.merge_cross
     if merge is not None and tuple(merge.shape) != (c, n):
         raise ConfigError(f"stats.merge_cross has shape {tuple(merge.shape)}, expected ({c}, {n})")
-    sa = stats.sigma_actual.detach().to(torch.float64).cpu()
-    sa = 0.5 * (sa + sa.T)
+    sa = _symmetric(stats.sigma_actual.detach().to(torch.float64).cpu())
     cross = stats.cross.detach().to(torch.float64).cpu()
     if not (torch.isfinite(sa).all() and torch.isfinite(cross).all()):
         raise ConfigError("paired statistics contain NaN or Inf")
@@ -1270,7 +1280,10 @@ def merge_stats(parts: Sequence[PairedStats]) -> PairedStats:
         values = [getattr(p, field) for p in parts]
         if any(v is None for v in values):
             return None
-        return sum(v.to(torch.float64) * (p.count / total) for v, p in zip(values, parts))
+        out = values[0].to(torch.float64) * (parts[0].count / total)
+        for v, p in zip(values[1:], parts[1:]):  # in place: one tensor per field, not two per part
+            out.add_(v.to(torch.float64) * (p.count / total))
+        return out
 
     energy = (None if any(p.merge_energy is None for p in parts)
               else sum(p.merge_energy * (p.count / total) for p in parts))
@@ -1292,8 +1305,7 @@ class _LinearMoments:
         self.mu_o = st.mean_original.to(torch.float64).cpu() if centred else zero
         self.mu_a = st.mean_actual.to(torch.float64).cpu() if centred else zero
         st = st.centred_moments() if centred else st
-        sa = st.sigma_actual.to(torch.float64).cpu()
-        self.sa = 0.5 * (sa + sa.T)
+        self.sa = _symmetric(st.sigma_actual.to(torch.float64).cpu())
         self.cross = st.cross.to(torch.float64).cpu()
         self.so = st.sigma_original.to(torch.float64).cpu()
         if not all(finite(t) for t in (self.sa, self.cross, self.so, self.mu_o, self.mu_a)):

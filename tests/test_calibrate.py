@@ -967,3 +967,28 @@ def test_merge_weight_drops_a_residual_term_that_only_fits_noise():
     assert one.folds == () and cal.merge_weight(net.conv.weight, one) == 1.0  # one batch: nothing to check with
     plain = cal.SequentialStats.create(net, converted, ["conv"], batches, max_positions=16, residual=False)("conv")
     assert cal.merge_weight(net.conv.weight, plain) == 0.0
+
+
+def test_moment_arithmetic_makes_the_same_bits_with_fewer_temporaries():
+    """The n×n moments of a 3×3 conv are 4608 wide: centring, symmetrising and merging them in place
+    must give exactly what the plain formulas give, and keep exact symmetry."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 27, dtype=torch.float64, generator=g) + 0.7
+    sym = x.T @ x / 300
+    sym = 0.5 * (sym + sym.T)
+    mu, nu = x.mean(0), torch.rand(27, dtype=torch.float64, generator=g)
+    assert torch.equal(cal._minus_outer(sym, mu, nu), sym - torch.outer(mu, nu))
+    centred = cal._minus_outer(sym, mu, mu)
+    assert torch.equal(centred, centred.T)
+    assert cal._symmetric(sym) is sym
+    skew = sym.clone()
+    skew[0, 1] += 1.0
+    assert torch.equal(cal._symmetric(skew), 0.5 * (skew + skew.T))
+    moments = cal.InputMoments(sym, mu, 300)
+    assert torch.equal(moments.covariance(), sym - torch.outer(mu, mu))
+    parts = [cal.PairedStats(sym * k, sym + k, sym - k, c, mu * k, mu + k) for k, c in ((1, 3), (2, 5), (3, 4))]
+    merged = cal.merge_stats(parts)
+    for field in ("sigma_actual", "cross", "sigma_original", "mean_actual", "mean_original"):
+        want = sum(getattr(p, field) * (p.count / 12) for p in parts)
+        assert torch.equal(getattr(merged, field), want), field
+    assert merged.count == 12 and merged.merge_cross is None
