@@ -74,9 +74,10 @@ _CHUNK_ELEMENTS = 1 << 22
 #: time (sixteen 224² RGB images). A CNN's first activations are 5–20 times its input: at 32 such
 #: images each is a fresh mapping for the kernel to fault in (see above), and at a handful oneDNN's
 #: convolutions run less efficiently. ResNet-50's statistics pass, 256 images, 2 threads, medians of
-#: three alternated runs: 35.6 s at 32 images per forward, 34.9 s at 6, 33.2 s at 16. The sequential
-#: statistics keep their activations in batches of this size too (the whole sequential conversion:
-#: 159.5 s at 32 images, 153.4 s at 16, 152.2 s at 8; one run each).
+#: three alternated runs: 35.6 s at 32 images per forward, 34.9 s at 6, 33.2 s at 16. Every pass
+#: (:func:`_iterate`) takes batches in parts of this size; the sequential statistics keep their
+#: activations so (the whole sequential conversion: 159.5 s at 32 images, 153.4 s at 16, 152.2 s at 8;
+#: one run each).
 _FORWARD_ELEMENTS = 16 * 3 * 224 * 224
 
 _BATCHNORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
@@ -373,7 +374,10 @@ def _passes_possible(batches: BatchSource, passes: int) -> None:
 
 def _iterate(batches: BatchSource, dtype: torch.dtype, device: torch.device, progress: bool,
              desc: str) -> Iterator[Tensor]:
-    """Validated batches on ``device`` in ``dtype``, with a progress bar; DataError on an empty source."""
+    """Validated batches on ``device`` in ``dtype``, with a progress bar; DataError on an empty source.
+
+    A batch larger than :data:`_FORWARD_ELEMENTS` comes in parts (every pass runs the model on what
+    this yields)."""
     source = batches() if callable(batches) and not isinstance(batches, collections.abc.Iterable) else batches
     if torch.is_tensor(source) or not isinstance(source, collections.abc.Iterable):
         raise DataError(f"batches must be an iterable of tensors (or a callable returning one), "
@@ -385,7 +389,8 @@ def _iterate(batches: BatchSource, dtype: torch.dtype, device: torch.device, pro
     count = 0
     for index, item in enumerate(tqdm(source, total=total, desc=desc, unit="batch", disable=not progress,
                                       leave=False)):
-        yield _check_batch(item, index, dtype, device)
+        x = _check_batch(item, index, dtype, device)
+        yield from x.split(_images_per_forward(x))
         count += 1
     if count == 0:
         raise DataError("no calibration batches: the batch source is empty")
@@ -566,8 +571,7 @@ def collect_input_moments(model: nn.Module, layers: Sequence[str], batches: Batc
                             channels_last = _channels_last_works(run, x)
                         handles = [convs[s.name].register_forward_pre_hook(s.hook, with_kwargs=True)
                                    for s in stats]
-                    for part in x.split(_images_per_forward(x)):
-                        _forward(run, part, channels_last)
+                    _forward(run, x, channels_last)
             finally:
                 for h in handles:
                     h.remove()
@@ -732,14 +736,15 @@ class _PairedSums:
         self.merge_energy = 0.0
         self.count = 0
 
-    def add_merge(self, e: Tensor, p: Tensor, pt: Tensor) -> None:
-        """The other addend's miss ``e`` (``S × C_out``) at the positions of the patches ``p`` / ``pt``."""
-        e = e.to(device=pt.device, dtype=pt.dtype)
+    def _add_merge(self, e: Tensor, ps: Tensor, so: float, pts: Tensor, st: float) -> None:
+        """The other addend's miss ``e`` (``S × C_out``) at the positions of the patches, scaled as
+        :func:`_unit_scale` returns them (``ps · so`` and ``pts · st``)."""
+        e = e.to(device=pts.device, dtype=pts.dtype)
         if self.merge_cross is None:
-            self.merge_cross = torch.zeros(e.shape[1], pt.shape[1], dtype=torch.float64, device=pt.device)
+            self.merge_cross = torch.zeros(e.shape[1], pts.shape[1], dtype=torch.float64, device=pts.device)
             self.merge_original = torch.zeros_like(self.merge_cross)
-            self.merge_sum = torch.zeros(e.shape[1], dtype=torch.float64, device=pt.device)
-        (es, s), (ps, so), (pts, st) = _unit_scale(e), _unit_scale(p), _unit_scale(pt)
+            self.merge_sum = torch.zeros(e.shape[1], dtype=torch.float64, device=pts.device)
+        es, s = _unit_scale(e)
         self.merge_cross.add_(es.T @ pts, alpha=s * st)
         self.merge_original.add_(es.T @ ps, alpha=s * so)
         self.merge_sum += e.sum(0, dtype=torch.float64)
@@ -748,8 +753,9 @@ class _PairedSums:
     def drop_merge(self) -> None:
         self.merge_cross = self.merge_original = self.merge_sum = None
 
-    def add(self, p: Tensor, pt: Tensor) -> None:
-        """Original patches ``p`` and the converted model's ``pt`` at the same images and positions."""
+    def add(self, p: Tensor, pt: Tensor, miss: Tensor | None = None) -> None:
+        """Original patches ``p`` and the converted model's ``pt`` at the same images and positions, and
+        the other addend's ``miss`` there where the layer feeds a residual addition."""
         pt = pt.to(device=p.device, dtype=p.dtype)
         (ps, s), (pts, st) = _unit_scale(p), _unit_scale(pt)
         self.actual.add(pts, st)
@@ -758,6 +764,8 @@ class _PairedSums:
         self.sum_actual += pt.sum(0, dtype=torch.float64)
         self.sum_original += p.sum(0, dtype=torch.float64)
         self.count += p.shape[0]
+        if miss is not None:
+            self._add_merge(miss, ps, s, pts, st)
 
     def result(self) -> PairedStats:
         geom, count, out = self.geom, self.count, {}
@@ -997,7 +1005,7 @@ class SequentialStats:
         if [order[name] for name in layers] != sorted(order[name] for name in layers):
             raise ConfigError("layers must be listed in the order the model runs them")
         dev, dtype = placement(original, device)
-        xs = [part for x in _iterate(batches, dtype, dev, False, "") for part in x.split(_images_per_forward(x))]
+        xs = list(_iterate(batches, dtype, dev, False, ""))
         with torch.no_grad(), eval_mode(original, converted):
             channels_last = _channels_last_works(original, xs[0])
             if channels_last:
@@ -1051,15 +1059,14 @@ class SequentialStats:
                 dtype = _matmul_dtype(x)
                 p = geom.gather(geom.pad_input(x), *positions).to(dtype)
                 pt = geom.gather(geom.pad_input(xt), *positions).to(dtype)
-                sums.add(p, pt)
+                miss = None
                 if merge is not None:
                     miss = self._merge_miss(merge, env_o, env_c, positions, (conv.out_channels, *hw), layer)
                     if miss is None:
                         merge = None  # the addition broadcasts: no correction for this layer
                         for f in folds:
                             f.drop_merge()
-                    else:
-                        sums.add_merge(miss.to(dtype), p, pt)
+                sums.add(p, pt, None if miss is None else miss.to(dtype))
         self.position = stop
         self.done.add(layer)
         if layer == self.last:
