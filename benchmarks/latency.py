@@ -28,7 +28,12 @@ and the params column count conv *and* linear layers of the whole model, for eve
 whose Linears stay dense has them in both numerator and denominator).
 
 Latency plans and guards are made at the batch size of the example input (1); the table also
-shows batch 32, where nothing was planned or guarded. Goals (the issue): latency ratio within
+shows batch 32, where nothing was planned or guarded.
+
+``--spinning on`` times with onnxruntime's worker threads spinning between runs (its default session
+setting; each model in alternating bursts, :func:`igc_convert.bench.bench_onnx`), ``both`` times every
+batch size both ways (columns ``bN spin``). Without it the threads sleep between runs, as for runs
+that come apart; the planner and the guard always measure that way. Goals (the issue): latency ratio within
 1.25× of the MAC ratio; no ``latency-1.0`` model slower than its original.
 
 The machine is shared: the load average is printed before and after; only ratios measured side by
@@ -104,7 +109,7 @@ class Row:
     params_ratio: float | None = None
     reverted: int = 0
     convert_s: float = 0.0
-    latency: dict[int, float] = field(default_factory=dict)  # batch -> converted / original
+    latency: dict[tuple[int, bool], float] = field(default_factory=dict)  # (batch, spinning) -> converted / original
     error: str = ""
 
 
@@ -143,11 +148,16 @@ def conv_linear_params(model: nn.Module) -> int:
                for p in m.parameters(recurse=False))
 
 
+def column(batch: int, spinning: bool) -> str:
+    return f"b{batch}" + (" spin" if spinning else "")
+
+
 def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes: Sequence[int], runs: int,
-              big_runs: int, guard_runs: int, workdir: Path, seed: int, linear: bool = False
-              ) -> tuple[list[Row], dict[int, float]]:
+              big_runs: int, guard_runs: int, workdir: Path, seed: int, linear: bool = False,
+              spinning: Sequence[bool] = (False,)) -> tuple[list[Row], dict[tuple[int, bool], float]]:
     """Convert ``name`` every way in ``variants`` (each also with ``linear=True`` when ``linear``), export all,
-    time all side by side. Returns the rows and the original's own median milliseconds per batch size."""
+    time all side by side, at each batch size with each ``spinning`` setting. Returns the rows and the
+    original's own median milliseconds per (batch size, spinning)."""
     model = build(name, seed)
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
     if linear:  # conv + linear layers of the whole model, the same count for every row
@@ -185,31 +195,34 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
     export.export_onnx(model, original, x)
     protos = [onnx.load(str(original))] + [onnx.load(str(p)) for _, p in paths]
     rng = np.random.default_rng(seed)
-    original_ms: dict[int, float] = {}
+    original_ms: dict[tuple[int, bool], float] = {}
     for b in batch_sizes:
         xb = rng.standard_normal((b, 3, size, size)).astype(np.float32)
         n = runs if b <= 8 else big_runs
-        log.info("%s: timing %d models at batch %d, %d alternating runs", name, len(protos), b, n)
-        times = bench.median_latencies(protos, xb, threads=THREADS, runs=n, warmup=2 if b > 8 else 3)
-        for (row, _), t in zip(paths, times[1:]):
-            row.latency[b] = t / times[0]
-        original_ms[b] = times[0] * 1e3
-        log.info("%s batch %d: original %.1f ms", name, b, original_ms[b])
+        for spin in spinning:
+            log.info("%s: timing %d models at batch %d, %d alternating runs%s", name, len(protos), b, n,
+                     ", threads spinning" if spin else "")
+            times = bench.median_latencies(protos, xb, threads=THREADS, runs=n, warmup=2 if b > 8 else 3,
+                                           spinning=spin)
+            for (row, _), t in zip(paths, times[1:]):
+                row.latency[b, spin] = t / times[0]
+            original_ms[b, spin] = times[0] * 1e3
+            log.info("%s %s: original %.1f ms", name, column(b, spin), original_ms[b, spin])
     for p in [original, *(p for _, p in paths)]:
         p.unlink(missing_ok=True)
     return rows, original_ms
 
 
-def table(rows: Sequence[Row], batch_sizes: Sequence[int], macs: str = "MACs", params: str = "params") -> str:
-    head = ["model", "variant", "converted", macs, params, *(f"lat b{b}" for b in batch_sizes),
-            *(f"lat/MAC b{b}" for b in batch_sizes), "reverted", "convert s"]
+def table(rows: Sequence[Row], columns: Sequence[tuple[int, bool]], macs: str = "MACs", params: str = "params") -> str:
+    head = ["model", "variant", "converted", macs, params, *(f"lat {column(*c)}" for c in columns),
+            *(f"lat/MAC {column(*c)}" for c in columns), "reverted", "convert s"]
     cells = [head]
     for r in rows:
         if r.error:
             cells.append([r.model, r.variant, f"failed: {r.error}"] + [""] * (len(head) - 3))
             continue
-        lat = [f"{r.latency[b]:.3f}" if b in r.latency else "-" for b in batch_sizes]
-        per = [f"{r.latency[b] / r.macs_ratio:.2f}" if b in r.latency and r.macs_ratio else "-" for b in batch_sizes]
+        lat = [f"{r.latency[c]:.3f}" if c in r.latency else "-" for c in columns]
+        per = [f"{r.latency[c] / r.macs_ratio:.2f}" if c in r.latency and r.macs_ratio else "-" for c in columns]
         cells.append([r.model, r.variant, r.converted, _f(r.macs_ratio), _f(r.params_ratio), *lat, *per,
                       str(r.reverted), f"{r.convert_s:.0f}"])
     widths = [max(len(row[i]) for row in cells if len(row) > i) for i in range(len(head))]
@@ -237,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--linear", action="store_true",
                    help="also run every variant with nn.Linear layers converted (VARIANT+linear); the MAC and params "
                         "columns then count conv and linear layers in every row")
+    p.add_argument("--spinning", choices=("off", "on", "both"), default="off",
+                   help="onnxruntime's worker threads between runs: asleep (off, the default: runs that come "
+                        "apart), spinning (on: its default session setting, back-to-back runs) or both, side by side")
     p.add_argument("--quick", action="store_true",
                    help="resnet18 at 112x112, batch 1, params/latency-1.0/latency-0.5, 5 runs")
     args = p.parse_args(argv)
@@ -256,34 +272,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     import onnxruntime as ort
 
+    spins = {"off": (False,), "on": (True,), "both": (False, True)}[args.spinning]
+    columns = [(b, spin) for b in args.batch_sizes for spin in spins]
     load0 = os.getloadavg()
     start = time.perf_counter()
     rows: list[Row] = []
-    originals: dict[str, dict[int, float]] = {}
+    originals: dict[str, dict[tuple[int, bool], float]] = {}
     with tempfile.TemporaryDirectory(prefix="igc-latency-") as tmp:
         for name in args.models:
             model_rows, originals[name] = run_model(
                 name, variants, size=args.size, batch_sizes=args.batch_sizes, runs=args.runs, big_runs=args.big_runs,
-                guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed, linear=args.linear)
+                guard_runs=args.guard_runs, workdir=Path(tmp), seed=args.seed, linear=args.linear,
+                spinning=spins)
             rows += model_rows
     load1 = os.getloadavg()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread; "
           f"torch {torch.__version__}; {bench.cpu_description()}")
     print(f"input {args.size}x{args.size}, random weights (seed {args.seed}); latency plans and guards at batch 1; "
-          f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above; "
+          f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above"
+          f"{'' if args.spinning == 'off' else f' (spin: threads spinning, bursts of {bench.SPIN_BURST})'}; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; {time.perf_counter() - start:.0f} s in all")
     what = "conv+linear MACs" if args.linear else "conv MACs"
     print(f"lat bN = converted/original onnxruntime latency at batch N; lat/MAC = that over the {what} ratio "
           f"(goal <= {GOAL}); reverted = layers the guard put back to dense"
           + ("; MACs and params count conv and linear layers in every row" if args.linear else ""))
     print()
-    print(table(rows, args.batch_sizes, macs="conv+fc MACs" if args.linear else "MACs",
+    print(table(rows, columns, macs="conv+fc MACs" if args.linear else "MACs",
                 params="conv+fc params" if args.linear else "params"))
     # The originals' own times tell a quiet spell of a shared machine from a busy one, which moves the
     # ratios too (the smaller model is the more memory-bound).
     print()
     print("originals, median ms: " + "; ".join(
-        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}" for b, ms in per.items()) for name, per in originals.items()))
+        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}{', spinning' if spin else ''}" for (b, spin), ms in per.items())
+        for name, per in originals.items()))
     return 0
 
 

@@ -6,6 +6,12 @@ the same thread settings (``intra_op_num_threads=threads``, one inter-op thread,
 execution) and spinning threads off — an idle session's spinning pool would otherwise steal the
 cores from the other one — and reports medians and the ratio B/A.
 
+Spinning off is what a model pays when its runs come apart (a server answering single requests):
+every parallel section wakes the pool's threads. onnxruntime's default keeps them spinning, which a
+stream of back-to-back runs (video, batch jobs) enjoys, and which favours graphs of many small
+nodes. ``spinning=True`` measures that: each model then runs in bursts (:data:`SPIN_BURST`), after
+one untimed run that leaves the other model's spinning pool behind.
+
 ``measure_module_latency`` exports one module to ONNX in memory (static shapes), times it and caches
 the median on disk, keyed by the module's structure, the input shape, the machine and the thread
 count, so a plan over many layers is measured once per machine.
@@ -41,6 +47,12 @@ logger = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 
+#: Timed runs per turn with ``spinning=True``, after one untimed run. On a 2-core AMD EPYC (Zen 3),
+#: with spinning on, a run right after the other session's took 1.6-2.0x its time in a stream of its
+#: own (ResNet-50 and its conversion at 0.26 of the MACs, batch 1): the other pool was still spinning.
+#: With one untimed run per turn the medians matched those of a session run on its own.
+SPIN_BURST = 4
+
 
 @dataclass(frozen=True)
 class BenchRow:
@@ -67,6 +79,8 @@ class BenchResult:
     onnxruntime_version: str = ""
     #: The machine the times were taken on (:func:`cpu_description`): the ratios depend on it.
     cpu: str = ""
+    #: onnxruntime's worker threads kept spinning between runs (its default), timed in bursts.
+    spinning: bool = False
 
     def table(self) -> str:
         """Aligned text table, with the settings the numbers depend on.
@@ -77,7 +91,7 @@ class BenchResult:
         """
         head = [f"onnxruntime {self.onnxruntime_version} CPUExecutionProvider, {self.threads} intra-op thread"
                 f"{'s' if self.threads != 1 else ''}, 1 inter-op thread, sequential; median of {self.runs} "
-                f"alternating runs (A, B, B, A, A, B, ...) after {self.warmup} warm-up",
+                f"{self._order()} after {self.warmup} warm-up",
                 *([f"CPU: {self.cpu}"] if self.cpu else []), f"A = {self.a_path}", f"B = {self.b_path}"]
         cols = ("batch", "input", "A median (ms)", "B median (ms)", "B/A")
         cells = [(str(r.batch_size), "x".join(map(str, r.input_shape[1:])), f"{r.a_median_s * 1e3:.3f}",
@@ -89,10 +103,17 @@ class BenchResult:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
+    def _order(self) -> str:
+        if not self.spinning:
+            return "alternating runs (A, B, B, A, A, B, ...), threads not spinning"
+        return (f"runs in alternating bursts of {SPIN_BURST} (each after 1 untimed run), threads spinning "
+                f"(onnxruntime's default)")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for reports)."""
         return {"a": self.a_path, "b": self.b_path, "threads": self.threads, "runs": self.runs,
-                "warmup": self.warmup, "onnxruntime": self.onnxruntime_version, "cpu": self.cpu,
+                "warmup": self.warmup, "spinning": self.spinning, "onnxruntime": self.onnxruntime_version,
+                "cpu": self.cpu,
                 "notes": list(self.notes),
                 "rows": [{"batch_size": r.batch_size, "input_shape": list(r.input_shape), "a_median_s": r.a_median_s,
                           "b_median_s": r.b_median_s, "ratio": r.ratio} for r in self.rows]}
@@ -116,8 +137,12 @@ class ModuleComparison:
 
 def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 32),
                threads: int = 2, runs: int = 20, warmup: int = 3, input_size: int | Sequence[int] | None = None,
-               progress: bool = True, seed: int = 0) -> BenchResult:
+               progress: bool = True, seed: int = 0, spinning: bool = False) -> BenchResult:
     """Median onnxruntime latency of A and B per batch size, runs alternating A, B, B, A, ...
+
+    ``spinning`` keeps onnxruntime's worker threads spinning between runs (its default session
+    setting: the steady state of back-to-back runs) and times the models in alternating bursts
+    (module docstring); off, every run wakes them, as runs that come apart do.
 
     The input shape is read from the models; a dynamic batch takes each of ``batch_sizes``, a fixed
     batch only its own size (said in ``notes``); dynamic spatial dims need ``input_size`` (``224`` or
@@ -139,7 +164,7 @@ def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_si
         if set(batch_sizes) != {dims[0]}:
             notes.append(f"the models have a fixed batch size of {dims[0]}: timed at batch {dims[0]} only")
         batch_sizes = (dims[0],)
-    sessions = [_session(m.SerializeToString(), threads) for m in models]
+    sessions = [_session(m.SerializeToString(), threads, spinning=spinning) for m in models]
     names = [s.get_inputs()[0].name for s in sessions]
     rng = np.random.default_rng(seed)
     rows = []
@@ -150,26 +175,34 @@ def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_si
             shape = (batch, *dims[1:])
             x = rng.standard_normal(shape).astype(specs[0][2])
             fns = [_runner(s, n, x) for s, n in zip(sessions, names)]
-            times = time_alternating(fns, runs=runs, warmup=warmup, on_round=bar.update)
+            times = time_alternating(fns, runs=runs, warmup=warmup, on_round=bar.update, **_turns(spinning))
             a, b = (statistics.median(t) for t in times)
             rows.append(BenchRow(batch, shape, a, b, b / a if a > 0 else math.inf))
             logger.debug("batch %d: A %.3f ms, B %.3f ms", batch, a * 1e3, b * 1e3)
     import onnxruntime as ort
 
     return BenchResult(str(a_path), str(b_path), threads, runs, warmup, tuple(rows), tuple(notes), ort.__version__,
-                       cpu_description())
+                       cpu_description(), spinning)
 
 
 def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int = 0,
                      timer: Callable[[], float] = time.perf_counter,
-                     on_round: Callable[[int], object] | None = None) -> list[list[float]]:
+                     on_round: Callable[[int], object] | None = None, burst: int = 1,
+                     settle: int = 0) -> list[list[float]]:
     """Call ``fns`` in turn, ``warmup`` untimed then ``runs`` timed rounds, each round starting one
     function later (f0 f1 f2, f1 f2 f0, f2 f0 f1, …).
 
     Returns one list of ``runs`` durations per function: interleaving makes machine noise hit all
     of them alike, which is what makes their ratio meaningful, and the rotation spreads whatever
     the first call of a round pays (caches, waking threads) over all of them.
+
+    With ``burst > 1`` each turn calls a function ``settle`` times untimed, then ``burst`` times
+    timed (fewer in its last turn, so each gets exactly ``runs``): a function is then timed in its
+    steady state, with the previous one's caches and still-spinning thread pool left behind in the
+    untimed calls (:data:`SPIN_BURST`), and the turns still interleave to share the machine's noise.
     """
+    if burst < 1 or settle < 0:
+        raise ConfigError(f"burst must be >= 1 and settle >= 0, got {burst} and {settle}")
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -177,13 +210,17 @@ def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: 
             on_round(1)
     times: list[list[float]] = [[] for _ in fns]
     n = len(fns)
-    for r in range(runs):
+    for r in range(math.ceil(runs / burst)):
+        timed = min(burst, runs - r * burst)
         for i in (*range(r % n, n), *range(r % n)) if n else ():
-            start = timer()
-            fns[i]()
-            times[i].append(timer() - start)
+            for _ in range(settle):
+                fns[i]()
+            for _ in range(timed):
+                start = timer()
+                fns[i]()
+                times[i].append(timer() - start)
         if on_round:
-            on_round(1)
+            on_round(timed)
     return times
 
 
@@ -263,7 +300,12 @@ def _common_dims(specs: list[tuple[str, list[int | None], type]], input_size: in
     return [a[0] if a[0] is not None else b[0], *a[1:]], notes
 
 
-def _session(model_bytes: bytes, threads: int):
+def _turns(spinning: bool) -> dict[str, int]:
+    """:func:`time_alternating`'s turns for sessions whose threads spin, or not."""
+    return {"burst": SPIN_BURST, "settle": 1} if spinning else {}
+
+
+def _session(model_bytes: bytes, threads: int, *, spinning: bool = False):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -271,8 +313,9 @@ def _session(model_bytes: bytes, threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Alternating sessions share the cores: a pool spinning after its run would slow the other one.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Alternating sessions share the cores: a pool spinning after its run would slow the other one
+    # (with spinning, time_alternating's untimed first run of each turn takes that).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
@@ -494,11 +537,12 @@ def compare_module_latency(a: nn.Module, b: nn.Module, input_shape: Sequence[int
 
 
 def median_latencies(protos: Sequence[onnx.ModelProto], x: np.ndarray, *, threads: int, runs: int,
-                     warmup: int) -> list[float]:
-    """Median seconds per model, all timed in alternation on the same input."""
-    sessions = [_session(p.SerializeToString(), threads) for p in protos]
+                     warmup: int, spinning: bool = False) -> list[float]:
+    """Median seconds per model, all timed in alternation on the same input (``spinning``: as in
+    :func:`bench_onnx`)."""
+    sessions = [_session(p.SerializeToString(), threads, spinning=spinning) for p in protos]
     fns = [_runner(s, s.get_inputs()[0].name, x) for s in sessions]
-    return [statistics.median(t) for t in time_alternating(fns, runs=runs, warmup=warmup)]
+    return [statistics.median(t) for t in time_alternating(fns, runs=runs, warmup=warmup, **_turns(spinning))]
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

@@ -20,6 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
                         help="height and width, for models whose spatial size is dynamic")
+    parser.add_argument("--spinning", action="store_true",
+                        help="keep onnxruntime's worker threads spinning between runs (its default; the steady "
+                             "state of back-to-back runs) and time each model in bursts; without it every run "
+                             "wakes them, as runs that come apart do")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
 
 
@@ -33,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_writable(args.json)
     result = bench_onnx(args.a, args.b, batch_sizes=args.batch_size, threads=args.threads, runs=args.runs,
-                        warmup=args.warmup, input_size=None if size is None else (size * 2 if len(size) == 1 else size))
+                        warmup=args.warmup, input_size=None if size is None else (size * 2 if len(size) == 1 else size),
+                        spinning=args.spinning)
     print(result.table())
     if args.json:
         with atomic_write(args.json, "w") as f:
