@@ -579,12 +579,64 @@ def _logit_shape_unless_features(cfg: FinetuneConfig, student: nn.Module, teache
             raise ConfigError("distil='features' matches the teacher's layers: it needs a teacher")
         return None
     try:
-        return _logit_shape(student, train)
+        shape = _logit_shape(student, train)
     except ModelError as err:
         if cfg.distil == "logits" or teacher is None:
             raise
         log.info("%s; fine-tuning distils the converted layers' outputs instead (distil='features')", err)
         return None
+    if cfg.distil == "auto" and teacher is not None and cfg.ce_weight == 0 and len(shape) == 2:
+        why = embedding_reason(student, first_image(train).unsqueeze(0))
+        if why:
+            log.info("the student's output is an embedding, not class logits (%s): fine-tuning distils the "
+                     "converted layers' outputs instead (distil='features'; distil='logits' overrides)", why)
+            return None
+    return shape
+
+
+def embedding_reason(model: nn.Module, x: Tensor) -> str | None:
+    """Why ``model``'s ``N × D`` output on ``x`` is an embedding rather than class logits, or None.
+
+    Softmax distillation suits class logits only. An output counts as an embedding when the model says
+    it has no classes (timm's ``num_classes == 0``), when the last module called is an ``nn.Identity``
+    that hands it out (a classifier removed, ``model.fc = nn.Identity()``), or when every row has
+    unit length (``F.normalize``). Anything else counts as logits: SqueezeNet's come out of a pooling
+    layer, and a projection head's embedding out of a Linear, alike.
+
+    >>> import torchvision
+    >>> net = torchvision.models.resnet18(num_classes=10).eval()
+    >>> embedding_reason(net, torch.zeros(1, 3, 32, 32)) is None
+    True
+    >>> net.fc = nn.Identity()
+    >>> embedding_reason(net, torch.zeros(1, 3, 32, 32))
+    "the classifier 'fc' is nn.Identity"
+    """
+    if getattr(model, "num_classes", None) == 0:
+        return "num_classes is 0"
+    names = {m: n for n, m in model.named_modules()}
+    last: list[tuple[nn.Module, Any]] = []
+
+    def record(module: nn.Module, args: tuple, out: Any) -> None:
+        last[:] = [(module, out)]  # only the latest leaf's output stays referenced
+
+    handles = [m.register_forward_hook(record) for m in model.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            out = _logits(model(as_input(x, model)), "student")
+    finally:
+        for h in handles:
+            h.remove()
+    if out.dim() != 2:
+        return None
+    if out.shape[1] > 1 and torch.allclose(out.double().norm(dim=1), torch.ones(len(out), dtype=torch.float64),
+                                           rtol=0, atol=1e-4):
+        return "its rows have unit length"
+    if last:
+        module, made = last[0]
+        if (isinstance(module, nn.Identity) and torch.is_tensor(made)
+                and made.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()):
+            return f"the classifier '{names[module]}' is nn.Identity"
+    return None
 
 
 # ------------------------------------------------------------------------------------ distribution

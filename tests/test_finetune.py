@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 
 from igc_convert.blocks import IGCV1
@@ -22,7 +23,7 @@ from igc_convert.cli import main as cli_main
 from igc_convert.data import resolve_source
 from igc_convert.errors import CheckpointError, ConfigError, DataError, FileFormatError, ModelError
 from igc_convert.finetune import (FAR_AGREEMENT, FinetuneConfig, _FeatureHooks, _feature_pairs, checkpoint_path,
-                                  finetune, load_checkpoint, score)
+                                  embedding_reason, finetune, load_checkpoint, score)
 from igc_convert.linear import LinearAsConv
 
 TESTS = Path(__file__).parent
@@ -698,6 +699,58 @@ def _relative_error_by_hand(student: Detector, teacher: Detector, data, batch_si
             yhat = student.conv2(F.relu(student.bn1(student.conv1(xb))))
             total += len(xb) * float((yhat - y).pow(2).mean() / y.pow(2).mean())
     return total / len(x)
+
+
+class _Normalised(nn.Module):
+    """An embedding network's usual last step: unit-length rows."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=1)
+
+
+def _embedding(net: nn.Module, how: str) -> nn.Module:
+    net = copy.deepcopy(net)
+    if how == "identity":  # the classifier removed: the pooled features come out
+        net.fc = nn.Identity()
+    elif how == "num_classes":  # timm's convention for a model built without a classifier
+        net.num_classes = 0
+    return _Normalised(net) if how == "normalise" else net
+
+
+@pytest.mark.parametrize("how, why", [("identity", "the classifier 'fc' is nn.Identity"),
+                                      ("normalise", "its rows have unit length"),
+                                      ("num_classes", "num_classes is 0")])
+def test_an_embedding_model_is_distilled_on_its_converted_layers_outputs(teacher, data, caplog, how, why):
+    """Softmax over an embedding's dimensions teaches nothing sensible: ``distil='auto'`` matches the
+    converted layers' outputs instead, and says why; ``distil='logits'`` still forces the logits."""
+    train, val = data
+    original, student = _embedding(teacher, how).eval(), _embedding(converted(teacher), how).eval()
+    assert embedding_reason(original, train[0][0][None]) == why
+    cfg = dict(epochs=1, lr=3e-3, progress=False)
+    with caplog.at_level(logging.INFO, logger="igc_convert.finetune"):
+        result = finetune(copy.deepcopy(student), train, teacher=original, val_data=val, config=FinetuneConfig(**cfg))
+    assert f"the student's output is an embedding, not class logits ({why})" in caplog.text
+    assert result.best.metric == "feature_error" and result.best.agreement is None
+    forced = finetune(copy.deepcopy(student), train, teacher=original, val_data=val,
+                      config=FinetuneConfig(distil="logits", **cfg))
+    assert forced.best.metric != "feature_error" and forced.best.agreement is not None
+
+
+def test_class_logits_are_not_taken_for_an_embedding(teacher):
+    """A classifier's logits, including SqueezeNet's, which come out of a pooling layer, and a
+    classifier whose rows merely happen to have similar lengths."""
+    x = torch.randn(2, 1, 8, 8)
+    assert embedding_reason(teacher, x) is None
+    squeezenet = torchvision.models.squeezenet1_1(num_classes=10).eval()
+    assert embedding_reason(squeezenet, torch.randn(1, 3, 64, 64)) is None
+    with torch.no_grad():
+        teacher_fc = copy.deepcopy(teacher)
+        teacher_fc.fc.weight.mul_(1e3)  # long rows: never unit length by chance
+    assert embedding_reason(teacher_fc, x) is None
 
 
 def test_a_detector_is_distilled_on_its_converted_layers_outputs(teacher, data, caplog):
