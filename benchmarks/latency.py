@@ -30,10 +30,10 @@ whose Linears stay dense has them in both numerator and denominator).
 Latency plans and guards are made at the batch size of the example input (1); the table also
 shows batch 32, where nothing was planned or guarded.
 
-``--spinning on`` times with onnxruntime's worker threads spinning between runs (its default session
-setting; each model in alternating bursts, :func:`igc_convert.bench.bench_onnx`), ``both`` times every
-batch size both ways (columns ``bN spin``). Without it the threads sleep between runs, as for runs
-that come apart; the planner and the guard always measure that way. Goals (the issue): latency ratio within
+onnxruntime's worker threads spin within each run, as in a session with default options (and stop
+at its end: :func:`igc_convert.bench.bench_onnx`); the planner and the guard measure the same way.
+``--spinning off`` times with threads that never spin instead, ``both`` times every batch size
+both ways, side by side (columns ``bN no-spin``). Goals (the issue): latency ratio within
 1.25× of the MAC ratio; no ``latency-1.0`` model slower than its original.
 
 The machine is shared: the load average is printed before and after; only ratios measured side by
@@ -149,12 +149,12 @@ def conv_linear_params(model: nn.Module) -> int:
 
 
 def column(batch: int, spinning: bool) -> str:
-    return f"b{batch}" + (" spin" if spinning else "")
+    return f"b{batch}" + ("" if spinning else " no-spin")
 
 
 def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes: Sequence[int], runs: int,
               big_runs: int, guard_runs: int, workdir: Path, seed: int, linear: bool = False,
-              spinning: Sequence[bool] = (False,)) -> tuple[list[Row], dict[tuple[int, bool], float]]:
+              spinning: Sequence[bool] = (True,)) -> tuple[list[Row], dict[tuple[int, bool], float]]:
     """Convert ``name`` every way in ``variants`` (each also with ``linear=True`` when ``linear``), export all,
     time all side by side, at each batch size with each ``spinning`` setting. Returns the rows and the
     original's own median milliseconds per (batch size, spinning)."""
@@ -201,7 +201,7 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
         n = runs if b <= 8 else big_runs
         for spin in spinning:
             log.info("%s: timing %d models at batch %d, %d alternating runs%s", name, len(protos), b, n,
-                     ", threads spinning" if spin else "")
+                     "" if spin else ", threads never spinning")
             times = bench.median_latencies(protos, xb, threads=THREADS, runs=n, warmup=2 if b > 8 else 3,
                                            spinning=spin)
             for (row, _), t in zip(paths, times[1:]):
@@ -250,9 +250,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--linear", action="store_true",
                    help="also run every variant with nn.Linear layers converted (VARIANT+linear); the MAC and params "
                         "columns then count conv and linear layers in every row")
-    p.add_argument("--spinning", choices=("off", "on", "both"), default="off",
-                   help="onnxruntime's worker threads between runs: asleep (off, the default: runs that come "
-                        "apart), spinning (on: its default session setting, back-to-back runs) or both, side by side")
+    p.add_argument("--spinning", choices=("on", "off", "both"), default="on",
+                   help="onnxruntime's worker threads: spinning within each run (on, the default, as in a session "
+                        "with default options), never spinning (off), or both, side by side")
     p.add_argument("--quick", action="store_true",
                    help="resnet18 at 112x112, batch 1, params/latency-1.0/latency-0.5, 5 runs")
     args = p.parse_args(argv)
@@ -272,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(THREADS)
     import onnxruntime as ort
 
-    spins = {"off": (False,), "on": (True,), "both": (False, True)}[args.spinning]
+    spins = {"on": (True,), "off": (False,), "both": (True, False)}[args.spinning]
     columns = [(b, spin) for b in args.batch_sizes for spin in spins]
     load0 = os.getloadavg()
     start = time.perf_counter()
@@ -286,11 +286,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spinning=spins)
             rows += model_rows
     load1 = os.getloadavg()
-    print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread; "
+    print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread, "
+          f"{'threads never spinning' if args.spinning == 'off' else 'threads spinning within runs'}; "
           f"torch {torch.__version__}; {bench.cpu_description()}")
     print(f"input {args.size}x{args.size}, random weights (seed {args.seed}); latency plans and guards at batch 1; "
           f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above"
-          f"{'' if args.spinning == 'off' else f' (spin: threads spinning, bursts of {bench.SPIN_BURST})'}; "
+          f"{'' if args.spinning == 'on' else ' (no-spin: threads never spinning)'}; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; {time.perf_counter() - start:.0f} s in all")
     what = "conv+linear MACs" if args.linear else "conv MACs"
     print(f"lat bN = converted/original onnxruntime latency at batch N; lat/MAC = that over the {what} ratio "
@@ -303,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ratios too (the smaller model is the more memory-bound).
     print()
     print("originals, median ms: " + "; ".join(
-        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}{', spinning' if spin else ''}" for (b, spin), ms in per.items())
+        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}{'' if spin else ' no-spin'}" for (b, spin), ms in per.items())
         for name, per in originals.items()))
     return 0
 

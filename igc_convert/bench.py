@@ -3,14 +3,14 @@
 Absolute times are noise on shared machines; ratios measured side by side are not. So every
 comparison here runs its two models ALTERNATELY (A, B, then B, A, …) in one process, with the same input,
 the same thread settings (``intra_op_num_threads=threads``, one inter-op thread, sequential
-execution) and spinning threads off — an idle session's spinning pool would otherwise steal the
-cores from the other one — and reports medians and the ratio B/A.
+execution), and reports medians and the ratio B/A.
 
-Spinning off is what a model pays when its runs come apart (a server answering single requests):
-every parallel section wakes the pool's threads. onnxruntime's default keeps them spinning, which a
-stream of back-to-back runs (video, batch jobs) enjoys, and which favours graphs of many small
-nodes. ``spinning=True`` measures that: each model then runs in bursts (:data:`SPIN_BURST`), after
-one untimed run that leaves the other model's spinning pool behind.
+Spinning: by default onnxruntime's worker threads spin between the parallel sections of a run, as
+in a session made with its default options, and stop at the end of each run
+(``session.force_spinning_stop``): a pool left spinning after its run would steal the cores from the
+other model's run. ``spinning=False`` turns spinning off altogether (for sessions that share their
+cores with other work): every parallel section then wakes the threads, which costs a graph of many
+small nodes more than one of a few large ones.
 
 ``measure_module_latency`` exports one module to ONNX in memory (static shapes), times it and caches
 the median on disk, keyed by the module's structure, the input shape, the machine and the thread
@@ -45,13 +45,8 @@ from .files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-
-#: Timed runs per turn with ``spinning=True``, after one untimed run. On a 2-core AMD EPYC (Zen 3),
-#: with spinning on, a run right after the other session's took 1.6-2.0x its time in a stream of its
-#: own (ResNet-50 and its conversion at 0.26 of the MACs, batch 1): the other pool was still spinning.
-#: With one untimed run per turn the medians matched those of a session run on its own.
-SPIN_BURST = 4
+#: 2: timings with spinning threads (1: without).
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -79,8 +74,8 @@ class BenchResult:
     onnxruntime_version: str = ""
     #: The machine the times were taken on (:func:`cpu_description`): the ratios depend on it.
     cpu: str = ""
-    #: onnxruntime's worker threads kept spinning between runs (its default), timed in bursts.
-    spinning: bool = False
+    #: onnxruntime's worker threads spin within a run (its default); False: they never spin.
+    spinning: bool = True
 
     def table(self) -> str:
         """Aligned text table, with the settings the numbers depend on.
@@ -104,10 +99,9 @@ class BenchResult:
         return "\n".join(lines)
 
     def _order(self) -> str:
-        if not self.spinning:
-            return "alternating runs (A, B, B, A, A, B, ...), threads not spinning"
-        return (f"runs in alternating bursts of {SPIN_BURST} (each after 1 untimed run), threads spinning "
-                f"(onnxruntime's default)")
+        spin = ("threads spinning within runs (onnxruntime's default)" if self.spinning
+                else "threads never spinning")
+        return f"alternating runs (A, B, B, A, A, B, ...), {spin}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for reports)."""
@@ -137,12 +131,11 @@ class ModuleComparison:
 
 def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_sizes: Sequence[int] = (1, 32),
                threads: int = 2, runs: int = 20, warmup: int = 3, input_size: int | Sequence[int] | None = None,
-               progress: bool = True, seed: int = 0, spinning: bool = False) -> BenchResult:
+               progress: bool = True, seed: int = 0, spinning: bool = True) -> BenchResult:
     """Median onnxruntime latency of A and B per batch size, runs alternating A, B, B, A, ...
 
-    ``spinning`` keeps onnxruntime's worker threads spinning between runs (its default session
-    setting: the steady state of back-to-back runs) and times the models in alternating bursts
-    (module docstring); off, every run wakes them, as runs that come apart do.
+    ``spinning=False`` times the models with onnxruntime's worker threads never spinning (module
+    docstring), as sessions that share their cores are often set up.
 
     The input shape is read from the models; a dynamic batch takes each of ``batch_sizes``, a fixed
     batch only its own size (said in ``notes``); dynamic spatial dims need ``input_size`` (``224`` or
@@ -175,7 +168,7 @@ def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_si
             shape = (batch, *dims[1:])
             x = rng.standard_normal(shape).astype(specs[0][2])
             fns = [_runner(s, n, x) for s, n in zip(sessions, names)]
-            times = time_alternating(fns, runs=runs, warmup=warmup, on_round=bar.update, **_turns(spinning))
+            times = time_alternating(fns, runs=runs, warmup=warmup, on_round=bar.update)
             a, b = (statistics.median(t) for t in times)
             rows.append(BenchRow(batch, shape, a, b, b / a if a > 0 else math.inf))
             logger.debug("batch %d: A %.3f ms, B %.3f ms", batch, a * 1e3, b * 1e3)
@@ -187,22 +180,14 @@ def bench_onnx(a_path: str | os.PathLike, b_path: str | os.PathLike, *, batch_si
 
 def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: int = 0,
                      timer: Callable[[], float] = time.perf_counter,
-                     on_round: Callable[[int], object] | None = None, burst: int = 1,
-                     settle: int = 0) -> list[list[float]]:
+                     on_round: Callable[[int], object] | None = None) -> list[list[float]]:
     """Call ``fns`` in turn, ``warmup`` untimed then ``runs`` timed rounds, each round starting one
     function later (f0 f1 f2, f1 f2 f0, f2 f0 f1, …).
 
     Returns one list of ``runs`` durations per function: interleaving makes machine noise hit all
     of them alike, which is what makes their ratio meaningful, and the rotation spreads whatever
     the first call of a round pays (caches, waking threads) over all of them.
-
-    With ``burst > 1`` each turn calls a function ``settle`` times untimed, then ``burst`` times
-    timed (fewer in its last turn, so each gets exactly ``runs``): a function is then timed in its
-    steady state, with the previous one's caches and still-spinning thread pool left behind in the
-    untimed calls (:data:`SPIN_BURST`), and the turns still interleave to share the machine's noise.
     """
-    if burst < 1 or settle < 0:
-        raise ConfigError(f"burst must be >= 1 and settle >= 0, got {burst} and {settle}")
     for _ in range(warmup):
         for fn in fns:
             fn()
@@ -210,17 +195,13 @@ def time_alternating(fns: Sequence[Callable[[], object]], *, runs: int, warmup: 
             on_round(1)
     times: list[list[float]] = [[] for _ in fns]
     n = len(fns)
-    for r in range(math.ceil(runs / burst)):
-        timed = min(burst, runs - r * burst)
+    for r in range(runs):
         for i in (*range(r % n, n), *range(r % n)) if n else ():
-            for _ in range(settle):
-                fns[i]()
-            for _ in range(timed):
-                start = timer()
-                fns[i]()
-                times[i].append(timer() - start)
+            start = timer()
+            fns[i]()
+            times[i].append(timer() - start)
         if on_round:
-            on_round(timed)
+            on_round(1)
     return times
 
 
@@ -300,12 +281,7 @@ def _common_dims(specs: list[tuple[str, list[int | None], type]], input_size: in
     return [a[0] if a[0] is not None else b[0], *a[1:]], notes
 
 
-def _turns(spinning: bool) -> dict[str, int]:
-    """:func:`time_alternating`'s turns for sessions whose threads spin, or not."""
-    return {"burst": SPIN_BURST, "settle": 1} if spinning else {}
-
-
-def _session(model_bytes: bytes, threads: int, *, spinning: bool = False):
+def _session(model_bytes: bytes, threads: int, *, spinning: bool = True):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -313,9 +289,12 @@ def _session(model_bytes: bytes, threads: int, *, spinning: bool = False):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Alternating sessions share the cores: a pool spinning after its run would slow the other one
-    # (with spinning, time_alternating's untimed first run of each turn takes that).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # Alternating sessions share the cores: a pool still spinning after its run would slow the other
+    # one's. On a 2-core AMD EPYC (Zen 3) a run right after the other session's took 1.7-2.1x its time
+    # alone (ResNet-50 and its conversion at 0.26 of the MACs, batch 1); stopped at the end of each
+    # run, the alternating medians matched those of each session run on its own, within the noise.
+    opts.add_session_config_entry("session.force_spinning_stop", "1" if spinning else "0")
     opts.log_severity_level = 3
     try:
         return ort.InferenceSession(model_bytes, opts, providers=["CPUExecutionProvider"])
@@ -537,12 +516,12 @@ def compare_module_latency(a: nn.Module, b: nn.Module, input_shape: Sequence[int
 
 
 def median_latencies(protos: Sequence[onnx.ModelProto], x: np.ndarray, *, threads: int, runs: int,
-                     warmup: int, spinning: bool = False) -> list[float]:
+                     warmup: int, spinning: bool = True) -> list[float]:
     """Median seconds per model, all timed in alternation on the same input (``spinning``: as in
     :func:`bench_onnx`)."""
     sessions = [_session(p.SerializeToString(), threads, spinning=spinning) for p in protos]
     fns = [_runner(s, s.get_inputs()[0].name, x) for s in sessions]
-    return [statistics.median(t) for t in time_alternating(fns, runs=runs, warmup=warmup, **_turns(spinning))]
+    return [statistics.median(t) for t in time_alternating(fns, runs=runs, warmup=warmup)]
 
 
 def _check_shape(input_shape: Sequence[int]) -> tuple[int, ...]:

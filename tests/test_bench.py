@@ -51,51 +51,33 @@ def test_time_alternating_interleaves_and_times_each_call():
     assert seen == [0, 1, 2, 1, 2, 0, 2, 0, 1]
 
 
-def test_time_alternating_in_bursts_times_each_function_after_its_untimed_settling_runs():
-    calls, timed = [], []
-    clock = iter(range(10_000))
-
-    def timer():
-        timed.append(len(calls))  # how many calls were made when a timer started
-        return float(next(clock))
-
-    times = time_alternating([lambda: calls.append("a"), lambda: calls.append("b")], runs=5, warmup=1,
-                             timer=timer, burst=2, settle=1)
-    # warm-up; then turns of 1 untimed + 2 timed calls, B first every other turn; the last turn times 1
-    assert "".join(calls) == "ab" + "aaabbb" + "bbbaaa" + "aabb"
-    assert [len(t) for t in times] == [5, 5]
-    starts = timed[::2]  # each timed call reads the clock twice; the first read is taken before the call
-    assert "".join(calls[i] for i in starts) == "aabb" + "bbaa" + "ab"  # the settling calls are never timed
-    with pytest.raises(ConfigError):
-        time_alternating([lambda: None], runs=1, burst=0)
-
-
-@pytest.mark.parametrize("spinning", [False, True])
-def test_sessions_spin_only_when_asked(pair, monkeypatch, spinning):
-    """Spinning off (the default) times runs that come apart; on is onnxruntime's own default, timed in bursts."""
-    made, turns = [], []
-    real_session, real_alternating = bench._session, bench.time_alternating
+@pytest.mark.parametrize("spinning", [True, False])
+def test_threads_spin_within_runs_unless_told_not_to(pair, monkeypatch, spinning):
+    """By default the threads spin within a run, as in a session with onnxruntime's default options,
+    and stop at its end (a pool still spinning would slow the other model's run); or never."""
+    made = []
+    real_session = bench._session
 
     def session(model_bytes, threads, **kw):
         s = real_session(model_bytes, threads, **kw)
-        made.append(s.get_session_options().get_session_config_entry("session.intra_op.allow_spinning"))
+        opts = s.get_session_options()
+        made.append(tuple(opts.get_session_config_entry(k) for k in
+                          ("session.intra_op.allow_spinning", "session.force_spinning_stop")))
         return s
 
-    def alternating(fns, **kw):
-        turns.append((kw.get("burst", 1), kw.get("settle", 0)))
-        return real_alternating(fns, **kw)
-
     monkeypatch.setattr(bench, "_session", session)
-    monkeypatch.setattr(bench, "time_alternating", alternating)
-    result = bench_onnx(*pair, batch_sizes=(1,), threads=1, runs=3, warmup=0, progress=False, spinning=spinning)
-    assert made == ["1" if spinning else "0"] * 2
-    assert turns == [(bench.SPIN_BURST, 1) if spinning else (1, 0)]
+    kw = {} if spinning else {"spinning": False}
+    result = bench_onnx(*pair, batch_sizes=(1,), threads=1, runs=3, warmup=0, progress=False, **kw)
+    expected = ("1", "1") if spinning else ("0", "0")
+    assert made == [expected] * 2
     assert result.spinning is spinning and result.to_dict()["spinning"] is spinning
-    assert ("threads spinning" in result.table()) is spinning and ("not spinning" in result.table()) is not spinning
+    assert ("threads spinning within runs" in result.table()) is spinning
+    assert ("threads never spinning" in result.table()) is not spinning
     made.clear()
     bench.median_latencies([onnx.load(str(pair[0]))], np.zeros((1, 4, 8, 8), np.float32), threads=1, runs=2,
-                           warmup=0, spinning=spinning)
-    assert made == ["1" if spinning else "0"]
+                           warmup=0, **kw)
+    measure_module_latency(nn.Conv2d(4, 4, 1), (1, 4, 8, 8), threads=1, runs=1, warmup=0, use_cache=False)
+    assert made == [expected, ("1", "1")]  # the planner measures the default deployment
 
 
 def test_bench_alternates_sessions(pair, monkeypatch):
@@ -267,11 +249,12 @@ def test_cli_bench(pair, tmp_path, capsys):
     assert _cli([str(pair[0]), str(pair[1]), "--batch-size", "1", "2", "--threads", "1", "--runs", "2",
                  "--warmup", "0", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
-    assert "B/A" in out and "1 intra-op thread" in out and "not spinning" in out
+    assert "B/A" in out and "1 intra-op thread" in out and "threads spinning within runs" in out
     assert [r["batch_size"] for r in json.loads(out_json.read_text())["rows"]] == [1, 2]
-    assert _cli([str(pair[0]), str(pair[1]), "--batch-size", "1", "--threads", "1", "--runs", "2", "--spinning",
+    assert _cli([str(pair[0]), str(pair[1]), "--batch-size", "1", "--threads", "1", "--runs", "2", "--no-spinning",
                  "--json", str(out_json)]) == 0
-    assert "threads spinning" in capsys.readouterr().out and json.loads(out_json.read_text())["spinning"] is True
+    assert "threads never spinning" in capsys.readouterr().out
+    assert json.loads(out_json.read_text())["spinning"] is False
 
 
 def test_cli_bench_missing_file(pair, tmp_path):

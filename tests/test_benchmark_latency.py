@@ -22,17 +22,17 @@ def test_main_prints_the_ratios_and_the_originals_own_times(latency_benchmark, c
                                  "--guard-runs", "3", "--variants", "params-0.25", "latency-1.0", "--spinning", "both"])
     assert rc == 0
     out = capsys.readouterr().out
-    assert re.search(r"lat b1\s+lat b1 spin\s+lat/MAC b1\s+lat/MAC b1 spin", out), out  # both ways, side by side
+    assert re.search(r"lat b1\s+lat b1 no-spin\s+lat/MAC b1\s+lat/MAC b1 no-spin", out), out  # both ways, side by side
     rows = {m.group(1): m.groups()[1:] for m in re.finditer(
         r"^resnet18\s+(\S+)\s+(\d+)/20\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)",
         out, re.M)}
     assert set(rows) == {"params-0.25", "latency-1.0"}, out
-    converted, macs, params, lat, lat_spin, per_mac, per_mac_spin = rows["params-0.25"]
+    converted, macs, params, lat, lat_off, per_mac, per_mac_off = rows["params-0.25"]
     assert int(converted) > 0 and float(params) <= 0.25 + 1e-9
     assert float(per_mac) == pytest.approx(float(lat) / float(macs), abs=0.01)
-    assert float(per_mac_spin) == pytest.approx(float(lat_spin) / float(macs), abs=0.01)
+    assert float(per_mac_off) == pytest.approx(float(lat_off) / float(macs), abs=0.01)
     assert rows["latency-1.0"][:3] == ("0", "1.000", "1.000")  # the least-error plan within 1.0x converts nothing
-    original = re.search(r"^originals, median ms: resnet18 ([0-9.]+) at batch 1, ([0-9.]+) at batch 1, spinning$",
+    original = re.search(r"^originals, median ms: resnet18 ([0-9.]+) at batch 1, ([0-9.]+) at batch 1 no-spin$",
                          out, re.M)
     assert original and float(original.group(1)) > 0 and float(original.group(2)) > 0
     assert (tmp_path / "igc-convert" / "latency.json").is_file()

@@ -20,10 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     parser.add_argument("--input-size", type=int, nargs="+", default=None, metavar="N",
                         help="height and width, for models whose spatial size is dynamic")
-    parser.add_argument("--spinning", action="store_true",
-                        help="keep onnxruntime's worker threads spinning between runs (its default; the steady "
-                             "state of back-to-back runs) and time each model in bursts; without it every run "
-                             "wakes them, as runs that come apart do")
+    parser.add_argument("--no-spinning", dest="spinning", action="store_false",
+                        help="onnxruntime's worker threads never spin (as sessions that share their cores are often "
+                             "set up); by default they spin within a run, as in a session with default options")
     parser.add_argument("--json", metavar="PATH", help="also write the numbers as JSON here")
 
 
