@@ -86,7 +86,8 @@ class FinetuneConfig:
     ``"features"`` (every converted layer's output against the original layer's, each model on its
     own activations, :mod:`igc_convert.features`: for detectors and other models without class
     logits; the student then trains in eval mode, BatchNorm statistics kept) or ``"auto"`` (logits
-    when the model's outputs are class logits, else features).
+    when the model's outputs are class logits, else features; an embedding is not class logits:
+    :func:`embedding_reason`).
     ``lr=None`` is :data:`DEFAULT_LR` of the distillation: 5e-4 (logits), 1e-4 (features).
     ``freeze_bn=None`` freezes BatchNorm statistics when the training set has fewer than
     ``small_dataset`` images. ``checkpoint_every`` (steps, 0 = epoch ends only) applies when

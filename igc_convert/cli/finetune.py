@@ -62,9 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"distillation temperature (default {d.temperature})")
     parser.add_argument("--distil", choices=DISTIL, default=d.distil,
                         help="what the teacher teaches: the class logits, or every converted layer's output "
-                             "(features: for detectors and other models without class logits; the student "
-                             "trains in eval mode); auto: logits when the model's outputs are class logits "
-                             f"(default {d.distil})")
+                             "(features: for detectors, embedding models and others without class logits; the "
+                             "student trains in eval mode); auto: logits when the model's outputs are class logits, "
+                             "not boxes nor an embedding (num_classes 0, a classifier replaced by nn.Identity, "
+                             f"unit-length rows) (default {d.distil})")
     parser.add_argument("--feature-weight", type=float, default=d.feature_weight,
                         help="weight of matching each converted block to its original conv "
                              f"(default {d.feature_weight}: off)")
