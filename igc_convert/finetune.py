@@ -612,7 +612,8 @@ def embedding_reason(model: nn.Module, x: Tensor) -> str | None:
     >>> embedding_reason(net, torch.zeros(1, 3, 32, 32))
     "the classifier 'fc' is nn.Identity"
     """
-    if getattr(model, "num_classes", None) == 0:
+    classes = getattr(model, "num_classes", None)
+    if isinstance(classes, int) and not isinstance(classes, bool) and classes == 0:
         return "num_classes is 0"
     names = {m: n for n, m in model.named_modules()}
     last: list[tuple[nn.Module, Any]] = []
