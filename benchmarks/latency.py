@@ -148,8 +148,12 @@ def conv_linear_params(model: nn.Module) -> int:
                for p in m.parameters(recurse=False))
 
 
+def _no_spin(spinning: bool) -> str:
+    return "" if spinning else " no-spin"
+
+
 def column(batch: int, spinning: bool) -> str:
-    return f"b{batch}" + ("" if spinning else " no-spin")
+    return f"b{batch}{_no_spin(spinning)}"
 
 
 def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes: Sequence[int], runs: int,
@@ -200,8 +204,8 @@ def run_model(name: str, variants: Sequence[Variant], *, size: int, batch_sizes:
         xb = rng.standard_normal((b, 3, size, size)).astype(np.float32)
         n = runs if b <= 8 else big_runs
         for spin in spinning:
-            log.info("%s: timing %d models at batch %d, %d alternating runs%s", name, len(protos), b, n,
-                     "" if spin else ", threads never spinning")
+            log.info("%s: timing %d models at batch %d, %d alternating runs, %s", name, len(protos), b, n,
+                     bench.threads_setting(spin))
             times = bench.median_latencies(protos, xb, threads=THREADS, runs=n, warmup=2 if b > 8 else 3,
                                            spinning=spin)
             for (row, _), t in zip(paths, times[1:]):
@@ -287,11 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += model_rows
     load1 = os.getloadavg()
     print(f"onnxruntime {ort.__version__} CPUExecutionProvider, {THREADS} intra-op threads, 1 inter-op thread, "
-          f"{'threads never spinning' if args.spinning == 'off' else 'threads spinning within runs'}; "
+          f"{bench.threads_setting(args.spinning != 'off')}; "
           f"torch {torch.__version__}; {bench.cpu_description()}")
     print(f"input {args.size}x{args.size}, random weights (seed {args.seed}); latency plans and guards at batch 1; "
           f"medians of {args.runs} alternating runs at batch <= 8, {args.big_runs} above"
-          f"{'' if args.spinning == 'on' else ' (no-spin: threads never spinning)'}; "
+          f"{'' if args.spinning == 'on' else f' (no-spin: {bench.threads_setting(False)})'}; "
           f"load average {load0[0]:.1f} before, {load1[0]:.1f} after; {time.perf_counter() - start:.0f} s in all")
     what = "conv+linear MACs" if args.linear else "conv MACs"
     print(f"lat bN = converted/original onnxruntime latency at batch N; lat/MAC = that over the {what} ratio "
@@ -304,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ratios too (the smaller model is the more memory-bound).
     print()
     print("originals, median ms: " + "; ".join(
-        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}{'' if spin else ' no-spin'}" for (b, spin), ms in per.items())
+        f"{name} " + ", ".join(f"{ms:.1f} at batch {b}{_no_spin(spin)}" for (b, spin), ms in per.items())
         for name, per in originals.items()))
     return 0
 

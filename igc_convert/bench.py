@@ -86,7 +86,8 @@ class BenchResult:
         """
         head = [f"onnxruntime {self.onnxruntime_version} CPUExecutionProvider, {self.threads} intra-op thread"
                 f"{'s' if self.threads != 1 else ''}, 1 inter-op thread, sequential; median of {self.runs} "
-                f"{self._order()} after {self.warmup} warm-up",
+                f"alternating runs (A, B, B, A, A, B, ...), {threads_setting(self.spinning)}, after {self.warmup} "
+                f"warm-up",
                 *([f"CPU: {self.cpu}"] if self.cpu else []), f"A = {self.a_path}", f"B = {self.b_path}"]
         cols = ("batch", "input", "A median (ms)", "B median (ms)", "B/A")
         cells = [(str(r.batch_size), "x".join(map(str, r.input_shape[1:])), f"{r.a_median_s * 1e3:.3f}",
@@ -98,11 +99,6 @@ class BenchResult:
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
-    def _order(self) -> str:
-        spin = ("threads spinning within runs (onnxruntime's default)" if self.spinning
-                else "threads never spinning")
-        return f"alternating runs (A, B, B, A, A, B, ...), {spin}"
-
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (for reports)."""
         return {"a": self.a_path, "b": self.b_path, "threads": self.threads, "runs": self.runs,
@@ -111,6 +107,11 @@ class BenchResult:
                 "notes": list(self.notes),
                 "rows": [{"batch_size": r.batch_size, "input_shape": list(r.input_shape), "a_median_s": r.a_median_s,
                           "b_median_s": r.b_median_s, "ratio": r.ratio} for r in self.rows]}
+
+
+def threads_setting(spinning: bool) -> str:
+    """How the timed sessions' worker threads behave, in words (module docstring)."""
+    return "threads spinning within runs (onnxruntime's default)" if spinning else "threads never spinning"
 
 
 @dataclass(frozen=True)
