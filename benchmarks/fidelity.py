@@ -57,6 +57,9 @@ model's top-1 **accuracy** against the true labels: ``--data imagenet`` calibrat
 photos (no ImageNet image), ``--data imagenet-folds`` on crops of 10 of the ImageNet images and
 evaluates on the other 10 (twice, the halves swapped).
 
+``--oracle`` adds, for every split, the same evaluation calibrated on its evaluation images themselves:
+an in-sample bound on what any calibration set could give the data-aware fits (their plans included).
+
 ``--resnet50-speed`` instead times the data-aware conversion of torchvision's ResNet-50 (random
 weights) with N calibration crops at 224² (each mode in a fresh process: its peak RSS is its own).
 
@@ -317,6 +320,17 @@ def make_splits(data: str, calib: str | None, eval_source: str | None, both: boo
     pairs = [(0, 1), (1, 0)] if both else [(0, 1)]
     return [DataSplit(f"{PHOTOS[a]} -> {PHOTOS[b]}", photo_crops(a, n_c, image_size, channels, seed),
                       photo_crops(b, n_e, image_size, channels, seed + 1)) for a, b in pairs]
+
+
+def oracle_split(split: DataSplit) -> DataSplit:
+    """``split`` calibrated on its own evaluation images: an in-sample bound on what calibration can give.
+
+    No calibration set can fit the evaluated images better than those images themselves (up to the
+    fit's damping and the positions it samples): where this split's data-aware error is not half the
+    weight-space one, no calibration data would make it so for that plan and block family.
+    """
+    return DataSplit(f"{split.label}, oracle: calibrated on the evaluation images", split.eval, split.eval,
+                     split.eval_labels)
 
 
 # ------------------------------------------------------------------------------------------ model facts
@@ -918,6 +932,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "the 'photos' source, evaluate on the other 3-4; scene-halves: one half of each of the 18 "
                         "photos, evaluate on the other halves (the last two need scikit-image)")
     p.add_argument("--both-directions", action="store_true", help="with --data photos, also flower -> china")
+    p.add_argument("--oracle", action="store_true",
+                   help="also calibrate on each split's evaluation images themselves: the most any calibration "
+                        "data could give, in sample")
     p.add_argument("--calib", default=None, help="any resolve_source data source (train split calibrates)")
     p.add_argument("--eval", dest="eval_source", default=None,
                    help="evaluation source (val split; default: --calib's)")
@@ -982,6 +999,8 @@ def main(argv: Sequence[str] | None = None, builders: Mapping[str, Callable[[], 
         image_size, channels = input_shape(model, args.image_size)
         splits = make_splits(args.data, args.calib, args.eval_source, args.both_directions, settings, image_size,
                              channels)
+        if args.oracle:
+            splits += [oracle_split(s) for s in splits]
         t0 = time.perf_counter()
         results = run_benchmark(model, splits, settings)
         print(f"Command: {command}\n")

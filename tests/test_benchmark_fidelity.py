@@ -309,3 +309,28 @@ def test_labelled_evaluation_images_add_a_top1_accuracy(fd):
     assert row.count("|") == header.count("|")
     unlabelled = fd.format_tables(results, [fd.DataSplit("labelled", x, x)])
     assert "top-1 accuracy" not in unlabelled
+
+
+def test_oracle_split_calibrates_on_the_evaluation_images(fd, tmp_path, capsys):
+    """``--oracle`` adds each split calibrated on its own evaluation images: its calibration-image KL is
+    its held-out KL, and the weight-space model (no images read) scores the same in both."""
+    x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(6))
+    split = fd.DataSplit("random", x[:24], x[24:])
+    oracle = fd.oracle_split(split)
+    assert oracle.calib is split.eval and oracle.eval is split.eval and "oracle" in oracle.label
+
+    out = tmp_path / "fid.json"
+    rc = fd.main(["--model", "tiny", "--calib", str(image_folder(tmp_path / "images")), "--budgets", "0.6",
+                  "--calib-images", "24", "--eval-images", "16", "--batch-size", "8", "--methods", "weight", "data",
+                  "--oracle", "--json", str(out)], builders={"tiny": tiny_cnn})
+    assert rc == 0
+    text = capsys.readouterr().out
+    results = json.loads(out.read_text())["results"]
+    splits = list(dict.fromkeys(r["split"] for r in results))
+    assert len(splits) == 2 and splits[1] == splits[0] + ", oracle: calibrated on the evaluation images"
+    by = {(r["split"], r["method"]): r for r in results}
+    data, best = by[splits[0], "data"], by[splits[1], "data"]
+    assert best["calib_kl"] == pytest.approx(best["kl"], rel=1e-6) and data["calib_kl"] != pytest.approx(data["kl"])
+    # the weight-space fit reads no image: the same model, scored on the same images, in both splits
+    assert by[splits[1], "weight"]["isolated"] == by[splits[0], "weight"]["isolated"]
+    assert f"{splits[1]} @ 0.6: data/weight isolated error" in text
