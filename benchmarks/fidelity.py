@@ -60,6 +60,10 @@ evaluates on the other 10 (twice, the halves swapped).
 ``--oracle`` adds, for every split, the same evaluation calibrated on its evaluation images themselves:
 an in-sample bound on what any calibration set could give the data-aware fits (their plans included).
 
+``--headroom`` instead prints, per convertible layer, how much any data-aware low-rank fit could gain
+over the weight-space truncated SVD at equal rank, under the evaluation images' own statistics
+(:func:`rank_headroom`).
+
 ``--resnet50-speed`` instead times the data-aware conversion of torchvision's ResNet-50 (random
 weights) with N calibration crops at 224² (each mode in a fresh process: its peak RSS is its own).
 
@@ -900,6 +904,81 @@ def format_speed(rows: Sequence[dict[str, Any]], target_images: int) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------ headroom
+#: Ranks, as fractions of ``min(C_out, n)``, at which :func:`headroom_rows` compares the fits.
+HEADROOM_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
+
+
+def rank_headroom(weight: Tensor, sigma: Tensor, rank: int) -> tuple[float, float]:
+    """``(best / weight-space, weight-space)`` relative output errors of rank-``rank`` factors of the
+    ``C_out × n`` matrix ``weight`` under the input second moment ``sigma`` (``n × n``).
+
+    *weight-space* is the truncated SVD of ``weight`` itself, *best* the truncated SVD of ``weight``
+    whitened by ``sigma`` (Eckart–Young: no rank-``rank`` matrix has a lower error under ``sigma``).
+    With ``sigma`` taken on the very images scored, the first number bounds what any data-aware
+    low-rank fit of that rank can gain over the weight-space one: 1 where the inputs are isotropic, 0
+    where they span at most ``rank`` directions. Errors are relative to ``‖weight · sigma^½‖``.
+    """
+    w, sig = weight.detach().to(torch.float64), sigma.detach().to(torch.float64)
+    if w.dim() != 2 or tuple(sig.shape) != (w.shape[1], w.shape[1]) or not 1 <= rank:
+        raise ConfigError(f"rank_headroom needs a C_out × n matrix, an n × n moment and rank >= 1, got "
+                          f"{tuple(w.shape)}, {tuple(sig.shape)}, {rank}")
+    values, vectors = torch.linalg.eigh((sig + sig.T) / 2)
+    root = vectors * values.clamp_min(0).sqrt()  # root rootᵀ = sigma, without a Cholesky (sigma may be singular)
+    whitened = torch.linalg.svdvals(w @ root)
+    total = float(whitened.pow(2).sum())
+    if not total > 0:
+        return 1.0, 0.0
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    plain = float((((w - (u[:, :rank] * s[:rank]) @ vh[:rank]) @ root) ** 2).sum())
+    best = float(whitened[rank:].pow(2).sum())
+    return (math.sqrt(best / plain) if plain > 0 else 1.0), math.sqrt(plain / total)
+
+
+def headroom_rows(model: nn.Module, layers: Sequence[str], images: Tensor, *, max_positions: int = 64,
+                  batch_size: int = 16, fractions: Sequence[float] = HEADROOM_FRACTIONS) -> list[dict[str, Any]]:
+    """Per layer, :func:`rank_headroom` at each rank fraction under the statistics of ``images``.
+
+    As the data-aware fits see them: the input covariance (the mean's share goes to the bias
+    correction), and output rows weighted by the following BatchNorm's scale. A layer's kernel is
+    flattened to ``C_out × C_in·kh·kw``.
+    """
+    from igc_convert.calibrate import bn_row_weights, collect_input_moments
+
+    moments = collect_input_moments(model, layers, [images[i:i + batch_size] for i in range(0, len(images), batch_size)],
+                                    max_positions=max_positions, progress=False)
+    scales = bn_row_weights(model, batchnorms_after(model, layers))
+    rows = []
+    for name in layers:
+        m = moments[name]
+        mean = m.mean.to(torch.float64)
+        cov = m.sigma.to(torch.float64) - torch.outer(mean, mean)
+        w = model.get_submodule(name).weight.detach().to(torch.float64)
+        w = w.reshape(w.shape[0], -1)
+        if name in scales:
+            w = scales[name].to(torch.float64).abs().reshape(-1, 1) * w
+        values = torch.linalg.eigvalsh(cov).clamp_min(0)
+        spread = float(values.sum() ** 2 / values.pow(2).sum()) / len(values) if values.sum() > 0 else 0.0
+        ranks = [max(1, round(f * min(w.shape))) for f in fractions]
+        rows.append(dict(layer=name, n=w.shape[1], c_out=w.shape[0], isotropy=spread, ranks=ranks,
+                         fits=[rank_headroom(w, cov, r) for r in ranks]))
+    return rows
+
+
+def format_headroom(rows: Sequence[dict[str, Any]], label: str, fractions: Sequence[float] = HEADROOM_FRACTIONS) -> str:
+    head = " | ".join(f"rank {f:g}·min(C_out, n)" for f in fractions)
+    lines = [f"### Headroom of data-aware low-rank fits, under the statistics of {label}", "",
+             "best whitened rank-r error ÷ weight-space truncated SVD's (in brackets: the latter's relative "
+             "error), centred inputs, BatchNorm-weighted rows; *isotropy*: participation ratio of the input "
+             "covariance's eigenvalues ÷ n (1: all directions alike)", "",
+             f"| layer | n | C_out | isotropy | {head} |", "|---|---:|---:|---:|" + "---:|" * len(fractions)]
+    for r in rows:
+        cells = " | ".join(f"{ratio:.2f} ({plain:.2f})" for ratio, plain in r["fits"])
+        lines.append(f"| {r['layer']} | {r['n']} | {r['c_out']} | {r['isotropy']:.3f} | {cells} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def _digits_model(epochs: int) -> nn.Module:
     from igc_convert.digits import train_digits_model
@@ -952,6 +1031,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "ran up to 80x slower)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write every number (per layer too) here")
+    p.add_argument("--headroom", action="store_true",
+                   help="instead: per convertible layer, the best data-aware low-rank fit against the weight-space "
+                        "SVD at equal rank, under the first split's evaluation images' own statistics")
     p.add_argument("--resnet50-speed", action="store_true",
                    help="instead: time data-aware conversion of ResNet-50 (random weights)")
     p.add_argument("--speed-modes", nargs="+", default=["one-shot", "sequential"], choices=("one-shot", "sequential"))
@@ -1001,6 +1083,15 @@ def main(argv: Sequence[str] | None = None, builders: Mapping[str, Callable[[], 
                              channels)
         if args.oracle:
             splits += [oracle_split(s) for s in splits]
+        if args.headroom:
+            rows = headroom_rows(model, convertible_layers(model), splits[0].eval, max_positions=args.max_positions,
+                                 batch_size=args.batch_size)
+            print(f"Command: {command}\n")
+            print(format_headroom(rows, f"{splits[0].label}: its {len(splits[0].eval)} evaluation images"))
+            if args.json:
+                with atomic_write(args.json, "w") as f:
+                    json.dump(dict(command=command, headroom=rows), f, indent=1)
+            return 0
         t0 = time.perf_counter()
         results = run_benchmark(model, splits, settings)
         print(f"Command: {command}\n")

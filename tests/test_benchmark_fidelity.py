@@ -334,3 +334,38 @@ def test_oracle_split_calibrates_on_the_evaluation_images(fd, tmp_path, capsys):
     # the weight-space fit reads no image: the same model, scored on the same images, in both splits
     assert by[splits[1], "weight"]["isolated"] == by[splits[0], "weight"]["isolated"]
     assert f"{splits[1]} @ 0.6: data/weight isolated error" in text
+
+
+def test_rank_headroom_bounds_what_whitening_can_gain(fd):
+    gen = torch.Generator().manual_seed(7)
+    w = torch.randn(12, 10, generator=gen, dtype=torch.float64)
+    # isotropic inputs: the whitened problem is the weight-space one
+    ratio, plain = fd.rank_headroom(w, 3.0 * torch.eye(10, dtype=torch.float64), 4)
+    assert ratio == pytest.approx(1.0, abs=1e-9) and 0 < plain < 1
+    # inputs in a 3-dimensional subspace: a rank-3 fit reproduces every output exactly, the SVD does not
+    basis = torch.randn(10, 3, generator=gen, dtype=torch.float64)
+    ratio, plain = fd.rank_headroom(w, basis @ basis.T, 3)
+    assert ratio < 1e-6 and plain > 0.05
+    # any inputs: the whitened optimum is never worse than the SVD (Eckart–Young), and plain error by hand
+    a = torch.randn(10, 10, generator=gen, dtype=torch.float64)
+    sigma = a @ a.T / 10
+    ratio, plain = fd.rank_headroom(w, sigma, 5)
+    u, s, vh = torch.linalg.svd(w)
+    miss = w - (u[:, :5] * s[:5]) @ vh[:5]
+    assert 0 < ratio < 1
+    assert plain == pytest.approx(math.sqrt(float(torch.trace(miss @ sigma @ miss.T) / torch.trace(w @ sigma @ w.T))))
+    with pytest.raises(fd.ConfigError):
+        fd.rank_headroom(w, sigma[:5, :5], 2)
+
+
+def test_headroom_mode_prints_a_row_per_layer(fd, tmp_path, capsys):
+    out = tmp_path / "headroom.json"
+    rc = fd.main(["--model", "tiny", "--calib", str(image_folder(tmp_path / "images")), "--eval-images", "16",
+                  "--calib-images", "8", "--headroom", "--json", str(out)], builders={"tiny": tiny_cnn})
+    assert rc == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())["headroom"]
+    assert [r["layer"] for r in rows] == ["features.0", "features.3", "features.8"]
+    for r in rows:
+        assert len(r["fits"]) == len(fd.HEADROOM_FRACTIONS) and all(0 <= ratio <= 1 + 1e-9 for ratio, _ in r["fits"])
+        assert 0 < r["isotropy"] <= 1 and f"| {r['layer']} | {r['n']} | {r['c_out']} |" in text
