@@ -51,7 +51,9 @@ photos, different crops) and ``--calib SOURCE [--eval SOURCE]`` any source ``res
 ``photos`` source (scikit-image installed): ``--data scenes`` calibrates on crops of 14–15 of them
 and evaluates on the others (unseen scenes), ``--data scene-halves`` calibrates on one half of every
 photo and evaluates on the other halves (the same scenes, as the calibration and test images of one
-data set share a distribution, but no shared pixel). Two evaluate on the 20 labelled ImageNet validation
+data set share a distribution, but no shared pixel); ``--data same-halves`` scores the same evaluation
+crops as ``scene-halves`` but calibrates on other crops of the evaluated halves (one distribution,
+overlapping pixels). Two evaluate on the 20 labelled ImageNet validation
 images of the ``imagenet-samples`` source (foolbox installed) and their mirror images, and add each
 model's top-1 **accuracy** against the true labels: ``--data imagenet`` calibrates on crops of the 18
 photos (no ImageNet image), ``--data imagenet-folds`` on crops of 10 of the ImageNet images and
@@ -103,7 +105,7 @@ log = logging.getLogger("fidelity")
 Tensor = torch.Tensor
 
 PHOTOS = ("china.jpg", "flower.jpg")  # the order of sklearn.datasets.load_sample_images
-DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves", "imagenet", "imagenet-folds")
+DATA_CHOICES = ("photos", "crops", "scenes", "scene-halves", "same-halves", "imagenet", "imagenet-folds")
 DEFAULT_METHODS = ("weight", "data", "weight-same-plan", "sequential", "svd-uniform", "svd-budget", "tucker2")
 ALL_METHODS = DEFAULT_METHODS + ("sequential+head", "svd-sequential", "data-logits", "sequential-logits")
 #: Methods that read the calibration images (converted once per calibration set).
@@ -316,6 +318,10 @@ def make_splits(data: str, calib: str | None, eval_source: str | None, both: boo
     if data == "scene-halves":
         return [DataSplit("photos: one half of each of 18 photos -> the other half",
                           scene_half_crops(0, n_c, image_size, channels, seed),
+                          scene_half_crops(1, n_e, image_size, channels, seed))]
+    if data == "same-halves":  # scene-halves' evaluation images, calibrated on other crops of the same halves
+        return [DataSplit("photos: other crops of the evaluated halves",
+                          scene_half_crops(1, n_c, image_size, channels, seed + 1),
                           scene_half_crops(1, n_e, image_size, channels, seed))]
     if data in ("imagenet", "imagenet-folds"):
         return imagenet_splits(data == "imagenet-folds", n_c, image_size, channels, seed)
@@ -1009,7 +1015,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="photos: calibrate on china.jpg crops, evaluate on flower.jpg crops; "
                         "crops: sample-images train/val crop splits; scenes: crops of 14-15 of the 18 photos of "
                         "the 'photos' source, evaluate on the other 3-4; scene-halves: one half of each of the 18 "
-                        "photos, evaluate on the other halves (the last two need scikit-image)")
+                        "photos, evaluate on the other halves; same-halves: scene-halves' evaluation crops, calibrated on "
+                        "other crops of the same halves (the last three need scikit-image)")
     p.add_argument("--both-directions", action="store_true", help="with --data photos, also flower -> china")
     p.add_argument("--oracle", action="store_true",
                    help="also calibrate on each split's evaluation images themselves: the most any calibration "

@@ -224,6 +224,12 @@ def test_scene_halves_share_no_pixel(fd):
     calib = fd.scene_half_crops(0, 6, 16, 3, seed=0)
     held_out = fd.scene_half_crops(1, 6, 16, 3, seed=0)
     assert calib.shape == held_out.shape == (6, 3, 16, 16) and not torch.allclose(calib, held_out)
+    # same-halves: scene-halves' evaluation crops, calibrated on other crops of those very halves
+    settings = fd.Settings(calib_images=6, eval_images=6)
+    (halves,), (same,) = (fd.make_splits(d, None, None, False, settings, 16, 3) for d in ("scene-halves", "same-halves"))
+    assert torch.equal(same.eval, halves.eval) and torch.equal(same.eval, held_out)
+    assert not any(torch.equal(c, e) for c in same.calib for e in same.eval)
+    assert not any(torch.equal(c, e) for c in same.calib for e in halves.calib)
 
 
 def test_bad_budget_is_a_user_error(fd, capsys):
