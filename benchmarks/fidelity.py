@@ -915,30 +915,33 @@ def format_speed(rows: Sequence[dict[str, Any]], target_images: int) -> str:
 HEADROOM_FRACTIONS = (1 / 8, 1 / 4, 1 / 2)
 
 
-def rank_headroom(weight: Tensor, sigma: Tensor, rank: int) -> tuple[float, float]:
-    """``(best / weight-space, weight-space)`` relative output errors of rank-``rank`` factors of the
-    ``C_out × n`` matrix ``weight`` under the input second moment ``sigma`` (``n × n``).
+def rank_headroom(weight: Tensor, sigma: Tensor, ranks: Sequence[int]) -> list[tuple[float, float]]:
+    """Per rank ``r`` of ``ranks``: ``(best / weight-space, weight-space)`` relative output errors of
+    rank-``r`` factors of the ``C_out × n`` matrix ``weight`` under the input second moment ``sigma``.
 
     *weight-space* is the truncated SVD of ``weight`` itself, *best* the truncated SVD of ``weight``
-    whitened by ``sigma`` (Eckart–Young: no rank-``rank`` matrix has a lower error under ``sigma``).
+    whitened by ``sigma`` (Eckart–Young: no rank-``r`` matrix has a lower error under ``sigma``).
     With ``sigma`` taken on the very images scored, the first number bounds what any data-aware
     low-rank fit of that rank can gain over the weight-space one: 1 where the inputs are isotropic, 0
-    where they span at most ``rank`` directions. Errors are relative to ``‖weight · sigma^½‖``.
+    where they span at most ``r`` directions. Errors are relative to ``‖weight · sigma^½‖``.
     """
     w, sig = weight.detach().to(torch.float64), sigma.detach().to(torch.float64)
-    if w.dim() != 2 or tuple(sig.shape) != (w.shape[1], w.shape[1]) or not 1 <= rank:
-        raise ConfigError(f"rank_headroom needs a C_out × n matrix, an n × n moment and rank >= 1, got "
-                          f"{tuple(w.shape)}, {tuple(sig.shape)}, {rank}")
+    if w.dim() != 2 or tuple(sig.shape) != (w.shape[1], w.shape[1]) or not all(r >= 1 for r in ranks):
+        raise ConfigError(f"rank_headroom needs a C_out × n matrix, an n × n moment and ranks >= 1, got "
+                          f"{tuple(w.shape)}, {tuple(sig.shape)}, {list(ranks)}")
     values, vectors = torch.linalg.eigh((sig + sig.T) / 2)
     root = vectors * values.clamp_min(0).sqrt()  # root rootᵀ = sigma, without a Cholesky (sigma may be singular)
     whitened = torch.linalg.svdvals(w @ root)
     total = float(whitened.pow(2).sum())
     if not total > 0:
-        return 1.0, 0.0
+        return [(1.0, 0.0) for _ in ranks]
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    plain = float((((w - (u[:, :rank] * s[:rank]) @ vh[:rank]) @ root) ** 2).sum())
-    best = float(whitened[rank:].pow(2).sum())
-    return (math.sqrt(best / plain) if plain > 0 else 1.0), math.sqrt(plain / total)
+    out = []
+    for r in ranks:
+        plain = float((((w - (u[:, :r] * s[:r]) @ vh[:r]) @ root) ** 2).sum())
+        best = float(whitened[r:].pow(2).sum())
+        out.append(((math.sqrt(best / plain) if plain > 0 else 1.0), math.sqrt(plain / total)))
+    return out
 
 
 def headroom_rows(model: nn.Module, layers: Sequence[str], images: Tensor, *, max_positions: int = 64,
@@ -967,7 +970,7 @@ def headroom_rows(model: nn.Module, layers: Sequence[str], images: Tensor, *, ma
         spread = float(values.sum() ** 2 / values.pow(2).sum()) / len(values) if values.sum() > 0 else 0.0
         ranks = [max(1, round(f * min(w.shape))) for f in fractions]
         rows.append(dict(layer=name, n=w.shape[1], c_out=w.shape[0], isotropy=spread, ranks=ranks,
-                         fits=[rank_headroom(w, cov, r) for r in ranks]))
+                         fits=rank_headroom(w, cov, ranks)))
     return rows
 
 
