@@ -925,23 +925,29 @@ def rank_headroom(weight: Tensor, sigma: Tensor, ranks: Sequence[int]) -> list[t
     low-rank fit of that rank can gain over the weight-space one: 1 where the inputs are isotropic, 0
     where they span at most ``r`` directions. Errors are relative to ``‖weight · sigma^½‖``.
     """
+    return _headroom(weight, sigma, ranks)[0]
+
+
+def _headroom(weight: Tensor, sigma: Tensor, ranks: Sequence[int]) -> tuple[list[tuple[float, float]], Tensor]:
+    """:func:`rank_headroom`, and the eigenvalues of ``sigma`` (clipped at 0) its whitening took."""
     w, sig = weight.detach().to(torch.float64), sigma.detach().to(torch.float64)
     if w.dim() != 2 or tuple(sig.shape) != (w.shape[1], w.shape[1]) or not all(r >= 1 for r in ranks):
         raise ConfigError(f"rank_headroom needs a C_out × n matrix, an n × n moment and ranks >= 1, got "
                           f"{tuple(w.shape)}, {tuple(sig.shape)}, {list(ranks)}")
     values, vectors = torch.linalg.eigh((sig + sig.T) / 2)
-    root = vectors * values.clamp_min(0).sqrt()  # root rootᵀ = sigma, without a Cholesky (sigma may be singular)
+    values = values.clamp_min(0)
+    root = vectors * values.sqrt()  # root rootᵀ = sigma, without a Cholesky (sigma may be singular)
     whitened = torch.linalg.svdvals(w @ root)
     total = float(whitened.pow(2).sum())
     if not total > 0:
-        return [(1.0, 0.0) for _ in ranks]
+        return [(1.0, 0.0) for _ in ranks], values
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     out = []
     for r in ranks:
         plain = float((((w - (u[:, :r] * s[:r]) @ vh[:r]) @ root) ** 2).sum())
         best = float(whitened[r:].pow(2).sum())
         out.append(((math.sqrt(best / plain) if plain > 0 else 1.0), math.sqrt(plain / total)))
-    return out
+    return out, values
 
 
 def headroom_rows(model: nn.Module, layers: Sequence[str], images: Tensor, *, max_positions: int = 64,
@@ -952,25 +958,21 @@ def headroom_rows(model: nn.Module, layers: Sequence[str], images: Tensor, *, ma
     correction), and output rows weighted by the following BatchNorm's scale. A layer's kernel is
     flattened to ``C_out × C_in·kh·kw``.
     """
-    from igc_convert.calibrate import bn_row_weights, collect_input_moments
+    from igc_convert.calibrate import collect_input_moments
 
-    moments = collect_input_moments(model, layers, [images[i:i + batch_size] for i in range(0, len(images), batch_size)],
-                                    max_positions=max_positions, progress=False)
-    scales = bn_row_weights(model, batchnorms_after(model, layers))
+    moments = collect_input_moments(model, layers, images.split(batch_size), max_positions=max_positions,
+                                    progress=False)
+    scales = bn_scales(model, layers)
     rows = []
     for name in layers:
-        m = moments[name]
-        mean = m.mean.to(torch.float64)
-        cov = m.sigma.to(torch.float64) - torch.outer(mean, mean)
         w = model.get_submodule(name).weight.detach().to(torch.float64)
         w = w.reshape(w.shape[0], -1)
         if name in scales:
-            w = scales[name].to(torch.float64).abs().reshape(-1, 1) * w
-        values = torch.linalg.eigvalsh(cov).clamp_min(0)
-        spread = float(values.sum() ** 2 / values.pow(2).sum()) / len(values) if values.sum() > 0 else 0.0
+            w = scales[name].reshape(-1, 1) * w
         ranks = [max(1, round(f * min(w.shape))) for f in fractions]
-        rows.append(dict(layer=name, n=w.shape[1], c_out=w.shape[0], isotropy=spread, ranks=ranks,
-                         fits=rank_headroom(w, cov, ranks)))
+        fits, values = _headroom(w, moments[name].covariance(), ranks)
+        spread = float(values.sum() ** 2 / values.pow(2).sum()) / len(values) if values.sum() > 0 else 0.0
+        rows.append(dict(layer=name, n=w.shape[1], c_out=w.shape[0], isotropy=spread, ranks=ranks, fits=fits))
     return rows
 
 
